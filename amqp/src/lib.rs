@@ -7,6 +7,8 @@
 //! never re-encoded.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod codec;
 pub mod connection;
 pub mod error;

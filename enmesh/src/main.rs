@@ -1,1 +1,413 @@
-fn main() {}
+//! The `enmesh` binary: servers (`standalone`, `router`) and client commands (`send`,
+//! `receive`, `address`). A thin shell over the crates; configuration errors exit with 64.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use amqp::client::Client;
+use amqp::{DeliveryState, Event};
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use clap::{Parser, Subcommand};
+use router::config::{AddressDecl, AddressType, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "enmesh",
+    version,
+    about = "Enmesh messaging: router, broker, gateway and clients"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Everything in one process with local data (today: the router).
+    Standalone(ServerArgs),
+    /// An AMQP 1.0 router.
+    Router(ServerArgs),
+    /// Send messages to an address.
+    Send {
+        #[arg(long, default_value = "amqp://127.0.0.1:5672")]
+        url: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value = "hello")]
+        body: String,
+        /// Send presettled (at most once) instead of waiting for each outcome.
+        #[arg(long)]
+        presettled: bool,
+    },
+    /// Receive messages from an address and print their bodies, one per line.
+    Receive {
+        #[arg(long, default_value = "amqp://127.0.0.1:5672")]
+        url: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Give up after this many seconds without a message (0: wait forever).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
+    /// Manage declared addresses through the HTTP API.
+    Address {
+        #[command(subcommand)]
+        op: AddressOp,
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+        http: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// YAML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// AMQP listen address (overrides the config).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// HTTP management listen address (overrides the config).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum AddressOp {
+    List,
+    Create {
+        name: String,
+        #[arg(long, value_enum, default_value = "anycast")]
+        r#type: TypeArg,
+        /// Declare a prefix rather than one exact address.
+        #[arg(long, conflicts_with = "pattern")]
+        prefix: bool,
+        /// Declare a pattern ('*' one segment, '#' any number; separator '/').
+        #[arg(long)]
+        pattern: bool,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TypeArg {
+    Anycast,
+    Multicast,
+    Queue,
+    Topic,
+    Subscription,
+}
+
+impl From<TypeArg> for AddressType {
+    fn from(t: TypeArg) -> Self {
+        match t {
+            TypeArg::Anycast => AddressType::Anycast,
+            TypeArg::Multicast => AddressType::Multicast,
+            TypeArg::Queue => AddressType::Queue,
+            TypeArg::Topic => AddressType::Topic,
+            TypeArg::Subscription => AddressType::Subscription,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENMESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("enmesh: cannot start runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let r = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Standalone(a) | Cmd::Router(a) => serve(a).await,
+            Cmd::Send {
+                url,
+                address,
+                count,
+                body,
+                presettled,
+            } => send(&url, &address, count, &body, presettled).await,
+            Cmd::Receive {
+                url,
+                address,
+                count,
+                timeout,
+            } => receive(&url, &address, count, timeout).await,
+            Cmd::Address { op, http } => address_cmd(op, &http).await,
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("enmesh: {e:#}");
+            if e.downcast_ref::<router::config::ConfigError>().is_some() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Lets the process hold many connections: raise the soft descriptor limit to the hard one.
+fn raise_fd_limit() {
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+    }
+}
+
+async fn serve(a: ServerArgs) -> anyhow::Result<()> {
+    let mut config = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(l) = a.listen {
+        config.router.listen = l;
+    }
+    if let Some(h) = a.http {
+        config.router.http = h;
+    }
+    raise_fd_limit();
+    let listener = tokio::net::TcpListener::bind(config.router.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.router.listen))?;
+    let http = tokio::net::TcpListener::bind(config.router.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.router.http))?;
+    println!(
+        "enmesh ready amqp={} http={}",
+        listener.local_addr()?,
+        http.local_addr()?
+    );
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = tx.send(true);
+    });
+    router::run(config, listener, http, rx).await?;
+    Ok(())
+}
+
+fn host_port(url: &str) -> String {
+    url.trim_start_matches("amqp://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+async fn send(
+    url: &str,
+    address: &str,
+    count: u64,
+    body: &str,
+    presettled: bool,
+) -> anyhow::Result<()> {
+    let mut c = Client::connect(&host_port(url), "enmesh-send").await?;
+    let link = c.sender("send", Some(address), presettled).await?;
+    let mut buf = BytesMut::new();
+    let mut sent = 0u64;
+    let mut outcomes = 0u64;
+    let mut bad = 0u64;
+    while outcomes < count {
+        while sent < count && c.conn.credit(link) > 0 {
+            buf.clear();
+            amqp::message::build(
+                &amqp::message::Simple {
+                    message_id: Some(sent),
+                    body: body.as_bytes(),
+                    body_as_string: true,
+                    ..Default::default()
+                },
+                &mut buf,
+            );
+            c.conn.send(link, &sent.to_be_bytes(), &buf, presettled, 0);
+            sent += 1;
+            if presettled {
+                outcomes += 1;
+            }
+        }
+        if outcomes >= count {
+            break;
+        }
+        c.pump().await?;
+        while let Some(e) = c.events.pop_front() {
+            if let Event::Disposition {
+                first, last, state, ..
+            } = e
+            {
+                let n = u64::from(last.wrapping_sub(first)) + 1;
+                outcomes += n;
+                if !matches!(state, Some(DeliveryState::Accepted)) {
+                    bad += n;
+                    eprintln!("delivery {first}..={last}: {state:?}");
+                }
+            }
+        }
+    }
+    c.flush().await?;
+    if bad > 0 {
+        bail!("{bad} of {count} messages were not accepted");
+    }
+    eprintln!("sent {count} messages to {address}");
+    Ok(())
+}
+
+async fn receive(url: &str, address: &str, count: u64, timeout: u64) -> anyhow::Result<()> {
+    let mut c = Client::connect(&host_port(url), "enmesh-receive").await?;
+    let credit = count.min(1000) as u32;
+    let (link, _) = c.receiver("receive", Some(address), credit, false).await?;
+    let mut got = 0u64;
+    while got < count {
+        let r = if timeout > 0 {
+            match tokio::time::timeout(Duration::from_secs(timeout), c.pump()).await {
+                Ok(r) => r,
+                Err(_) => bail!("no message within {timeout} s ({got} received)"),
+            }
+        } else {
+            c.pump().await
+        };
+        r?;
+        while let Some(e) = c.events.pop_front() {
+            if let Event::Delivery(d) = e {
+                let m = amqp::message::parse(&d.payload)?;
+                println!("{}", String::from_utf8_lossy(&m.body));
+                if !d.settled {
+                    c.conn
+                        .disposition(link, d.delivery_id, true, Some(DeliveryState::Accepted));
+                }
+                got += 1;
+                let left = count - got;
+                if c.conn.receiver_credit(link) == 0 && left > 0 {
+                    c.conn.set_credit(link, left.min(1000) as u32, false);
+                }
+            }
+        }
+    }
+    c.flush().await?;
+    Ok(())
+}
+
+async fn http_call(
+    method: &str,
+    base: &str,
+    path: &str,
+    body: Option<String>,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hp = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(hp)
+        .await
+        .with_context(|| format!("cannot connect to {hp}"))?;
+    let body = body.unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {hp}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_owned();
+    Ok((status, body))
+}
+
+async fn address_cmd(op: AddressOp, http: &str) -> anyhow::Result<()> {
+    match op {
+        AddressOp::List => {
+            let (status, body) = http_call("GET", http, "/api/v1/addresses", None).await?;
+            if status != 200 {
+                bail!("HTTP {status}: {body}");
+            }
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        AddressOp::Create {
+            name,
+            r#type,
+            prefix,
+            pattern,
+        } => {
+            let decl = AddressDecl {
+                name: (!prefix && !pattern).then(|| name.clone()),
+                prefix: prefix.then(|| name.clone()),
+                pattern: pattern.then(|| name.clone()),
+                kind: r#type.into(),
+            };
+            let (status, body) = http_call(
+                "POST",
+                http,
+                "/api/v1/addresses",
+                Some(serde_json::to_string(&decl)?),
+            )
+            .await?;
+            if status != 201 {
+                bail!("HTTP {status}: {body}");
+            }
+            println!("created {name}");
+        }
+        AddressOp::Delete { name } => {
+            let (status, body) = http_call(
+                "DELETE",
+                http,
+                &format!("/api/v1/addresses/{}", percent_encode(&name)),
+                None,
+            )
+            .await?;
+            match status {
+                204 => println!("deleted {name}"),
+                404 => bail!("no address {name}"),
+                _ => bail!("HTTP {status}: {body}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

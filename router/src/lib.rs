@@ -1,1 +1,113 @@
-//! placeholder
+//! `enmesh-router`: the stateless AMQP 1.0 router.
+//!
+//! It owns the listener and one task per connection ([`conn`]), the routing core that holds the
+//! address table, link routing state and deliveries in flight ([`core`]), address rules
+//! ([`addresses`]), configuration ([`config`]) and the management HTTP API ([`http`]).
+//! Nothing is stored durably.
+#![forbid(unsafe_code)]
+
+pub mod addresses;
+pub mod config;
+pub mod conn;
+pub mod core;
+pub mod http;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use amqp::{ErrorCondition, condition};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::addresses::Rules;
+use crate::config::Config;
+use crate::conn::Shared;
+use crate::core::{Core, Mgmt, ToCore};
+
+/// A running router's handles, for the binary and for tests.
+pub struct Handle {
+    pub core: mpsc::UnboundedSender<Vec<ToCore>>,
+}
+
+/// Serves AMQP on `listener` and HTTP on `http` until `shutdown` turns true; then closes every
+/// connection with `amqp:connection:forced` and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    http: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let rules = Rules::new(&config.addresses, config.router.default_address_type);
+    let (core_tx, core_rx) = mpsc::unbounded_channel();
+    let core = Core::new(config.router.limits.clone(), rules);
+    let core_task = tokio::spawn(core.run(core_rx));
+    let users = (!config.router.users.is_empty())
+        .then(|| config.router.users.clone().into_iter().collect());
+    let shared = Arc::new(Shared {
+        router_id: config.router.id.clone(),
+        limits: config.router.limits.clone(),
+        users,
+        core: core_tx.clone(),
+    });
+    let api = http::Api {
+        core: core_tx.clone(),
+    };
+    let mut http_shutdown = shutdown.clone();
+    let http_task = tokio::spawn(async move {
+        let _ = axum::serve(http, http::app(api))
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|v| *v).await;
+            })
+            .await;
+    });
+    let active = Arc::new(AtomicUsize::new(0));
+    let next_id = AtomicU64::new(1);
+    let (conn_shutdown_tx, conn_shutdown_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (sock, peer) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of descriptors and similar: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let n = active.fetch_add(1, Ordering::AcqRel) + 1;
+                let refuse = (n > config.router.limits.max_connections).then(|| {
+                    ErrorCondition::new(
+                        condition::RESOURCE_LIMIT_EXCEEDED,
+                        format!("at most {} connections", config.router.limits.max_connections),
+                    )
+                });
+                let shared = shared.clone();
+                let active = active.clone();
+                let rx = conn_shutdown_rx.clone();
+                tasks.spawn(async move {
+                    conn::run(sock, id, peer.to_string(), shared, rx, refuse).await;
+                    active.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = shutdown.wait_for(|v| *v) => break,
+        }
+    }
+    drop(listener);
+    let _ = core_tx.send(vec![ToCore::Mgmt(Mgmt::Shutdown(ErrorCondition::new(
+        condition::CONNECTION_FORCED,
+        "router shutting down",
+    )))]);
+    let _ = conn_shutdown_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+    drop(shared);
+    drop(core_tx);
+    let _ = http_task.await;
+    core_task.abort();
+    Ok(())
+}

@@ -125,8 +125,11 @@ export class Router {
     let killed = false;
     if (this.running) {
       this.child.kill('SIGTERM');
-      const timer = sleep(TERM_GRACE_MS).then(() => 'timeout');
-      if ((await Promise.race([this.exit, timer])) === 'timeout') {
+      let timer;
+      const grace = new Promise((resolve) => { timer = setTimeout(() => resolve('timeout'), TERM_GRACE_MS); });
+      const first = await Promise.race([this.exit, grace]);
+      clearTimeout(timer);
+      if (first === 'timeout') {
         killed = true;
         this.child.kill('SIGKILL');
       }

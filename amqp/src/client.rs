@@ -1,0 +1,196 @@
+//! A small async client over tokio, driving the same engine the router uses. It serves the
+//! CLI, the bench tool and tests; it is not on the router's path.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::connection::{AttachRequest, Config, Connection, Event, Fatal, LinkId};
+use crate::frames::{ErrorCondition, Role, Terminus};
+use crate::sasl::SaslClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] Fatal),
+    #[error("connection closed by peer: {0:?}")]
+    Closed(Option<ErrorCondition>),
+    #[error("link refused: {0:?}")]
+    Refused(Option<ErrorCondition>),
+}
+
+pub struct Client {
+    pub stream: TcpStream,
+    pub conn: Connection,
+    pub inbuf: BytesMut,
+    pub events: VecDeque<Event>,
+    pub channel: u16,
+}
+
+impl Client {
+    /// Connects (SASL ANONYMOUS), opens and begins one session.
+    pub async fn connect(addr: &str, container_id: &str) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let cfg = Config {
+            container_id: container_id.to_owned(),
+            max_frame_size: 1 << 20,
+            ..Config::default()
+        };
+        let conn = Connection::client(cfg, Some(SaslClient::anonymous()), Instant::now());
+        let mut c = Client {
+            stream,
+            conn,
+            inbuf: BytesMut::with_capacity(1 << 16),
+            events: VecDeque::new(),
+            channel: 0,
+        };
+        c.wait(|e| matches!(e, Event::Opened(_))).await?;
+        c.channel = c.conn.begin().ok_or(ClientError::Closed(None))?;
+        c.wait(|e| matches!(e, Event::SessionBegun { .. })).await?;
+        Ok(c)
+    }
+
+    /// Writes pending output.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        let out = self.conn.output();
+        if !out.is_empty() {
+            let b = out.split();
+            self.stream.write_all(&b).await?;
+            self.conn.wrote(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Flushes, reads once and queues the events that arrived.
+    pub async fn pump(&mut self) -> Result<(), ClientError> {
+        self.flush().await?;
+        let n = self.stream.read_buf(&mut self.inbuf).await?;
+        if n == 0 {
+            return Err(ClientError::Closed(None));
+        }
+        let r = self.conn.handle_input(&mut self.inbuf, Instant::now());
+        while let Some(e) = self.conn.poll_event() {
+            self.events.push_back(e);
+        }
+        if self.inbuf.capacity() - self.inbuf.len() < 4096 {
+            self.inbuf.reserve(1 << 16);
+        }
+        match r {
+            Ok(()) => Ok(()),
+            Err(Fatal::Closed) => {
+                let err = self.events.iter().find_map(|e| match e {
+                    Event::Closed(e) => e.clone(),
+                    _ => None,
+                });
+                Err(ClientError::Closed(err))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pumps until an event matching `f` arrives, and returns it (other events stay queued).
+    pub async fn wait(&mut self, f: impl Fn(&Event) -> bool) -> Result<Event, ClientError> {
+        loop {
+            if let Some(i) = self.events.iter().position(&f) {
+                if let Some(e) = self.events.remove(i) {
+                    return Ok(e);
+                }
+            }
+            if let Some(Event::Closed(e)) =
+                self.events.iter().find(|e| matches!(e, Event::Closed(_)))
+            {
+                return Err(ClientError::Closed(e.clone()));
+            }
+            self.pump().await?;
+        }
+    }
+
+    async fn attach(
+        &mut self,
+        req: AttachRequest,
+    ) -> Result<(LinkId, Box<crate::frames::Attach>), ClientError> {
+        let id = self
+            .conn
+            .attach(self.channel, req)
+            .ok_or(ClientError::Closed(None))?;
+        let ev = self
+            .wait(|e| matches!(e, Event::Attach { link, .. } if *link == id))
+            .await?;
+        let Event::Attach { attach, .. } = ev else {
+            return Err(ClientError::Closed(None));
+        };
+        let refused = match attach.role {
+            Role::Receiver => attach.target.is_none(),
+            Role::Sender => attach.source.is_none(),
+        };
+        if refused {
+            let e = self
+                .wait(|e| matches!(e, Event::LinkClosed { link, .. } if *link == id))
+                .await?;
+            let err = match e {
+                Event::LinkClosed { error, .. } => error,
+                _ => None,
+            };
+            return Err(ClientError::Refused(err));
+        }
+        Ok((id, attach))
+    }
+
+    /// Attaches a sender; `address` None is the anonymous relay. `presettled` asks for
+    /// settled sends (snd-settle-mode settled).
+    pub async fn sender(
+        &mut self,
+        name: &str,
+        address: Option<&str>,
+        presettled: bool,
+    ) -> Result<LinkId, ClientError> {
+        let (id, _) = self
+            .attach(AttachRequest {
+                name: name.to_owned(),
+                role: Role::Sender,
+                source: Some(Terminus::default()),
+                target: Some(Terminus {
+                    address: address.map(str::to_owned),
+                    ..Terminus::default()
+                }),
+                snd_settle_mode: if presettled { 1 } else { 0 },
+                rcv_settle_mode: 0,
+            })
+            .await?;
+        Ok(id)
+    }
+
+    /// Attaches a receiver and grants `credit`. With `address` None the source is dynamic;
+    /// the assigned address is returned.
+    pub async fn receiver(
+        &mut self,
+        name: &str,
+        address: Option<&str>,
+        credit: u32,
+        presettled: bool,
+    ) -> Result<(LinkId, Option<String>), ClientError> {
+        let (id, attach) = self
+            .attach(AttachRequest {
+                name: name.to_owned(),
+                role: Role::Receiver,
+                source: Some(Terminus {
+                    address: address.map(str::to_owned),
+                    dynamic: address.is_none(),
+                    ..Terminus::default()
+                }),
+                target: Some(Terminus::default()),
+                snd_settle_mode: if presettled { 1 } else { 2 },
+                rcv_settle_mode: 0,
+            })
+            .await?;
+        self.conn.set_credit(id, credit, false);
+        self.flush().await?;
+        Ok((id, attach.source.and_then(|s| s.address)))
+    }
+}

@@ -1,0 +1,206 @@
+//! The router's configuration: one validated serde tree; unknown fields are rejected.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// How an address moves messages (design.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressType {
+    Anycast,
+    Multicast,
+    Queue,
+    Topic,
+    Subscription,
+}
+
+impl AddressType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressType::Anycast => "anycast",
+            AddressType::Multicast => "multicast",
+            AddressType::Queue => "queue",
+            AddressType::Topic => "topic",
+            AddressType::Subscription => "subscription",
+        }
+    }
+    /// Store-and-forward types are served by broker shards.
+    pub fn is_brokered(self) -> bool {
+        matches!(
+            self,
+            AddressType::Queue | AddressType::Topic | AddressType::Subscription
+        )
+    }
+}
+
+/// One address declaration: exactly one of `name`, `prefix` or `pattern`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressDecl {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: AddressType,
+}
+
+impl AddressDecl {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = [&self.name, &self.prefix, &self.pattern]
+            .iter()
+            .filter(|x| x.is_some())
+            .count();
+        if n != 1 {
+            return Err(ConfigError::Invalid(
+                "an address needs exactly one of name, prefix, pattern".into(),
+            ));
+        }
+        let s = self
+            .name
+            .as_deref()
+            .or(self.prefix.as_deref())
+            .or(self.pattern.as_deref())
+            .unwrap_or_default();
+        if s.is_empty() || s.len() > 1024 {
+            return Err(ConfigError::Invalid(
+                "address must be 1 to 1024 characters".into(),
+            ));
+        }
+        Ok(())
+    }
+    /// The declared string, whichever kind it is.
+    pub fn key(&self) -> &str {
+        self.name
+            .as_deref()
+            .or(self.prefix.as_deref())
+            .or(self.pattern.as_deref())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_sessions_per_connection: u16,
+    pub max_links_per_connection: usize,
+    pub max_message_size: u64,
+    pub link_capacity: u32,
+    pub max_frame_size: u32,
+    pub idle_timeout_ms: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_sessions_per_connection: 64,
+            max_links_per_connection: 5_000,
+            max_message_size: 100 * 1024 * 1024,
+            link_capacity: 250,
+            max_frame_size: 65_536,
+            idle_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSection {
+    pub id: String,
+    pub listen: SocketAddr,
+    pub http: SocketAddr,
+    pub default_address_type: AddressType,
+    pub limits: Limits,
+    /// SASL PLAIN users (name → password). Empty: any login and ANONYMOUS are accepted.
+    pub users: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for RouterSection {
+    fn default() -> Self {
+        RouterSection {
+            id: "standalone".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 5672)),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            default_address_type: AddressType::Anycast,
+            limits: Limits::default(),
+            users: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub router: RouterSection,
+    pub addresses: Vec<AddressDecl>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid YAML: {0}")]
+    Yaml(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let c: Config =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for a in &self.addresses {
+            a.validate()?;
+        }
+        let l = &self.router.limits;
+        if l.max_frame_size < 512 {
+            return Err(ConfigError::Invalid("max_frame_size must be >= 512".into()));
+        }
+        if l.link_capacity == 0 {
+            return Err(ConfigError::Invalid("link_capacity must be > 0".into()));
+        }
+        if l.max_sessions_per_connection == 0 || l.max_links_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "session and link limits must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_unknown_fields() {
+        let c = Config::from_yaml(
+            "router:\n  id: r1\n  limits:\n    link_capacity: 10\naddresses:\n  - prefix: mc/\n    type: multicast\n",
+        )
+        .unwrap();
+        assert_eq!(c.router.limits.link_capacity, 10);
+        assert_eq!(c.addresses[0].kind, AddressType::Multicast);
+        assert!(Config::from_yaml("router:\n  bogus: 1\n").is_err());
+        assert!(Config::from_yaml("addresses:\n  - type: anycast\n").is_err());
+    }
+}

@@ -1,0 +1,471 @@
+//! One task per client connection: owns the socket and the protocol engine, turns engine events
+//! into batched [`ToCore`] messages and applies the core's [`ToConn`] batches.
+//!
+//! Each loop turn reads everything available, processes every frame, sends one batch to the
+//! core and writes once, so syscalls stay per batch rather than per message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use amqp::sasl::PlainAndAnonymous;
+use amqp::{
+    AttachReply, Connection, DeliveryState, ErrorCondition, Event, LinkId, Role, Terminus,
+    condition,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::addresses::DYNAMIC_PREFIX;
+use crate::config::Limits;
+use crate::core::{ConnId, Dir, LinkRef, ToConn, ToCore};
+
+/// What every connection task shares.
+pub struct Shared {
+    pub router_id: String,
+    pub limits: Limits,
+    pub users: Option<HashMap<String, String>>,
+    pub core: mpsc::UnboundedSender<Vec<ToCore>>,
+}
+
+struct LinkState {
+    dir: Dir,
+    /// Consumer links: unsettled deliveries (engine delivery-id → core id).
+    presettled: bool,
+    /// Attach answered by the core.
+    open: bool,
+    attach: Option<Box<amqp::frames::Attach>>,
+    dynamic_address: Option<String>,
+    anonymous: bool,
+}
+
+/// Runs one connection to completion.
+pub async fn run<S>(
+    mut sock: S,
+    conn_id: ConnId,
+    remote: String,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    refuse: Option<ErrorCondition>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &shared.limits;
+    let cfg = amqp::Config {
+        container_id: shared.router_id.clone(),
+        max_frame_size: limits.max_frame_size,
+        channel_max: limits.max_sessions_per_connection.saturating_sub(1),
+        idle_timeout_ms: limits.idle_timeout_ms,
+        max_links: limits.max_links_per_connection,
+        max_message_size: limits.max_message_size,
+        offered_capabilities: vec!["ANONYMOUS-RELAY".into()],
+        ..Default::default()
+    };
+    let auth = PlainAndAnonymous {
+        allow_anonymous: shared.users.is_none(),
+        users: shared.users.clone(),
+    };
+    let mut now = Instant::now();
+    let mut engine = Connection::server(cfg, Some(Box::new(auth)), now);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<ToConn>>();
+    let mut t = Task {
+        conn_id,
+        engine: &mut engine,
+        links: HashMap::new(),
+        unsettled: HashMap::new(),
+        to_core: Vec::new(),
+        opened: false,
+        refuse,
+        remote,
+        tx: Some(tx),
+    };
+    let mut inbuf = BytesMut::with_capacity(64 * 1024);
+    let mut deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+    let mut done = false;
+    while !done {
+        tokio::select! {
+            r = sock.read_buf(&mut inbuf) => {
+                now = Instant::now();
+                match r {
+                    Ok(0) | Err(_) => done = true,
+                    Ok(_) => {
+                        if t.engine.handle_input(&mut inbuf, now).is_err() {
+                            done = true;
+                        }
+                        t.process_events();
+                        if inbuf.capacity() - inbuf.len() < 4096 {
+                            inbuf.reserve(64 * 1024);
+                        }
+                    }
+                }
+            }
+            Some(batch) = rx.recv() => {
+                t.apply(batch);
+                while let Ok(batch) = rx.try_recv() {
+                    t.apply(batch);
+                }
+                if t.engine.is_closed() {
+                    done = true;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                now = Instant::now();
+                if t.engine.tick(now).is_err() {
+                    done = true;
+                }
+            }
+            _ = shutdown.changed() => {
+                t.engine.close(Some(ErrorCondition::new(condition::CONNECTION_FORCED, "router shutting down")));
+                done = true;
+            }
+        }
+        if let Ok(Some(next)) = t.engine.tick(now) {
+            deadline = tokio::time::Instant::from_std(next);
+        }
+        t.send_to_core(&shared);
+        let out = t.engine.output();
+        if !out.is_empty() {
+            let buf = out.split();
+            if sock.write_all(&buf).await.is_err() {
+                break;
+            }
+            t.engine.wrote(Instant::now());
+        }
+    }
+    let _ = sock.flush().await;
+    let _ = sock.shutdown().await;
+    if t.opened {
+        let _ = shared.core.send(vec![ToCore::ConnClosed { conn: conn_id }]);
+    }
+}
+
+struct Task<'a> {
+    conn_id: ConnId,
+    engine: &'a mut Connection,
+    links: HashMap<LinkId, LinkState>,
+    /// Our unsettled outgoing deliveries: (channel, delivery-id) → (core id, link).
+    unsettled: HashMap<(u16, u32), (u64, LinkId)>,
+    to_core: Vec<ToCore>,
+    opened: bool,
+    refuse: Option<ErrorCondition>,
+    remote: String,
+    tx: Option<mpsc::UnboundedSender<Vec<ToConn>>>,
+}
+
+impl Task<'_> {
+    fn r(&self, link: LinkId) -> LinkRef {
+        LinkRef {
+            conn: self.conn_id,
+            link,
+        }
+    }
+
+    fn send_to_core(&mut self, shared: &Shared) {
+        if !self.to_core.is_empty() {
+            let _ = shared.core.send(std::mem::take(&mut self.to_core));
+        }
+    }
+
+    fn process_events(&mut self) {
+        while let Some(ev) = self.engine.poll_event() {
+            self.on_event(ev);
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Authenticated { .. } | Event::SessionBegun { .. } => {}
+            Event::Opened(open) => {
+                self.engine.open();
+                if let Some(e) = self.refuse.take() {
+                    self.engine.close(Some(e));
+                    return;
+                }
+                self.opened = true;
+                if let Some(tx) = self.tx.take() {
+                    self.to_core.push(ToCore::ConnOpened {
+                        conn: self.conn_id,
+                        tx,
+                        remote: self.remote.clone(),
+                        container_id: open.container_id.clone(),
+                    });
+                }
+            }
+            Event::Attach { link, attach } => self.on_attach(link, attach),
+            Event::Credit {
+                link,
+                credit: _,
+                drain,
+            } => {
+                if self
+                    .links
+                    .get(&link)
+                    .is_some_and(|l| l.dir == Dir::Consumer && l.open)
+                {
+                    let limit = self
+                        .engine
+                        .link_delivery_count(link)
+                        .wrapping_add(self.engine.credit(link));
+                    let r = self.r(link);
+                    self.to_core.push(ToCore::ConsumerCredit {
+                        link: r,
+                        limit,
+                        drain,
+                    });
+                }
+            }
+            Event::Delivery(d) => {
+                let Some(l) = self.links.get(&d.link) else {
+                    return;
+                };
+                let to = if l.anonymous {
+                    match amqp::message::find_to(&d.payload) {
+                        Ok(to) => to,
+                        Err(e) => {
+                            if !d.settled {
+                                self.engine.disposition(
+                                    d.link,
+                                    d.delivery_id,
+                                    true,
+                                    Some(DeliveryState::Rejected(Some(ErrorCondition::new(
+                                        condition::DECODE_ERROR,
+                                        format!("cannot read message properties: {e}"),
+                                    )))),
+                                );
+                            }
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let r = self.r(d.link);
+                self.to_core.push(ToCore::Deliver {
+                    link: r,
+                    delivery_id: d.delivery_id,
+                    settled: d.settled,
+                    to,
+                    payload: d.payload,
+                    format: d.message_format,
+                });
+            }
+            Event::Disposition {
+                channel,
+                role,
+                first,
+                last,
+                settled,
+                state,
+            } => {
+                if role != Role::Receiver {
+                    // Dispositions from a sending peer (settling its deliveries after our
+                    // outcome) need no action: we settled first.
+                    return;
+                }
+                let mut id = first;
+                loop {
+                    if let Some(&(dlv, link)) = self.unsettled.get(&(channel, id)) {
+                        let terminal = state.as_ref().is_some_and(DeliveryState::is_terminal);
+                        if terminal || settled {
+                            self.unsettled.remove(&(channel, id));
+                            let st = match &state {
+                                Some(s) if s.is_terminal() => s.clone(),
+                                // Settled without an outcome: treat as released (spec: the
+                                // sender's default outcome).
+                                _ => DeliveryState::Released,
+                            };
+                            self.to_core.push(ToCore::Outcome {
+                                dlv,
+                                state: st.clone(),
+                            });
+                            if !settled {
+                                self.engine.disposition(link, id, true, Some(st));
+                            }
+                        }
+                    }
+                    if id == last {
+                        break;
+                    }
+                    id = id.wrapping_add(1);
+                }
+            }
+            Event::LinkClosed { link, .. } => {
+                if let Some(l) = self.links.remove(&link) {
+                    if l.open {
+                        let r = self.r(link);
+                        self.to_core.push(ToCore::Detach { link: r });
+                    }
+                    self.unsettled.retain(|_, (_, lk)| *lk != link);
+                }
+            }
+            Event::Closed(_) => {}
+        }
+    }
+
+    fn on_attach(&mut self, link: LinkId, attach: Box<amqp::frames::Attach>) {
+        // The peer's role tells ours: a peer sender is our producer.
+        let dir = match attach.role {
+            Role::Sender => Dir::Producer,
+            Role::Receiver => Dir::Consumer,
+        };
+        let (address, dynamic) = match dir {
+            Dir::Producer => {
+                let t = attach.target.as_ref();
+                (
+                    t.and_then(|t| t.address.clone()),
+                    t.is_some_and(|t| t.dynamic),
+                )
+            }
+            Dir::Consumer => {
+                let s = attach.source.as_ref();
+                (
+                    s.and_then(|s| s.address.clone()),
+                    s.is_some_and(|s| s.dynamic),
+                )
+            }
+        };
+        let mut state = LinkState {
+            dir,
+            presettled: dir == Dir::Consumer && attach.snd_settle_mode == 1,
+            open: false,
+            attach: None,
+            dynamic_address: None,
+            anonymous: false,
+        };
+        let address = if dynamic {
+            if dir == Dir::Producer {
+                self.engine.refuse_attach(
+                    link,
+                    ErrorCondition::new(
+                        condition::NOT_IMPLEMENTED,
+                        "dynamic targets are not supported",
+                    ),
+                );
+                return;
+            }
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let a = format!("{DYNAMIC_PREFIX}{}.{n}", self.conn_id);
+            state.dynamic_address = Some(a.clone());
+            Some(a)
+        } else {
+            address
+        };
+        if address.is_none() {
+            if dir == Dir::Consumer {
+                self.engine.refuse_attach(
+                    link,
+                    ErrorCondition::new(
+                        condition::INVALID_FIELD,
+                        "a receiver needs a source address or a dynamic source",
+                    ),
+                );
+                return;
+            }
+            state.anonymous = true;
+        }
+        let presettled = state.presettled;
+        let name = attach.name.clone();
+        state.attach = Some(attach);
+        self.links.insert(link, state);
+        let r = self.r(link);
+        self.to_core.push(ToCore::Attach {
+            link: r,
+            dir,
+            name,
+            address,
+            presettled,
+        });
+    }
+
+    fn apply(&mut self, batch: Vec<ToConn>) {
+        for m in batch {
+            match m {
+                ToConn::AttachOk { link } => {
+                    let Some(l) = self.links.get_mut(&link) else {
+                        continue;
+                    };
+                    l.open = true;
+                    let Some(a) = l.attach.take() else { continue };
+                    let mut source = a.source.clone();
+                    if let (Some(s), Some(addr)) = (source.as_mut(), l.dynamic_address.as_ref()) {
+                        s.address = Some(addr.clone());
+                    }
+                    let reply = AttachReply {
+                        source: source.or_else(|| Some(Terminus::default())),
+                        target: a.target.clone(),
+                        snd_settle_mode: a.snd_settle_mode,
+                        rcv_settle_mode: 0,
+                        offered_capabilities: None,
+                    };
+                    let dir = l.dir;
+                    self.engine.accept_attach(link, reply);
+                    if dir == Dir::Consumer {
+                        // Credit may have arrived with the attach (flow before our answer).
+                        let limit = self
+                            .engine
+                            .link_delivery_count(link)
+                            .wrapping_add(self.engine.credit(link));
+                        let r = self.r(link);
+                        self.to_core.push(ToCore::ConsumerCredit {
+                            link: r,
+                            limit,
+                            drain: false,
+                        });
+                    }
+                }
+                ToConn::AttachRefused { link, error } => {
+                    self.links.remove(&link);
+                    self.engine.refuse_attach(link, error);
+                }
+                ToConn::AddCredit { link, n } => {
+                    let c = self.engine.receiver_credit(link).saturating_add(n);
+                    self.engine.set_credit(link, c, false);
+                }
+                ToConn::RevokeCredit { link } => self.engine.set_credit(link, 0, false),
+                ToConn::Deliver {
+                    link,
+                    dlv,
+                    payload,
+                    format,
+                } => self.deliver(link, dlv, &payload, format),
+                ToConn::Outcome {
+                    link,
+                    delivery_id,
+                    state,
+                } => self
+                    .engine
+                    .disposition(link, delivery_id, true, Some(state)),
+                ToConn::DrainDone { link } => self.engine.drain_complete(link),
+                ToConn::Close { error } => self.engine.close(Some(error)),
+            }
+        }
+    }
+
+    fn deliver(&mut self, link: LinkId, dlv: Option<u64>, payload: &Bytes, format: u32) {
+        let tag = match dlv {
+            Some(d) => d.to_be_bytes(),
+            None => [0u8; 8],
+        };
+        let settled = dlv.is_none();
+        let Some(id) = self.engine.send(link, &tag, payload, settled, format) else {
+            // The link went away (or the peer took its credit back) after the core chose it:
+            // give the delivery back so the producer hears about it.
+            if let Some(d) = dlv {
+                self.to_core.push(ToCore::Outcome {
+                    dlv: d,
+                    state: DeliveryState::Released,
+                });
+            }
+            return;
+        };
+        if let Some(d) = dlv {
+            if let Some(ch) = self.engine.link_channel(link) {
+                self.unsettled.insert((ch, id), (d, link));
+            }
+        }
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(1);

@@ -1,0 +1,191 @@
+//! Management over HTTP (axum): health, readiness, Prometheus metrics and the JSON API for
+//! connections, links and addresses. Every request is answered from a snapshot the core
+//! takes, so the HTTP side holds no routing state of its own.
+
+use std::fmt::Write as _;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::AddressDecl;
+use crate::core::{Mgmt, Snapshot, ToCore};
+
+#[derive(Clone)]
+pub struct Api {
+    pub core: mpsc::UnboundedSender<Vec<ToCore>>,
+}
+
+impl Api {
+    async fn snapshot(&self) -> Result<Snapshot, StatusCode> {
+        let (tx, rx) = oneshot::channel();
+        self.core
+            .send(vec![ToCore::Mgmt(Mgmt::Snapshot(tx))])
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        rx.await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+    }
+}
+
+pub fn app(api: Api) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/connections", get(connections))
+        .route("/api/v1/links", get(links))
+        .route("/api/v1/addresses", get(addresses).post(create_address))
+        .route("/api/v1/addresses/{name}", delete(delete_address))
+        .with_state(api)
+}
+
+async fn connections(State(api): State<Api>) -> Result<Response, StatusCode> {
+    Ok(Json(api.snapshot().await?.connections).into_response())
+}
+
+async fn links(State(api): State<Api>) -> Result<Response, StatusCode> {
+    Ok(Json(api.snapshot().await?.links).into_response())
+}
+
+/// Declared rules, plus live statistics of every address in use.
+async fn addresses(State(api): State<Api>) -> Result<Response, StatusCode> {
+    let s = api.snapshot().await?;
+    let mut out = Vec::new();
+    for r in s.rules {
+        let mut v = serde_json::to_value(&r).unwrap_or_default();
+        if let (Some(name), Some(obj)) = (r.decl.name.as_ref(), v.as_object_mut()) {
+            if let Some(st) = s.addresses.iter().find(|a| &a.address == name) {
+                obj.insert("stats".into(), serde_json::to_value(st).unwrap_or_default());
+            }
+        }
+        out.push(v);
+    }
+    Ok(Json(serde_json::json!({ "declared": out, "active": s.addresses })).into_response())
+}
+
+async fn create_address(
+    State(api): State<Api>,
+    Json(decl): Json<AddressDecl>,
+) -> Result<Response, StatusCode> {
+    let (tx, rx) = oneshot::channel();
+    api.core
+        .send(vec![ToCore::Mgmt(Mgmt::AddAddress(decl, tx))])
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    match rx.await {
+        Ok(Ok(())) => Ok(StatusCode::CREATED.into_response()),
+        Ok(Err(e)) => Ok((StatusCode::BAD_REQUEST, e).into_response()),
+        Err(_) => Err(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
+async fn delete_address(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, StatusCode> {
+    let (tx, rx) = oneshot::channel();
+    api.core
+        .send(vec![ToCore::Mgmt(Mgmt::RemoveAddress(name, tx))])
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    match rx.await {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Ok(StatusCode::NOT_FOUND),
+        Err(_) => Err(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+async fn metrics(State(api): State<Api>) -> Result<Response, StatusCode> {
+    let s = api.snapshot().await?;
+    let mut reg = Registry::default();
+    let conns = Gauge::<i64>::default();
+    conns.set(s.connections.len() as i64);
+    reg.register("enmesh_connections", "Open AMQP connections", conns);
+    let links = Family::<Labels, Gauge<i64>>::default();
+    for role in ["sender", "receiver"] {
+        let n = s.links.iter().filter(|l| l.role == role).count();
+        links
+            .get_or_create(&vec![("role".into(), role.into())])
+            .set(n as i64);
+    }
+    reg.register("enmesh_links", "Attached links by client role", links);
+    let counters: [(&str, &str, fn(&crate::core::AddressStats) -> u64); 7] = [
+        (
+            "enmesh_deliveries_in",
+            "Deliveries received from producers",
+            |a| a.deliveries_in,
+        ),
+        (
+            "enmesh_deliveries_out",
+            "Deliveries sent to consumers",
+            |a| a.deliveries_out,
+        ),
+        ("enmesh_accepted", "Deliveries accepted by consumers", |a| {
+            a.accepted
+        }),
+        ("enmesh_rejected", "Deliveries rejected by consumers", |a| {
+            a.rejected
+        }),
+        (
+            "enmesh_released",
+            "Deliveries released back to producers",
+            |a| a.released,
+        ),
+        ("enmesh_modified", "Deliveries returned as modified", |a| {
+            a.modified
+        }),
+        (
+            "enmesh_dropped",
+            "Multicast copies dropped for slow consumers",
+            |a| a.dropped,
+        ),
+    ];
+    for (name, help, f) in counters {
+        let fam = Family::<Labels, Counter>::default();
+        for a in &s.addresses {
+            fam.get_or_create(&vec![("address".into(), a.address.clone())])
+                .inc_by(f(a));
+        }
+        reg.register(name, help, fam);
+    }
+    let gauges: [(&str, &str, fn(&crate::core::AddressStats) -> u64); 4] = [
+        (
+            "enmesh_unsettled",
+            "Deliveries forwarded and not yet settled",
+            |a| a.unsettled,
+        ),
+        (
+            "enmesh_pending",
+            "Deliveries waiting for consumer credit",
+            |a| a.pending as u64,
+        ),
+        ("enmesh_consumers", "Consumer links", |a| a.consumers as u64),
+        ("enmesh_producers", "Producer links", |a| a.producers as u64),
+    ];
+    for (name, help, f) in gauges {
+        let fam = Family::<Labels, Gauge<i64>>::default();
+        for a in &s.addresses {
+            fam.get_or_create(&vec![("address".into(), a.address.clone())])
+                .set(f(a) as i64);
+        }
+        reg.register(name, help, fam);
+    }
+    let mut text = String::new();
+    encode(&mut text, &reg).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    let _ = writeln!(text);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
