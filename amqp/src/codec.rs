@@ -342,7 +342,14 @@ impl<'a> Decoder<'a> {
         use code::*;
         let c = self.u8()?;
         let c = if c == DESCRIBED {
-            self.skip()?;
+            // A descriptor may itself be described: bound the recursion like `constructor`.
+            self.depth += 1;
+            if self.depth > MAX_DEPTH {
+                return Err(DecodeError::TooDeep);
+            }
+            let d = self.skip();
+            self.depth -= 1;
+            d?;
             self.u8()?
         } else {
             c

@@ -375,12 +375,8 @@ impl Connection {
                 self.phase = Phase::AwaitOpen;
                 Ok(())
             } else {
-                self.out
-                    .put_slice(if self.auth.is_some() && h != SASL_HEADER {
-                        &SASL_HEADER
-                    } else {
-                        &AMQP_HEADER
-                    });
+                // Answer with the header we speak, then close (spec §2.2).
+                self.out.put_slice(&AMQP_HEADER);
                 Err(Fatal::HeaderMismatch)
             }
         } else if expect_sasl && h == SASL_HEADER {
@@ -1367,7 +1363,7 @@ impl Connection {
                 handle,
                 delivery_id: first.then_some(delivery_id),
                 delivery_tag: first.then(|| Bytes::copy_from_slice(tag)),
-                message_format: (first && message_format != 0).then_some(message_format),
+                message_format: first.then_some(message_format),
                 settled: (first && settled).then_some(true),
                 more: true,
                 ..Default::default()

@@ -195,18 +195,15 @@ async fn serve(a: ServerArgs) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(config.router.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.router.http))?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    // Install the handler before announcing readiness, so an early SIGTERM is clean too.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     println!(
         "enmesh ready amqp={} http={}",
         listener.local_addr()?,
         http.local_addr()?
     );
-    let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -42,7 +42,8 @@ pub fn app(api: Api) -> axum::Router {
         .route("/api/v1/connections", get(connections))
         .route("/api/v1/links", get(links))
         .route("/api/v1/addresses", get(addresses).post(create_address))
-        .route("/api/v1/addresses/{name}", delete(delete_address))
+        .route("/api/v1/addresses/{*name}", delete(delete_address))
+        .route("/api/v1/address-stats", get(address_stats))
         .with_state(api)
 }
 
@@ -54,7 +55,7 @@ async fn links(State(api): State<Api>) -> Result<Response, StatusCode> {
     Ok(Json(api.snapshot().await?.links).into_response())
 }
 
-/// Declared rules, plus live statistics of every address in use.
+/// Declared rules, each with the live statistics of its address when it names one.
 async fn addresses(State(api): State<Api>) -> Result<Response, StatusCode> {
     let s = api.snapshot().await?;
     let mut out = Vec::new();
@@ -67,7 +68,12 @@ async fn addresses(State(api): State<Api>) -> Result<Response, StatusCode> {
         }
         out.push(v);
     }
-    Ok(Json(serde_json::json!({ "declared": out, "active": s.addresses })).into_response())
+    Ok(Json(out).into_response())
+}
+
+/// Statistics of every address in use, declared or not.
+async fn address_stats(State(api): State<Api>) -> Result<Response, StatusCode> {
+    Ok(Json(api.snapshot().await?.addresses).into_response())
 }
 
 async fn create_address(

@@ -52,11 +52,11 @@ def raise_nofile(want: int = 20000) -> int:
 class Router:
     """A running enmesh process."""
 
-    def __init__(self, config: str = None, extra_args=(), tmpdir: Path = None, name="router"):
+    def __init__(self, config: str = None, extra_args=(), tmpdir: Path = None, name="router", mode="standalone"):
         self.tmpdir = Path(tmpdir or tempfile.mkdtemp(prefix="enmesh-test-"))
         self.name = name
         self.config_path = None
-        args = [enmesh_bin(), "standalone", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]
+        args = [enmesh_bin(), mode, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]
         if config is not None:
             self.config_path = self.tmpdir / ("%s.yaml" % name)
             self.config_path.write_text(config)
@@ -115,7 +115,8 @@ class Router:
 
     def stderr_tail(self, n: int = 60) -> str:
         try:
-            self._stderr.flush()
+            if not self._stderr.closed:
+                self._stderr.flush()
             lines = self.stderr_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no stderr)"
@@ -208,6 +209,8 @@ addresses:
   - name: "orders"
     type: anycast
   - pattern: "sensors/*/temp"
+    type: multicast
+  - pattern: "logs/#"
     type: multicast
   - name: "q/queue1"
     type: queue

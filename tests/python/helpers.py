@@ -40,7 +40,7 @@ def pump(conns, cond=lambda: False, timeout=DEFAULT_TIMEOUT, what="condition", r
     """
     conns = [c for c in conns if c is not None]
     saved = [c.container.timeout for c in conns]
-    slice_ = 0.02 if len(conns) > 1 else 0.1
+    slice_ = 0.002 if len(conns) > 1 else 0.05
     for c in conns:
         c.container.timeout = slice_
     try:

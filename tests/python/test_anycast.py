@@ -197,3 +197,113 @@ def test_message_larger_than_max_message_size_detaches_link(configured_router):
         assert available(rcv) == 0, "oversized message was forwarded to the consumer"
     finally:
         close_quietly(prod, cons)
+
+
+def test_consumer_credit_limits_delivery_and_router_holds_the_rest(router):
+    """A consumer with credit 1 gets one message; the others wait unsettled in the router until
+    it grants more credit."""
+    prod = connect(router.amqp_url)
+    cons = connect(router.amqp_url)
+    try:
+        rcv = cons.create_receiver("anycast/credit1", credit=None)  # no prefetch window
+        rcv.link.flow(1)
+        snd = prod.create_sender("anycast/credit1")
+        pump([prod, cons], lambda: snd.credit > 0, what="producer credit")
+        ds = [send_async(snd, Message(body=i)) for i in range(5)]
+        got = receive_n([prod, cons], rcv, 1)
+        run_for([prod, cons], 0.5)
+        assert available(rcv) == 0, "router sent beyond the consumer's credit"
+        assert rcv.link.credit == 0
+        assert got[0][0].body == 0
+        settle(got[0][1])
+        rcv.link.flow(4)
+        got += receive_n([prod, cons], rcv, 4, what="the held messages after more credit")
+        for _, d in got[1:]:
+            settle(d)
+        wait_outcomes([prod, cons], ds)
+        assert [m.body for m, _ in got] == list(range(5))
+        assert all(d.remote_state == Delivery.ACCEPTED for d in ds)
+    finally:
+        close_quietly(prod, cons)
+
+
+def test_drain_with_nothing_to_send_returns_credit(router):
+    cons = connect(router.amqp_url)
+    try:
+        rcv = cons.create_receiver("anycast/drain", credit=None)
+        rcv.link.drain(10)
+        pump([cons], lambda: not rcv.link.draining(), timeout=5, what="drain to complete")
+        assert rcv.link.credit == 0
+    finally:
+        close_quietly(cons)
+
+
+def test_presettled_producer(router):
+    from proton.reactor import AtMostOnce
+    prod = connect(router.amqp_url)
+    cons = connect(router.amqp_url)
+    try:
+        rcv = cons.create_receiver("anycast/presettled", credit=10)
+        snd = prod.create_sender("anycast/presettled", options=AtMostOnce())
+        pump([prod, cons], lambda: snd.credit > 0, what="producer credit")
+        for i in range(5):
+            d = send_async(snd, Message(body=i))
+            d.settle()
+        got = receive_n([prod, cons], rcv, 5)
+        for _, d in got:
+            settle(d)
+        assert [m.body for m, _ in got] == list(range(5))
+    finally:
+        close_quietly(prod, cons)
+
+
+def test_small_client_max_frame_size_is_respected(router):
+    """Both clients announce max-frame-size 512: the router must split transfers to fit."""
+    payload = os.urandom(100 * 1024)
+    prod = connect(router.amqp_url, max_frame_size=512)
+    cons = connect(router.amqp_url, max_frame_size=512)
+    try:
+        rcv = cons.create_receiver("anycast/smallframes", credit=2)
+        snd = prod.create_sender("anycast/smallframes")
+        run_for([prod, cons], 0.2)
+        d = send_async(snd, Message(body=payload))
+        [(m, md)] = receive_n([prod, cons], rcv, 1, timeout=20, what="100 KiB message in 512-byte frames")
+        settle(md)
+        wait_outcomes([prod, cons], [d])
+        assert bytes(m.body) == payload
+        assert d.remote_state == Delivery.ACCEPTED
+    finally:
+        close_quietly(prod, cons)
+
+
+def test_link_capacity_bounds_producer_credit(configured_router):
+    r = configured_router("router:\n  limits:\n    link_capacity: 5\n")
+    prod = connect(r.amqp_url)
+    cons = connect(r.amqp_url)
+    try:
+        cons.create_receiver("anycast/capacity", credit=100)
+        snd = prod.create_sender("anycast/capacity")
+        pump([prod, cons], lambda: snd.credit > 0, what="producer credit")
+        run_for([prod, cons], 0.3)
+        assert 0 < snd.credit <= 5, "producer credit %d with link_capacity 5" % snd.credit
+    finally:
+        close_quietly(prod, cons)
+
+
+def test_default_address_type_multicast(configured_router):
+    r = configured_router("router:\n  default_address_type: multicast\n")
+    prod = connect(r.amqp_url)
+    c1, c2 = connect(r.amqp_url), connect(r.amqp_url)
+    conns = [prod, c1, c2]
+    try:
+        r1, r2 = c1.create_receiver("any/where", credit=10), c2.create_receiver("any/where", credit=10)
+        run_for(conns, 0.3)
+        snd = prod.create_sender("any/where")
+        pump(conns, lambda: snd.credit > 0, what="producer credit")
+        ds = [send_async(snd, Message(body=i)) for i in range(3)]
+        pump(conns, lambda: available(r1) >= 3 and available(r2) >= 3, what="both receivers get all 3")
+        wait_outcomes(conns, ds)
+        assert [take(r1)[0].body for _ in range(3)] == [0, 1, 2]
+        assert [take(r2)[0].body for _ in range(3)] == [0, 1, 2]
+    finally:
+        close_quietly(*conns)

@@ -162,8 +162,8 @@ CASES = {
     "begin-before-open": (_begin_before_open, "close|eof", None),
     "transfer-on-unattached-handle": (_transfer_unattached, "condition",
                                       {"amqp:session:unattached-handle"}),
-    "unknown-descriptor": (_unknown_descriptor, "close|eof", None),
-    "invalid-type-code": (_invalid_type_code, "close|eof", None),
+    "unknown-descriptor": (_unknown_descriptor, "close|eof", FRAMING),
+    "invalid-type-code": (_invalid_type_code, "close|eof", FRAMING),
     "attach-on-unbegun-channel": (_attach_without_begin, "close|eof", None),
 }
 
@@ -242,12 +242,15 @@ def test_many_bad_connections_in_a_row(router):
     healthy.start()
     try:
         assert healthy.started_evt.wait(10), "healthy client did not start"
-        for _ in range(3):
+        for _ in range(2):
             for name, (action, expect, allowed) in CASES.items():
                 raw = RawConnection.to(router.amqp_addr)
                 try:
-                    action(raw)
-                    raw.read_until(lambda x: x.eof or x.has_frame(CLOSE), 2)
+                    try:
+                        action(raw)
+                    except (AssertionError, OSError):
+                        pass  # the answer itself is checked by test_bad_input_is_contained
+                    raw.read_until(lambda x: x.eof or x.has_frame(CLOSE), 0.3)
                 finally:
                     raw.close()
                 assert healthy.error is None, "healthy client failed after %s:\n%s" % (name, healthy.error)

@@ -23,6 +23,43 @@ def test_ready_line_and_ports(router):
     assert len(ready) == 1, router.stdout_lines
 
 
+def test_router_mode_with_config_file(tmp_path):
+    r = Router(config=MODE_CONFIG, tmpdir=tmp_path, name="routermode", mode="router")
+    try:
+        status, addrs = http_json("GET", r.http_url + "/api/v1/addresses")
+        assert status == 200
+        assert [a for a in addrs if a.get("prefix") == "mc/" and a.get("type") == "multicast"], addrs
+        c = connect(r.amqp_url)
+        try:
+            _round_trip(c, "router/mode")
+        finally:
+            close_quietly(c)
+    finally:
+        rc = r.terminate()
+        r.close()
+    assert rc == 0, "exit code %s after SIGTERM" % rc
+
+
+MODE_CONFIG = """\
+router:
+  id: router-mode-test
+  listen: 127.0.0.1:0
+  http: 127.0.0.1:0
+  default_address_type: anycast
+  limits:
+    max_connections: 100
+    max_sessions_per_connection: 8
+    max_links_per_connection: 100
+    max_message_size: 1048576
+    link_capacity: 100
+    max_frame_size: 65536
+    idle_timeout_ms: 30000
+addresses:
+  - prefix: "mc/"
+    type: multicast
+"""
+
+
 def test_unknown_config_field_is_rejected(tmp_path):
     with pytest.raises(RuntimeError, match="exited before ready"):
         Router(config="router:\n  id: x\n  no_such_field: 1\n", tmpdir=tmp_path, name="badcfg")
@@ -188,3 +225,75 @@ def test_cli_address_commands(router):
     assert r.returncode == 0, r.stderr
     _, addrs = http_json("GET", router.http_url + "/api/v1/addresses")
     assert not [a for a in addrs if a.get("name") == "cli-mc"], addrs
+
+
+# ------------------------------------------------------------- limits --
+
+def test_max_links_per_connection(configured_router):
+    r = configured_router("router:\n  limits:\n    max_links_per_connection: 5\n")
+    c = connect(r.amqp_url)
+    try:
+        for i in range(5):
+            c.create_receiver("limits/links/%d" % i, credit=1)
+        t0 = time.monotonic()
+        with pytest.raises((LinkDetached, ConnectionClosed)) as ei:
+            c.create_receiver("limits/links/5", credit=1)
+            pump([c], lambda: False, timeout=5, what="refusal of the 6th link")
+        assert time.monotonic() - t0 < 5
+        assert ei.value.condition == "amqp:resource-limit-exceeded", str(ei.value)
+    finally:
+        close_quietly(c)
+
+
+def test_max_connections(configured_router):
+    r = configured_router("router:\n  limits:\n    max_connections: 3\n")
+    conns = [rawamqp.RawConnection.to(r.amqp_addr) for _ in range(3)]
+    extra = None
+    try:
+        for rc in conns:
+            rc.handshake()
+        extra = rawamqp.RawConnection.to(r.amqp_addr)
+        extra.try_send(rawamqp.AMQP_HEADER + rawamqp.open_frame("one-too-many"))
+        extra.read_until(lambda x: x.eof or x.has_frame(rawamqp.CLOSE), 5)
+        closes = [f for f in extra.frames() if f.code == rawamqp.CLOSE]
+        assert extra.eof or closes, "4th connection accepted with max_connections 3: %r" % extra.frames()
+        if closes:
+            assert closes[0].condition == "amqp:resource-limit-exceeded", closes[0]
+        extra.close()
+        extra = None
+        # freeing a slot lets a new connection in
+        conns.pop().close()
+        deadline = time.monotonic() + 5
+        while True:
+            again = rawamqp.RawConnection.to(r.amqp_addr)
+            try:
+                again.try_send(rawamqp.AMQP_HEADER + rawamqp.open_frame("after-free"))
+                again.read_until(lambda x: x.eof or x.has_frame(rawamqp.OPEN), 3)
+                if again.has_frame(rawamqp.OPEN) and not again.has_frame(rawamqp.CLOSE):
+                    break
+            finally:
+                again.close()
+            assert time.monotonic() < deadline, "no connection accepted after one was closed"
+            time.sleep(0.2)
+    finally:
+        for rc in conns:
+            rc.close()
+        if extra:
+            extra.close()
+
+
+def test_max_sessions_per_connection(configured_router):
+    r = configured_router("router:\n  limits:\n    max_sessions_per_connection: 2\n")
+    raw = rawamqp.RawConnection.to(r.amqp_addr)
+    try:
+        raw.handshake()
+        for ch in range(3):
+            raw.try_send(rawamqp.begin_frame(channel=ch))
+        raw.read_until(lambda x: x.eof or any(f.code in (rawamqp.CLOSE, rawamqp.END) for f in x.frames())
+                       or sum(1 for f in x.frames() if f.code == rawamqp.BEGIN) >= 3, 5)
+        begins = [f for f in raw.frames() if f.code == rawamqp.BEGIN]
+        errors = [f for f in raw.frames() if f.code in (rawamqp.CLOSE, rawamqp.END) and f.condition]
+        assert len(begins) <= 2, "3 sessions accepted with max_sessions_per_connection 2: %r" % raw.frames()
+        assert errors or raw.eof, "third session neither refused nor connection closed: %r" % raw.frames()
+    finally:
+        raw.close()

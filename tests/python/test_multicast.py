@@ -51,6 +51,41 @@ def test_multicast_pattern_address(mc_router):
     _fan_out(mc_router, "sensors/kitchen/temp", n_receivers=2, n_messages=5)
 
 
+def test_multicast_hash_pattern_matches_many_segments(mc_router):
+    _fan_out(mc_router, "logs/app/web/1", n_receivers=2, n_messages=3)
+
+
+def test_star_pattern_does_not_match_extra_segments(mc_router):
+    """sensors/*/temp must not match sensors/a/b/temp: that address is anycast (default)."""
+    prod = connect(mc_router.amqp_url)
+    c1, c2 = connect(mc_router.amqp_url), connect(mc_router.amqp_url)
+    conns = [prod, c1, c2]
+    try:
+        r1 = c1.create_receiver("sensors/a/b/temp", credit=10)
+        r2 = c2.create_receiver("sensors/a/b/temp", credit=10)
+        snd = prod.create_sender("sensors/a/b/temp")
+        run_for(conns, 0.3)
+        ds = [send_async(snd, Message(body=i)) for i in range(4)]
+        bodies = []
+
+        def drain():
+            for r in (r1, r2):
+                while available(r):
+                    m, d = take(r)
+                    d.update(Delivery.ACCEPTED)
+                    d.settle()
+                    bodies.append(m.body)
+            return len(bodies) >= 4
+
+        pump(conns, drain, what="4 anycast messages")
+        wait_outcomes(conns, ds)
+        run_for(conns, 0.3)
+        drain()
+        assert sorted(bodies) == [0, 1, 2, 3], "duplicates mean it was treated as multicast: %s" % bodies
+    finally:
+        close_quietly(*conns)
+
+
 def test_multicast_receivers_get_presettled_copies(mc_router):
     prod = connect(mc_router.amqp_url)
     cons = connect(mc_router.amqp_url)

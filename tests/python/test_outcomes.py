@@ -10,7 +10,8 @@ from pathlib import Path
 
 from proton import Condition, Delivery, Message, symbol
 
-from helpers import (close_quietly, connect, receive_n, run_for, send_async, state_name, wait_outcomes)
+from helpers import (close_quietly, connect, pump, receive_n, run_for, send_async, settle, state_name,
+                     wait_outcomes)
 
 HERE = Path(__file__).resolve().parent
 
@@ -161,3 +162,65 @@ def test_killed_consumer_with_unsettled_deliveries(router):
             proc.kill()
             proc.wait(5)
         close_quietly(prod)
+
+
+def _detaching_consumer(router, how):
+    """The consumer holds unsettled deliveries, then goes away cleanly (`how`)."""
+    n = 4
+    prod = connect(router.amqp_url)
+    cons = connect(router.amqp_url)
+    try:
+        rcv = cons.create_receiver("outcome/detach-" + how, credit=n)
+        snd = prod.create_sender("outcome/detach-" + how)
+        run_for([prod, cons], 0.3)
+        ds = [send_async(snd, Message(body=i)) for i in range(n)]
+        receive_n([prod, cons], rcv, n)  # never settled
+        if how == "link":
+            rcv.link.close()
+            run_for([cons], 0.2)
+        else:
+            cons.close()
+            cons = None
+        states = wait_outcomes([prod, cons], ds, what="outcomes after the consumer went away (%s)" % how)
+        for d, s in zip(ds, states):
+            assert s in (Delivery.RELEASED, Delivery.MODIFIED), state_name(s)
+            if s == Delivery.MODIFIED:
+                assert d.remote.failed
+        run_for([prod], 0.2)
+        assert all(d.settled for d in ds)
+    finally:
+        close_quietly(prod, cons)
+
+
+def test_consumer_detaching_link_with_unsettled(router):
+    _detaching_consumer(router, "link")
+
+
+def test_consumer_closing_connection_with_unsettled(router):
+    _detaching_consumer(router, "connection")
+
+
+def test_held_messages_go_to_a_consumer_that_attaches_later(router):
+    """Messages the router holds (first consumer out of credit) go to a second consumer that attaches later."""
+    prod = connect(router.amqp_url)
+    c1 = connect(router.amqp_url)
+    c2 = None
+    try:
+        r1 = c1.create_receiver("outcome/handover", credit=None)
+        r1.link.flow(1)
+        snd = prod.create_sender("outcome/handover")
+        pump([prod, c1], lambda: snd.credit > 0, what="producer credit")
+        ds = [send_async(snd, Message(body=i)) for i in range(3)]
+        [(m0, d0)] = receive_n([prod, c1], r1, 1)
+        settle(d0)
+        pump([prod, c1], lambda: ds[0].remote_state in (Delivery.ACCEPTED,), what="first accepted")
+        c2 = connect(router.amqp_url)
+        r2 = c2.create_receiver("outcome/handover", credit=10)
+        got = receive_n([prod, c1, c2], r2, 2, what="held messages at the second consumer")
+        for _, d in got:
+            settle(d)
+        wait_outcomes([prod, c1, c2], ds)
+        assert sorted(m.body for m, _ in got) == [1, 2]
+        assert all(d.remote_state == Delivery.ACCEPTED for d in ds)
+    finally:
+        close_quietly(prod, c1, c2)

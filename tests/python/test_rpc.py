@@ -103,3 +103,25 @@ def test_anonymous_relay_to_address_without_consumer_is_released(router):
         assert d.remote_state == Delivery.RELEASED, state_name(d.remote_state)
     finally:
         close_quietly(c)
+
+
+def test_anonymous_relay_to_multicast_and_anycast(mc_router):
+    c = connect(mc_router.amqp_url)
+    m1, m2 = connect(mc_router.amqp_url), connect(mc_router.amqp_url)
+    conns = [c, m1, m2]
+    try:
+        mr1, mr2 = m1.create_receiver("mc/relay", credit=5), m2.create_receiver("mc/relay", credit=5)
+        ar = m1.create_receiver("relay/any", credit=5)
+        run_for(conns, 0.3)
+        snd = c.create_sender(None)
+        pump(conns, lambda: snd.credit > 0, what="anonymous relay credit")
+        ds = [send_async(snd, Message(address="mc/relay", body="fan")),
+              send_async(snd, Message(address="relay/any", body="one"))]
+        pump(conns, lambda: available(mr1) and available(mr2) and available(ar), what="relayed messages")
+        m, d = take(ar)
+        settle(d)
+        wait_outcomes(conns, ds)
+        assert take(mr1)[0].body == "fan" and take(mr2)[0].body == "fan" and m.body == "one"
+        assert [x.remote_state for x in ds] == [Delivery.ACCEPTED, Delivery.ACCEPTED]
+    finally:
+        close_quietly(*conns)

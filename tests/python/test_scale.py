@@ -1,6 +1,7 @@
 """Many links on one connection, many concurrent connections."""
 
 import errno
+import os
 import selectors
 import socket
 import time
@@ -174,7 +175,7 @@ def _service(sel, state, hello, failures, wait):
 
 @pytest.mark.timeout(120)
 def test_2000_concurrent_connections(router):
-    n = 2000
+    n = int(os.environ.get("ENMESH_TEST_CONNECTIONS", "2000"))
     limit = raise_nofile(20000)
     if limit < n + 200:
         pytest.skip("cannot raise RLIMIT_NOFILE high enough (%d)" % limit)
