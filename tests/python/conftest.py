@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -77,12 +76,16 @@ class Router:
         self._reader.start()
         if not self._ready.wait(START_TIMEOUT):
             self.kill()
-            raise RuntimeError("router did not print its ready line within %ss\nargs: %s\nstdout: %r\n%s"
-                               % (START_TIMEOUT, args, self.stdout_lines, self.stderr_tail()))
+            msg = ("router did not print its ready line within %ss\nargs: %s\nstdout: %r\n%s"
+                   % (START_TIMEOUT, args, self.stdout_lines, self.stderr_tail()))
+            self._stderr.close()
+            raise RuntimeError(msg)
         if self.amqp_port is None:
             self.kill()
-            raise RuntimeError("router exited before ready (rc=%s)\nargs: %s\nstdout: %r\n%s"
-                               % (self.proc.returncode, args, self.stdout_lines, self.stderr_tail()))
+            msg = ("router exited before ready (rc=%s)\nargs: %s\nstdout: %r\n%s"
+                   % (self.proc.returncode, args, self.stdout_lines, self.stderr_tail()))
+            self._stderr.close()
+            raise RuntimeError(msg)
 
     def _read_stdout(self):
         for raw in self.proc.stdout:  # keeps draining after ready so the pipe never fills

@@ -29,6 +29,15 @@ def test_anycast_round_trip_preserves_body_and_properties(router):
                 priority=i % 10,
                 properties={"index": i, "kind": "roundtrip", "flag": i % 3 == 0, "ratio": i / 4.0},
                 annotations={symbol("x-opt-test"): "ann-%d" % i},
+                user_id=b"user-%d" % i,
+                reply_to="reply/%d" % i,
+                group_id="group-%d" % (i % 3),
+                group_sequence=i,
+                content_encoding="utf-8",
+                creation_time=1700000000.0 + i,
+                expiry_time=1800000000.0 + i,
+                ttl=3600.0,
+                first_acquirer=bool(i % 2),
                 body=("hello %d" % i) if i % 2 else {"i": i, "list": [1, 2, i], "nested": {"s": "x" * i}},
             )
             sent.append(m)
@@ -48,6 +57,13 @@ def test_anycast_round_trip_preserves_body_and_properties(router):
             assert m.durable == want.durable
             assert m.priority == want.priority
             assert m.properties == want.properties
+            assert m.user_id == want.user_id
+            assert m.reply_to == want.reply_to
+            assert m.group_id == want.group_id and m.group_sequence == want.group_sequence
+            assert m.content_encoding == want.content_encoding
+            assert m.creation_time == want.creation_time and m.expiry_time == want.expiry_time
+            assert m.first_acquirer == want.first_acquirer
+            assert m.ttl == pytest.approx(want.ttl, abs=1.0)
             assert m.annotations.get(symbol("x-opt-test")) == want.annotations[symbol("x-opt-test")]
     finally:
         close_quietly(prod, cons)
@@ -197,6 +213,37 @@ def test_message_larger_than_max_message_size_detaches_link(configured_router):
         assert available(rcv) == 0, "oversized message was forwarded to the consumer"
     finally:
         close_quietly(prod, cons)
+
+
+def test_links_on_several_sessions(router):
+    """Links spread over three sessions of one connection route independently."""
+    from proton.handlers import MessagingHandler
+
+    class Rec(MessagingHandler):
+        def __init__(self):
+            super().__init__(prefetch=10, auto_accept=True)
+            self.got = []
+
+        def on_message(self, event):
+            self.got.append((event.link.source.address, event.message.body))
+
+    c = connect(router.amqp_url)
+    try:
+        h = Rec()
+        s1, s2, s3 = c.conn.session(), c.conn.session(), c.conn.session()
+        for s in (s1, s2, s3):
+            s.open()
+        c.container.create_receiver(s1, "sessions/a", handler=h)
+        c.container.create_receiver(s2, "sessions/b", handler=h)
+        sa = c.container.create_sender(s3, "sessions/a", handler=h)
+        sb = c.container.create_sender(s3, "sessions/b", handler=h)
+        pump([c], lambda: sa.credit > 0 and sb.credit > 0, what="credit on both senders")
+        sa.send(Message(body="to a"))
+        sb.send(Message(body="to b"))
+        pump([c], lambda: len(h.got) >= 2, what="messages on both sessions")
+        assert sorted(h.got) == [("sessions/a", "to a"), ("sessions/b", "to b")]
+    finally:
+        close_quietly(c)
 
 
 def test_consumer_credit_limits_delivery_and_router_holds_the_rest(router):

@@ -224,3 +224,34 @@ def test_held_messages_go_to_a_consumer_that_attaches_later(router):
         assert all(d.remote_state == Delivery.ACCEPTED for d in ds)
     finally:
         close_quietly(prod, c1, c2)
+
+
+def test_producer_gone_before_consumer_settles(router):
+    """The consumer settles deliveries whose producer already disconnected: the router must
+    cope (no crash, no stuck state) and keep routing."""
+    prod = connect(router.amqp_url)
+    cons = connect(router.amqp_url)
+    try:
+        rcv = cons.create_receiver("outcome/orphaned", credit=10)
+        snd = prod.create_sender("outcome/orphaned")
+        run_for([prod, cons], 0.3)
+        for i in range(3):
+            send_async(snd, Message(body=i))
+        got = receive_n([prod, cons], rcv, 3)
+        prod.close()
+        prod = None
+        run_for([cons], 0.3)
+        for _, d in got:
+            settle(d, Delivery.ACCEPTED)
+        run_for([cons], 0.3)
+        assert router.alive()
+        # routing on the same address still works
+        prod = connect(router.amqp_url)
+        snd = prod.create_sender("outcome/orphaned")
+        d = send_async(snd, Message(body="again"))
+        [(m, md)] = receive_n([prod, cons], rcv, 1, what="message after the orphaned settlements")
+        settle(md)
+        wait_outcomes([prod, cons], [d])
+        assert m.body == "again" and d.remote_state == Delivery.ACCEPTED
+    finally:
+        close_quietly(prod, cons)

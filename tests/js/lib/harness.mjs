@@ -302,11 +302,18 @@ export class Client {
     this.destroy();
   }
 
-  /** Abrupt: drop the TCP socket without an AMQP close. */
+  /**
+   * Abrupt: drop the TCP socket without an AMQP close. Goes through rhea's abort_socket so rhea
+   * also clears its heartbeat timers (a bare socket.destroy() leaves them running, which keeps
+   * the test process alive forever when the router advertised an idle-time-out).
+   */
   destroy() {
     this.closed = true;
     try {
-      if (this.conn.socket) this.conn.socket.destroy();
+      if (this.conn.socket) {
+        if (typeof this.conn.abort_socket === 'function') this.conn.abort_socket(this.conn.socket);
+        else this.conn.socket.destroy();
+      }
     } catch { /* ignore */ }
   }
 }
