@@ -551,7 +551,10 @@ impl Connection {
             hostname: self.cfg.hostname.clone(),
             max_frame_size: Some(self.cfg.max_frame_size),
             channel_max: Some(self.cfg.channel_max),
-            idle_timeout: (self.cfg.idle_timeout_ms > 0).then_some(self.cfg.idle_timeout_ms),
+            // Advertise half the threshold we enforce (spec §2.4.5), so a peer that
+            // heartbeats once per advertised interval is never cut off by jitter.
+            idle_timeout: (self.cfg.idle_timeout_ms > 0)
+                .then_some((self.cfg.idle_timeout_ms / 2).max(1)),
             offered_capabilities: (!caps.is_empty()).then_some(Value::Array(caps)),
             desired_capabilities: (!desired.is_empty()).then_some(Value::Array(desired)),
             properties: self.cfg.properties.clone(),
@@ -779,55 +782,9 @@ impl Connection {
             Role::Sender => Role::Receiver,
             Role::Receiver => Role::Sender,
         };
-        if live >= max_links {
-            // Refuse: attach with null terminus, then detach with the error.
-            let handle = a.handle;
-            let reply = Attach {
-                name: a.name.clone(),
-                handle: u32::MAX - 1,
-                role: our_role,
-                snd_settle_mode: a.snd_settle_mode,
-                rcv_settle_mode: a.rcv_settle_mode,
-                source: None,
-                target: None,
-                initial_delivery_count: (our_role == Role::Sender).then_some(0),
-                max_message_size: None,
-                offered_capabilities: None,
-                desired_capabilities: None,
-                properties: None,
-            };
-            let _ = handle;
-            frames::write_frame(&mut self.out, FRAME_AMQP, ch, |b| reply.encode(b));
-            let d = Detach {
-                handle: u32::MAX - 1,
-                closed: true,
-                error: Some(ErrorCondition::new(
-                    condition::RESOURCE_LIMIT_EXCEEDED,
-                    format!("at most {max_links} links per connection"),
-                )),
-            };
-            frames::write_frame(&mut self.out, FRAME_AMQP, ch, |b| d.encode(b));
-            // The peer will answer with a detach for its handle; remember it as a dead link.
-            let link = Link {
-                channel: ch,
-                handle: u32::MAX - 1,
-                remote_handle: Some(a.handle),
-                name: a.name,
-                role: our_role,
-                delivery_count: 0,
-                credit: 0,
-                allowed_until: 0,
-                drain: false,
-                partial: None,
-                detaching: true,
-                max_message_size: 0,
-            };
-            let handle = link.remote_handle.unwrap_or(0);
-            let id = self.alloc_link(link);
-            self.session_mut(ch)?.remote_handles.insert(handle, id);
-            return Ok(());
-        }
-        if a.handle > self.cfg.max_links as u32 && a.handle > u32::MAX / 2 {
+        // Handles are only map keys here (links are counted above), so any value is harmless;
+        // still refuse nonsense beyond the signed range some peers mishandle.
+        if a.handle > u32::MAX / 2 {
             return Err(err(condition::INVALID_FIELD, "handle above handle-max"));
         }
         let link = Link {
@@ -854,6 +811,17 @@ impl Connection {
         s.remote_handles.insert(a.handle, id);
         if let Some(l) = self.links[id.0 as usize].as_mut() {
             l.handle = handle;
+        }
+        if live >= max_links {
+            // Refused on a real handle: attach with a null terminus, then detach with the error.
+            self.refuse_attach(
+                id,
+                ErrorCondition::new(
+                    condition::RESOURCE_LIMIT_EXCEEDED,
+                    format!("at most {max_links} links per connection"),
+                ),
+            );
+            return Ok(());
         }
         self.events.push_back(Event::Attach {
             link: id,
@@ -1080,6 +1048,18 @@ impl Connection {
             frames::write_frame(&mut self.out, FRAME_AMQP, ch, |b| f.encode(b));
         }
         let max_msg = self.cfg.max_message_size;
+        // Partly received messages of all links together are bounded too (a peer could start
+        // one large message on every link). Only multi-frame deliveries pay for this scan.
+        let partial_total: u64 = if t.more {
+            self.links
+                .iter()
+                .flatten()
+                .filter_map(|l| l.partial.as_ref())
+                .map(|p| p.buf.len() as u64)
+                .sum()
+        } else {
+            0
+        };
         let s_next_delivery = {
             let Some(l) = self.link_mut(id) else {
                 return Ok(());
@@ -1145,6 +1125,20 @@ impl Connection {
             let e = ErrorCondition::new(
                 condition::MESSAGE_SIZE_EXCEEDED,
                 format!("message larger than {limit} bytes"),
+            );
+            self.detach(id, Some(e.clone()), true);
+            self.events.push_back(Event::LinkClosed {
+                link: id,
+                error: Some(e),
+                remote: false,
+            });
+            return Ok(());
+        }
+        if partial_total + payload.len() as u64 > max_msg.saturating_mul(2) {
+            l.partial = None;
+            let e = ErrorCondition::new(
+                condition::RESOURCE_LIMIT_EXCEEDED,
+                "too many bytes of partly received messages on this connection",
             );
             self.detach(id, Some(e.clone()), true);
             self.events.push_back(Event::LinkClosed {

@@ -172,7 +172,12 @@ async fn consumer(
 ) -> anyhow::Result<RecvResult> {
     let mut c = Client::connect(&a.url, &format!("bench-rx-{idx}")).await?;
     let (link, _) = c
-        .receiver(&format!("rx-{idx}"), Some(&a.address), a.credit, a.presettled)
+        .receiver(
+            &format!("rx-{idx}"),
+            Some(&a.address),
+            a.credit,
+            a.presettled,
+        )
         .await?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut received = 0u64;
@@ -203,8 +208,12 @@ async fn consumer(
                         }
                     }
                     if !d.settled {
-                        c.conn
-                            .disposition(link, d.delivery_id, true, Some(DeliveryState::Accepted));
+                        c.conn.disposition(
+                            link,
+                            d.delivery_id,
+                            true,
+                            Some(DeliveryState::Accepted),
+                        );
                     }
                 }
                 Event::Closed(e) => bail!("consumer connection closed: {e:?}"),
@@ -259,7 +268,8 @@ async fn producer(a: AmqpArgs, base: Instant, total: u64) -> anyhow::Result<(u64
             };
             msg[at..at + 8].copy_from_slice(&intended.to_be_bytes());
             msg[at + 8..at + 16].copy_from_slice(&sent.to_be_bytes());
-            c.conn.send(link, &sent.to_be_bytes(), &msg, a.presettled, 0);
+            c.conn
+                .send(link, &sent.to_be_bytes(), &msg, a.presettled, 0);
             sent += 1;
             batch += 1;
             if !a.presettled {
@@ -380,7 +390,11 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
     let wall = last.duration_since(t0).as_secs_f64();
     let after = a.server_pid.and_then(sample);
     let rate = received as f64 / wall;
-    let mode = if a.presettled { "presettled" } else { "unsettled" };
+    let mode = if a.presettled {
+        "presettled"
+    } else {
+        "unsettled"
+    };
     let (cpu, rss, hwm) = match (before, after) {
         (Some(b), Some(x)) => {
             let ticks = x.cpu_ticks - b.cpu_ticks;
@@ -398,7 +412,11 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
          wall={wall:.2}s rate={rate:.0} msg/s latency_us p50={p50:.0} p90={p90:.0} p99={p99:.0} p99.9={p999:.0} max={max:.0} server_cpu={cpu} server_rss={rss} server_hwm={hwm}",
         label = a.label,
         size = a.size,
-        rt = if a.rate == 0 { "max".to_string() } else { a.rate.to_string() },
+        rt = if a.rate == 0 {
+            "max".to_string()
+        } else {
+            a.rate.to_string()
+        },
         n = a.receivers,
         p50 = us(0.5),
         p90 = us(0.9),

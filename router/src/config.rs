@@ -93,6 +93,12 @@ pub struct Limits {
     pub link_capacity: u32,
     pub max_frame_size: u32,
     pub idle_timeout_ms: u32,
+    /// Unsettled deliveries a consumer link may hold; beyond it the router waits for outcomes
+    /// whatever credit the consumer grants.
+    pub max_unsettled_per_link: u32,
+    /// Bytes of messages that may wait in the router per connection, in each direction: a
+    /// producer connection is not read past it, a consumer connection is not given more.
+    pub connection_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -105,6 +111,8 @@ impl Default for Limits {
             link_capacity: 250,
             max_frame_size: 65_536,
             idle_timeout_ms: 60_000,
+            max_unsettled_per_link: 5_000,
+            connection_buffer_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -175,6 +183,11 @@ impl Config {
         let l = &self.router.limits;
         if l.max_frame_size < 512 {
             return Err(ConfigError::Invalid("max_frame_size must be >= 512".into()));
+        }
+        if l.max_unsettled_per_link == 0 || l.connection_buffer_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "max_unsettled_per_link and connection_buffer_bytes must be > 0".into(),
+            ));
         }
         if l.link_capacity == 0 {
             return Err(ConfigError::Invalid("link_capacity must be > 0".into()));

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use amqp::sasl::PlainAndAnonymous;
@@ -27,7 +27,7 @@ pub struct Shared {
     pub router_id: String,
     pub limits: Limits,
     pub users: Option<HashMap<String, String>>,
-    pub core: mpsc::UnboundedSender<Vec<ToCore>>,
+    pub core: mpsc::Sender<Vec<ToCore>>,
 }
 
 struct LinkState {
@@ -80,13 +80,20 @@ pub async fn run<S>(
         refuse,
         remote,
         tx: Some(tx),
+        out_bytes: Arc::new(AtomicUsize::new(0)),
+        in_bytes: Arc::new(AtomicUsize::new(0)),
+        unwritten: 0,
+        budget: limits.connection_buffer_bytes,
     };
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let mut deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
     let mut done = false;
     while !done {
+        // TCP read pause: while the core holds more of this connection's messages than the
+        // budget allows, stop reading and look again shortly.
+        let paused = t.in_bytes.load(Ordering::Acquire) >= t.budget;
         tokio::select! {
-            r = sock.read_buf(&mut inbuf) => {
+            r = sock.read_buf(&mut inbuf), if !paused => {
                 now = Instant::now();
                 match r {
                     Ok(0) | Err(_) => done = true,
@@ -110,6 +117,7 @@ pub async fn run<S>(
                     done = true;
                 }
             }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(2)), if paused => {}
             _ = tokio::time::sleep_until(deadline) => {
                 now = Instant::now();
                 if t.engine.tick(now).is_err() {
@@ -124,7 +132,7 @@ pub async fn run<S>(
         if let Ok(Some(next)) = t.engine.tick(now) {
             deadline = tokio::time::Instant::from_std(next);
         }
-        t.send_to_core(&shared);
+        t.send_to_core(&shared).await;
         let out = t.engine.output();
         if !out.is_empty() {
             let buf = out.split();
@@ -132,12 +140,23 @@ pub async fn run<S>(
                 break;
             }
             t.engine.wrote(Instant::now());
+            if t.unwritten > 0 {
+                let n = std::mem::take(&mut t.unwritten);
+                let before = t.out_bytes.fetch_sub(n, Ordering::AcqRel);
+                if before >= t.budget && before - n < t.budget {
+                    t.to_core.push(ToCore::Writable { conn: conn_id });
+                    t.send_to_core(&shared).await;
+                }
+            }
         }
     }
     let _ = sock.flush().await;
     let _ = sock.shutdown().await;
     if t.opened {
-        let _ = shared.core.send(vec![ToCore::ConnClosed { conn: conn_id }]);
+        let _ = shared
+            .core
+            .send(vec![ToCore::ConnClosed { conn: conn_id }])
+            .await;
     }
 }
 
@@ -152,6 +171,12 @@ struct Task<'a> {
     refuse: Option<ErrorCondition>,
     remote: String,
     tx: Option<mpsc::UnboundedSender<Vec<ToConn>>>,
+    /// Shared with the core; see `ToCore::ConnOpened`.
+    out_bytes: Arc<AtomicUsize>,
+    in_bytes: Arc<AtomicUsize>,
+    /// Payload bytes put in the engine's output since the last write.
+    unwritten: usize,
+    budget: usize,
 }
 
 impl Task<'_> {
@@ -162,9 +187,11 @@ impl Task<'_> {
         }
     }
 
-    fn send_to_core(&mut self, shared: &Shared) {
+    /// Hands the batch to the core; waits when the core is behind (so a peer cannot queue
+    /// unbounded work: its socket is not read meanwhile).
+    async fn send_to_core(&mut self, shared: &Shared) {
         if !self.to_core.is_empty() {
-            let _ = shared.core.send(std::mem::take(&mut self.to_core));
+            let _ = shared.core.send(std::mem::take(&mut self.to_core)).await;
         }
     }
 
@@ -190,6 +217,8 @@ impl Task<'_> {
                         tx,
                         remote: self.remote.clone(),
                         container_id: open.container_id.clone(),
+                        out_bytes: self.out_bytes.clone(),
+                        in_bytes: self.in_bytes.clone(),
                     });
                 }
             }
@@ -242,6 +271,7 @@ impl Task<'_> {
                     None
                 };
                 let r = self.r(d.link);
+                self.in_bytes.fetch_add(d.payload.len(), Ordering::AcqRel);
                 self.to_core.push(ToCore::Deliver {
                     link: r,
                     delivery_id: d.delivery_id,
@@ -444,6 +474,8 @@ impl Task<'_> {
     }
 
     fn deliver(&mut self, link: LinkId, dlv: Option<u64>, payload: &Bytes, format: u32) {
+        // Counted against the budget until written, even if the send fails below.
+        self.unwritten += payload.len();
         let tag = match dlv {
             Some(d) => d.to_be_bytes(),
             None => [0u8; 8],

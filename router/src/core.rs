@@ -9,6 +9,8 @@
 //! core holds per producer is bounded by its capacity.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use amqp::{DeliveryState, ErrorCondition, LinkId, condition};
 use bytes::Bytes;
@@ -43,6 +45,14 @@ pub enum ToCore {
         tx: mpsc::UnboundedSender<Vec<ToConn>>,
         remote: String,
         container_id: String,
+        /// Bytes of deliveries the core handed to this connection and it has not written yet.
+        out_bytes: Arc<AtomicUsize>,
+        /// Bytes this connection handed to the core that the core still holds.
+        in_bytes: Arc<AtomicUsize>,
+    },
+    /// The connection's unwritten bytes fell below the budget again.
+    Writable {
+        conn: ConnId,
     },
     ConnClosed {
         conn: ConnId,
@@ -181,6 +191,8 @@ struct Conn {
     remote: String,
     container_id: String,
     links: usize,
+    out_bytes: Arc<AtomicUsize>,
+    in_bytes: Arc<AtomicUsize>,
 }
 
 struct Producer {
@@ -201,8 +213,12 @@ struct Consumer {
     drain: bool,
     presettled: bool,
     deliveries: u64,
-    /// Multicast copies waiting for this consumer's credit (bounded by link capacity).
+    /// Deliveries sent and not yet settled by this consumer.
+    unsettled: u32,
+    /// Multicast copies waiting for this consumer's credit (bounded by link capacity and by
+    /// the connection buffer budget in bytes).
     mc_queue: VecDeque<(Bytes, u32)>,
+    mc_bytes: usize,
 }
 
 impl Consumer {
@@ -284,7 +300,7 @@ impl Core {
     }
 
     /// Runs until every sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<ToCore>>) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<ToCore>>) {
         while let Some(batch) = rx.recv().await {
             for m in batch {
                 self.handle(m);
@@ -327,6 +343,8 @@ impl Core {
                 tx,
                 remote,
                 container_id,
+                out_bytes,
+                in_bytes,
             } => {
                 self.conns.insert(
                     conn,
@@ -335,8 +353,24 @@ impl Core {
                         remote,
                         container_id,
                         links: 0,
+                        out_bytes,
+                        in_bytes,
                     },
                 );
+            }
+            ToCore::Writable { conn } => {
+                let links: Vec<LinkRef> = self
+                    .consumers
+                    .keys()
+                    .filter(|l| l.conn == conn)
+                    .copied()
+                    .collect();
+                for l in links {
+                    if let Some(a) = self.consumers.get(&l).map(|c| c.address.clone()) {
+                        self.pump_consumer(l, &a);
+                        self.pump_address(&a);
+                    }
+                }
             }
             ToCore::ConnClosed { conn } => {
                 let links: Vec<LinkRef> = self
@@ -475,7 +509,9 @@ impl Core {
                         drain: false,
                         presettled,
                         deliveries: 0,
+                        unsettled: 0,
                         mc_queue: VecDeque::new(),
+                        mc_bytes: 0,
                     },
                 );
                 let addr = self.address_mut(&a);
@@ -577,6 +613,7 @@ impl Core {
                 self.send(p.conn, ToConn::RevokeCredit { link: p.link });
             }
             for d in pending {
+                self.release_in(d.producer.conn, d.payload.len());
                 self.unhold(d.producer);
                 if let Some(addr) = self.addresses.get_mut(&a) {
                     addr.stats.released += 1;
@@ -608,6 +645,34 @@ impl Core {
         }
     }
 
+    /// The core no longer holds `n` bytes that `conn` handed it.
+    fn release_in(&self, conn: ConnId, n: usize) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.in_bytes.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether `conn` may be handed more deliveries (its unwritten bytes are under budget).
+    fn writable(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| {
+            c.out_bytes.load(Ordering::Acquire) < self.limits.connection_buffer_bytes
+        })
+    }
+
+    fn add_out(&self, conn: ConnId, n: usize) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.out_bytes.fetch_add(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether a consumer can take one more delivery now.
+    fn can_take(&self, l: &LinkRef) -> bool {
+        self.consumers
+            .get(l)
+            .is_some_and(|c| c.credit() > 0 && c.unsettled < self.limits.max_unsettled_per_link)
+            && self.writable(l.conn)
+    }
+
     fn unhold(&mut self, producer: LinkRef) {
         if let Some(p) = self.producers.get_mut(&producer) {
             p.held = p.held.saturating_sub(1);
@@ -624,7 +689,9 @@ impl Core {
         payload: Bytes,
         format: u32,
     ) {
+        let len = payload.len();
         let Some(p) = self.producers.get_mut(&link) else {
+            self.release_in(link.conn, len);
             return;
         };
         p.outstanding = p.outstanding.saturating_sub(1);
@@ -633,6 +700,7 @@ impl Core {
             (Some(a), _) => a.clone(),
             (None, Some(to)) => to,
             (None, None) => {
+                self.release_in(link.conn, len);
                 self.settle_producer(
                     link,
                     delivery_id,
@@ -651,6 +719,7 @@ impl Core {
             .get(&address)
             .map_or_else(|| self.rules.resolve(&address), |a| a.kind);
         if kind.is_brokered() {
+            self.release_in(link.conn, len);
             self.settle_producer(
                 link,
                 delivery_id,
@@ -668,6 +737,7 @@ impl Core {
             .get(&address)
             .is_some_and(|a| !a.consumers.is_empty());
         if !has_consumers {
+            self.release_in(link.conn, len);
             // Only the anonymous relay (or a race with the last consumer leaving) gets here.
             if self.addresses.contains_key(&address) {
                 self.address_mut(&address).stats.released += 1;
@@ -682,14 +752,19 @@ impl Core {
             AddressType::Multicast => {
                 let consumers = addr.consumers.clone();
                 let cap = self.limits.link_capacity as usize;
+                let budget = self.limits.connection_buffer_bytes;
+                let mut sent = 0u64;
+                let mut dropped = 0u64;
                 for c in consumers {
+                    let writable = self.writable(c.conn);
                     let Some(cons) = self.consumers.get_mut(&c) else {
                         continue;
                     };
-                    if cons.credit() > 0 && cons.mc_queue.is_empty() {
+                    if writable && cons.credit() > 0 && cons.mc_queue.is_empty() {
                         cons.dispatched = cons.dispatched.wrapping_add(1);
                         cons.deliveries += 1;
-                        self.address_mut(&address).stats.deliveries_out += 1;
+                        sent += 1;
+                        self.add_out(c.conn, len);
                         self.send(
                             c.conn,
                             ToConn::Deliver {
@@ -699,13 +774,18 @@ impl Core {
                                 format,
                             },
                         );
-                    } else if cons.mc_queue.len() < cap {
+                    } else if cons.mc_queue.len() < cap && cons.mc_bytes < budget {
+                        cons.mc_bytes += len;
                         cons.mc_queue.push_back((payload.clone(), format));
                     } else {
                         // A slow multicast consumer loses copies rather than slowing the rest.
-                        self.address_mut(&address).stats.dropped += 1;
+                        dropped += 1;
                     }
                 }
+                let stats = &mut self.address_mut(&address).stats;
+                stats.deliveries_out += sent;
+                stats.dropped += dropped;
+                self.release_in(link.conn, len);
                 self.settle_producer(link, delivery_id, settled, DeliveryState::Accepted);
                 self.grant(link);
             }
@@ -749,24 +829,23 @@ impl Core {
     /// those that have credit.
     fn pump_address(&mut self, a: &str) {
         loop {
-            let Some(addr) = self.addresses.get_mut(a) else {
+            let Some(addr) = self.addresses.get(a) else {
                 return;
             };
             if addr.pending.is_empty() || addr.kind == AddressType::Multicast {
                 return;
             }
             let n = addr.consumers.len();
-            let mut chosen = None;
-            for i in 0..n {
-                let idx = (addr.rr + i) % n;
-                let c = addr.consumers[idx];
-                if self.consumers.get(&c).is_some_and(|c| c.credit() > 0) {
-                    chosen = Some(c);
-                    addr.rr = (idx + 1) % n;
-                    break;
-                }
-            }
+            let chosen = (0..n)
+                .map(|i| addr.consumers[(addr.rr + i) % n])
+                .find(|c| self.can_take(c));
             let Some(c) = chosen else { return };
+            let Some(addr) = self.addresses.get_mut(a) else {
+                return;
+            };
+            if let Some(idx) = addr.consumers.iter().position(|x| *x == c) {
+                addr.rr = (idx + 1) % n;
+            }
             let Some(d) = addr.pending.pop_front() else {
                 return;
             };
@@ -782,6 +861,12 @@ impl Core {
         cons.deliveries += 1;
         let presettled = cons.presettled;
         let tracked = !d.settled && !presettled;
+        if tracked {
+            cons.unsettled += 1;
+        }
+        let len = d.payload.len();
+        self.release_in(d.producer.conn, len);
+        self.add_out(c.conn, len);
         let dlv = if tracked {
             let id = self.next_dlv;
             self.next_dlv += 1;
@@ -823,11 +908,19 @@ impl Core {
     /// Sends queued multicast copies to a consumer that got credit.
     fn pump_consumer(&mut self, link: LinkRef, a: &str) {
         let mut out = Vec::new();
+        let mut bytes = 0;
+        let budget = self.limits.connection_buffer_bytes;
+        let already = self
+            .conns
+            .get(&link.conn)
+            .map_or(usize::MAX, |c| c.out_bytes.load(Ordering::Acquire));
         if let Some(c) = self.consumers.get_mut(&link) {
-            while c.credit() > 0 {
+            while c.credit() > 0 && already + bytes < budget {
                 let Some((payload, format)) = c.mc_queue.pop_front() else {
                     break;
                 };
+                c.mc_bytes -= payload.len();
+                bytes += payload.len();
                 c.dispatched = c.dispatched.wrapping_add(1);
                 c.deliveries += 1;
                 out.push(ToConn::Deliver {
@@ -839,6 +932,7 @@ impl Core {
             }
         }
         if !out.is_empty() {
+            self.add_out(link.conn, bytes);
             if let Some(addr) = self.addresses.get_mut(a) {
                 addr.stats.deliveries_out += out.len() as u64;
             }
@@ -863,6 +957,14 @@ impl Core {
         let Some(f) = self.inflight.remove(&dlv) else {
             return;
         };
+        let mut repump = false;
+        if let Some(c) = self.consumers.get_mut(&f.consumer) {
+            repump = c.unsettled == self.limits.max_unsettled_per_link;
+            c.unsettled = c.unsettled.saturating_sub(1);
+        }
+        if repump {
+            self.pump_address(&f.address);
+        }
         if let Some(addr) = self.addresses.get_mut(&f.address) {
             addr.stats.unsettled = addr.stats.unsettled.saturating_sub(1);
             match &state {

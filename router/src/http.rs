@@ -21,7 +21,7 @@ use crate::core::{Mgmt, Snapshot, ToCore};
 
 #[derive(Clone)]
 pub struct Api {
-    pub core: mpsc::UnboundedSender<Vec<ToCore>>,
+    pub core: mpsc::Sender<Vec<ToCore>>,
 }
 
 impl Api {
@@ -29,6 +29,7 @@ impl Api {
         let (tx, rx) = oneshot::channel();
         self.core
             .send(vec![ToCore::Mgmt(Mgmt::Snapshot(tx))])
+            .await
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
         rx.await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
     }
@@ -83,6 +84,7 @@ async fn create_address(
     let (tx, rx) = oneshot::channel();
     api.core
         .send(vec![ToCore::Mgmt(Mgmt::AddAddress(decl, tx))])
+        .await
         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
     match rx.await {
         Ok(Ok(())) => Ok(StatusCode::CREATED.into_response()),
@@ -98,6 +100,7 @@ async fn delete_address(
     let (tx, rx) = oneshot::channel();
     api.core
         .send(vec![ToCore::Mgmt(Mgmt::RemoveAddress(name, tx))])
+        .await
         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
     match rx.await {
         Ok(true) => Ok(StatusCode::NO_CONTENT),

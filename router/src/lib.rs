@@ -26,7 +26,7 @@ use crate::core::{Core, Mgmt, ToCore};
 
 /// A running router's handles, for the binary and for tests.
 pub struct Handle {
-    pub core: mpsc::UnboundedSender<Vec<ToCore>>,
+    pub core: mpsc::Sender<Vec<ToCore>>,
 }
 
 /// Serves AMQP on `listener` and HTTP on `http` until `shutdown` turns true; then closes every
@@ -38,7 +38,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let rules = Rules::new(&config.addresses, config.router.default_address_type);
-    let (core_tx, core_rx) = mpsc::unbounded_channel();
+    // Bounded: connection tasks wait (and stop reading) when the core is behind.
+    let (core_tx, core_rx) = mpsc::channel(1024);
     let core = Core::new(config.router.limits.clone(), rules);
     let core_task = tokio::spawn(core.run(core_rx));
     let users = (!config.router.users.is_empty())
@@ -98,10 +99,12 @@ pub async fn run(
         }
     }
     drop(listener);
-    let _ = core_tx.send(vec![ToCore::Mgmt(Mgmt::Shutdown(ErrorCondition::new(
-        condition::CONNECTION_FORCED,
-        "router shutting down",
-    )))]);
+    let _ = core_tx
+        .send(vec![ToCore::Mgmt(Mgmt::Shutdown(ErrorCondition::new(
+            condition::CONNECTION_FORCED,
+            "router shutting down",
+        )))])
+        .await;
     let _ = conn_shutdown_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
