@@ -97,10 +97,13 @@ impl Client {
     /// Pumps until an event matching `f` arrives, and returns it (other events stay queued).
     pub async fn wait(&mut self, f: impl Fn(&Event) -> bool) -> Result<Event, ClientError> {
         loop {
-            if let Some(i) = self.events.iter().position(&f) {
-                if let Some(e) = self.events.remove(i) {
-                    return Ok(e);
-                }
+            if let Some(e) = self
+                .events
+                .iter()
+                .position(&f)
+                .and_then(|i| self.events.remove(i))
+            {
+                return Ok(e);
             }
             if let Some(Event::Closed(e)) =
                 self.events.iter().find(|e| matches!(e, Event::Closed(_)))

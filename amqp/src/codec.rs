@@ -413,7 +413,7 @@ pub struct ListReader<'a> {
 macro_rules! opt_field {
     ($name:ident, $t:ty, $pat:pat => $e:expr) => {
         pub fn $name(&mut self) -> Result<Option<$t>, DecodeError> {
-            match self.next()? {
+            match self.next_field()? {
                 None | Some(Value::Null) => Ok(None),
                 Some($pat) => Ok(Some($e)),
                 Some(_) => Err(DecodeError::Invalid(concat!(
@@ -427,7 +427,7 @@ macro_rules! opt_field {
 
 impl<'a> ListReader<'a> {
     /// The next field as a generic value, `None` when the list is exhausted.
-    pub fn next(&mut self) -> Result<Option<Value>, DecodeError> {
+    pub fn next_field(&mut self) -> Result<Option<Value>, DecodeError> {
         if self.left == 0 {
             return Ok(None);
         }
@@ -473,7 +473,7 @@ impl<'a> ListReader<'a> {
     }
     /// The next field, required: a missing or null mandatory field is a decode error.
     pub fn value(&mut self) -> Result<Option<Value>, DecodeError> {
-        match self.next()? {
+        match self.next_field()? {
             None | Some(Value::Null) => Ok(None),
             Some(v) => Ok(Some(v)),
         }
@@ -488,7 +488,7 @@ impl<'a> ListReader<'a> {
     opt_field!(binary, Bytes, Value::Binary(v) => v);
     /// A `milliseconds`/`uint` field where some peers send other unsigned widths.
     pub fn any_uint(&mut self) -> Result<Option<u32>, DecodeError> {
-        match self.next()? {
+        match self.next_field()? {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v
                 .as_u64()
@@ -499,7 +499,7 @@ impl<'a> ListReader<'a> {
     }
     /// Address fields are strings, but some clients send symbols.
     pub fn address(&mut self) -> Result<Option<String>, DecodeError> {
-        match self.next()? {
+        match self.next_field()? {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) | Some(Value::Symbol(s)) => Ok(Some(s)),
             Some(_) => Err(DecodeError::Invalid("address must be a string")),

@@ -497,7 +497,7 @@ impl Connection {
                     let Some(c) = self.sasl_client.as_ref() else {
                         return Err(Fatal::AuthFailed);
                     };
-                    if !m.iter().any(|x| *x == c.mechanism) {
+                    if !m.contains(&c.mechanism) {
                         return Err(Fatal::AuthFailed);
                     }
                     let init = SaslFrame::Init {
@@ -588,7 +588,7 @@ impl Connection {
     }
 
     fn alloc_channel(&mut self) -> Option<u16> {
-        let max = self.cfg.channel_max.min(self.remote_channel_max.max(0)) as usize;
+        let max = self.cfg.channel_max.min(self.remote_channel_max) as usize;
         if let Some(i) = self.sessions.iter().position(Option::is_none) {
             return Some(i as u16);
         }

@@ -492,10 +492,8 @@ impl Task<'_> {
             }
             return;
         };
-        if let Some(d) = dlv {
-            if let Some(ch) = self.engine.link_channel(link) {
-                self.unsettled.insert((ch, id), (d, link));
-            }
+        if let (Some(d), Some(ch)) = (dlv, self.engine.link_channel(link)) {
+            self.unsettled.insert((ch, id), (d, link));
         }
     }
 }

@@ -943,13 +943,11 @@ impl Core {
     }
 
     fn finish_drain(&mut self, link: LinkRef) {
-        if let Some(c) = self.consumers.get_mut(&link) {
-            if c.drain {
-                // Whatever credit is left is used up by the drain.
-                c.dispatched = c.limit;
-                c.drain = false;
-                self.send(link.conn, ToConn::DrainDone { link: link.link });
-            }
+        if let Some(c) = self.consumers.get_mut(&link).filter(|c| c.drain) {
+            // Whatever credit is left is used up by the drain.
+            c.dispatched = c.limit;
+            c.drain = false;
+            self.send(link.conn, ToConn::DrainDone { link: link.link });
         }
     }
 

@@ -62,10 +62,13 @@ async fn addresses(State(api): State<Api>) -> Result<Response, StatusCode> {
     let mut out = Vec::new();
     for r in s.rules {
         let mut v = serde_json::to_value(&r).unwrap_or_default();
-        if let (Some(name), Some(obj)) = (r.decl.name.as_ref(), v.as_object_mut()) {
-            if let Some(st) = s.addresses.iter().find(|a| &a.address == name) {
-                obj.insert("stats".into(), serde_json::to_value(st).unwrap_or_default());
-            }
+        let stats = r
+            .decl
+            .name
+            .as_ref()
+            .and_then(|name| s.addresses.iter().find(|a| &a.address == name));
+        if let (Some(st), Some(obj)) = (stats, v.as_object_mut()) {
+            obj.insert("stats".into(), serde_json::to_value(st).unwrap_or_default());
         }
         out.push(v);
     }
@@ -111,6 +114,13 @@ async fn delete_address(
 
 type Labels = Vec<(String, String)>;
 
+/// A metric family derived from per-address statistics: name, help, value.
+type AddressMetric = (
+    &'static str,
+    &'static str,
+    fn(&crate::core::AddressStats) -> u64,
+);
+
 async fn metrics(State(api): State<Api>) -> Result<Response, StatusCode> {
     let s = api.snapshot().await?;
     let mut reg = Registry::default();
@@ -125,7 +135,7 @@ async fn metrics(State(api): State<Api>) -> Result<Response, StatusCode> {
             .set(n as i64);
     }
     reg.register("enmesh_links", "Attached links by client role", links);
-    let counters: [(&str, &str, fn(&crate::core::AddressStats) -> u64); 7] = [
+    let counters: [AddressMetric; 7] = [
         (
             "enmesh_deliveries_in",
             "Deliveries received from producers",
@@ -164,7 +174,7 @@ async fn metrics(State(api): State<Api>) -> Result<Response, StatusCode> {
         }
         reg.register(name, help, fam);
     }
-    let gauges: [(&str, &str, fn(&crate::core::AddressStats) -> u64); 4] = [
+    let gauges: [AddressMetric; 4] = [
         (
             "enmesh_unsettled",
             "Deliveries forwarded and not yet settled",
