@@ -69,8 +69,19 @@ impl Client {
 
     /// Flushes, reads once and queues the events that arrived.
     pub async fn pump(&mut self) -> Result<(), ClientError> {
-        self.flush().await?;
-        let n = self.stream.read_buf(&mut self.inbuf).await?;
+        let n = loop {
+            // Timers first: heartbeats keep the peer's idle timeout satisfied while we wait.
+            let next = self.conn.tick(Instant::now())?;
+            self.flush().await?;
+            let read = self.stream.read_buf(&mut self.inbuf);
+            match next {
+                Some(at) => match tokio::time::timeout_at(at.into(), read).await {
+                    Ok(r) => break r?,
+                    Err(_) => continue,
+                },
+                None => break read.await?,
+            }
+        };
         if n == 0 {
             return Err(ClientError::Closed(None));
         }

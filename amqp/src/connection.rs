@@ -238,7 +238,7 @@ impl Connection {
             phase: Phase::Header { sasl: false },
             auth,
             sasl_client,
-            out: BytesMut::with_capacity(4096),
+            out: BytesMut::new(),
             events: VecDeque::new(),
             sessions: Vec::new(),
             remote_channels: HashMap::new(),

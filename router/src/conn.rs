@@ -22,6 +22,9 @@ use crate::addresses::DYNAMIC_PREFIX;
 use crate::config::Limits;
 use crate::core::{ConnId, Dir, LinkRef, ToConn, ToCore};
 
+const SMALL_READ: usize = 2 * 1024;
+const BIG_READ: usize = 64 * 1024;
+
 /// What every connection task shares.
 pub struct Shared {
     pub router_id: String,
@@ -85,7 +88,9 @@ pub async fn run<S>(
         unwritten: 0,
         budget: limits.connection_buffer_bytes,
     };
-    let mut inbuf = BytesMut::with_capacity(64 * 1024);
+    // Idle connections stay small; a connection whose reads fill the buffer gets a larger one
+    // (up to 64 KiB), so busy ones read many frames per syscall.
+    let mut inbuf = BytesMut::with_capacity(SMALL_READ);
     let mut deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
     let mut done = false;
     while !done {
@@ -97,13 +102,15 @@ pub async fn run<S>(
                 now = Instant::now();
                 match r {
                     Ok(0) | Err(_) => done = true,
-                    Ok(_) => {
+                    Ok(n) => {
+                        let filled = inbuf.capacity() == inbuf.len();
                         if t.engine.handle_input(&mut inbuf, now).is_err() {
                             done = true;
                         }
                         t.process_events();
-                        if inbuf.capacity() - inbuf.len() < 4096 {
-                            inbuf.reserve(64 * 1024);
+                        let want = if filled { (n * 2).min(BIG_READ) } else { SMALL_READ };
+                        if inbuf.capacity() - inbuf.len() < want / 2 {
+                            inbuf.reserve(want);
                         }
                     }
                 }
