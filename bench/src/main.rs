@@ -8,8 +8,6 @@
 //! given its pid.
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use amqp::client::Client;
@@ -18,7 +16,6 @@ use anyhow::{Context, bail};
 use bytes::BytesMut;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
-use tokio::io::AsyncWriteExt;
 
 #[derive(Parser)]
 #[command(name = "enmesh-bench", about = "AMQP 1.0 load generator")]
@@ -93,8 +90,7 @@ struct IdleArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
@@ -103,23 +99,6 @@ fn main() -> anyhow::Result<()> {
             Cmd::Idle(a) => idle_bench(a).await,
         }
     })
-}
-
-/// Runs `f` on its own OS thread with a current-thread runtime, so that the producer's
-/// precise sleeps never delay a consumer, and returns a handle to await its result.
-fn on_thread<T: Send + 'static>(
-    f: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
-) -> tokio::sync::oneshot::Receiver<anyhow::Result<T>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let r = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(f));
-        let _ = tx.send(r);
-    });
-    rx
 }
 
 /// Nanoseconds since the bench started; both sides live in this process.
@@ -157,88 +136,101 @@ fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
-struct RecvResult {
-    received: u64,
-    hist: Histogram<u64>,
-    last_at: Option<Instant>,
+/// A connection driven by busy polling: a non-blocking std socket (tokio's `try_read` only
+/// reads after its reactor saw readiness, and a busy loop never lets the reactor run).
+struct Raw {
+    s: std::net::TcpStream,
+    conn: amqp::Connection,
+    inbuf: BytesMut,
+    events: std::collections::VecDeque<Event>,
+    scratch: Vec<u8>,
 }
 
-async fn consumer(
-    a: AmqpArgs,
-    idx: usize,
-    base: Instant,
-    expect: u64,
-    measured_from: Arc<AtomicU64>,
-) -> anyhow::Result<RecvResult> {
-    let mut c = Client::connect(&a.url, &format!("bench-rx-{idx}")).await?;
-    let (link, _) = c
-        .receiver(
-            &format!("rx-{idx}"),
-            Some(&a.address),
-            a.credit,
-            a.presettled,
-        )
-        .await?;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    let mut received = 0u64;
-    let mut last_at = None;
-    let size = a.size;
-    while received < expect {
-        c.pump().await?;
-        let now = nanos(base);
-        while let Some(e) = c.events.pop_front() {
-            match e {
-                Event::Delivery(d) => {
-                    received += 1;
-                    let p = &d.payload;
-                    if p.len() >= size {
-                        let at = p.len() - size;
-                        let mut ts = [0u8; 8];
-                        ts.copy_from_slice(&p[at..at + 8]);
-                        let sent = u64::from_be_bytes(ts);
-                        let seq = {
-                            let mut s = [0u8; 8];
-                            if size >= 16 {
-                                s.copy_from_slice(&p[at + 8..at + 16]);
-                            }
-                            u64::from_be_bytes(s)
-                        };
-                        if seq >= measured_from.load(Ordering::Relaxed) {
-                            let _ = hist.record(now.saturating_sub(sent).max(1));
-                        }
-                    }
-                    if !d.settled {
-                        c.conn.disposition(
-                            link,
-                            d.delivery_id,
-                            true,
-                            Some(DeliveryState::Accepted),
-                        );
-                    }
+impl Raw {
+    fn from(c: Client) -> anyhow::Result<Raw> {
+        let Client {
+            stream,
+            conn,
+            inbuf,
+            events,
+            ..
+        } = c;
+        let s = stream.into_std()?;
+        s.set_nonblocking(true)?;
+        Ok(Raw {
+            s,
+            conn,
+            inbuf,
+            events,
+            scratch: vec![0; 1 << 16],
+        })
+    }
+
+    /// Reads whatever is available without waiting; true if anything arrived.
+    fn poll_read(&mut self) -> anyhow::Result<bool> {
+        use std::io::Read;
+        match self.s.read(&mut self.scratch) {
+            Ok(0) => bail!("connection closed by the server"),
+            Ok(n) => {
+                self.inbuf.extend_from_slice(&self.scratch[..n]);
+                self.conn.handle_input(&mut self.inbuf, Instant::now())?;
+                while let Some(e) = self.conn.poll_event() {
+                    self.events.push_back(e);
                 }
-                Event::Closed(e) => bail!("consumer connection closed: {e:?}"),
-                _ => {}
+                Ok(true)
             }
-        }
-        last_at = Some(Instant::now());
-        // Top credit up in batches.
-        if c.conn.receiver_credit(link) < a.credit / 2 {
-            c.conn.set_credit(link, a.credit, false);
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
-    c.flush().await?;
-    Ok(RecvResult {
-        received,
-        hist,
-        last_at,
-    })
+
+    /// Writes all pending output, spinning while the socket is full.
+    fn write_out(&mut self) -> anyhow::Result<()> {
+        use std::io::Write;
+        let out = self.conn.output();
+        if out.is_empty() {
+            return Ok(());
+        }
+        let b = out.split();
+        let mut at = 0;
+        while at < b.len() {
+            match self.s.write(&b[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
 }
 
-async fn producer(a: AmqpArgs, base: Instant, total: u64) -> anyhow::Result<(u64, u64, u64)> {
-    let mut c = Client::connect(&a.url, "bench-tx").await?;
-    let link = c.sender("tx", Some(&a.address), a.presettled).await?;
+/// The producer and every consumer are driven from one busy-polling loop on one thread: the
+/// bench owns a core, and a single thread never waits for the scheduler, so the latencies it
+/// records are the server's, not the generator's.
+async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
+    if a.size < 16 {
+        bail!("--size must be at least 16 (timestamp and sequence number)");
+    }
+    let base = Instant::now();
+    let total = a.warmup + a.count;
+    let expect = if a.fanout {
+        total * a.receivers as u64
+    } else {
+        total
+    };
+    let mut consumers = Vec::new();
+    for i in 0..a.receivers {
+        let mut c = Client::connect(&a.url, &format!("bench-rx-{i}")).await?;
+        let (link, _) = c
+            .receiver(&format!("rx-{i}"), Some(&a.address), a.credit, a.presettled)
+            .await?;
+        consumers.push((Raw::from(c)?, link));
+    }
+    let mut p = Client::connect(&a.url, "bench-tx").await?;
+    let plink = p.sender("tx", Some(&a.address), a.presettled).await?;
+    let mut p = Raw::from(p)?;
     // One encoded message; each send patches its timestamp and sequence number in place.
-    let body = vec![0u8; a.size.max(16)];
+    let body = vec![0u8; a.size];
     let mut msg = BytesMut::new();
     amqp::message::build(
         &amqp::message::Simple {
@@ -248,18 +240,27 @@ async fn producer(a: AmqpArgs, base: Instant, total: u64) -> anyhow::Result<(u64
         &mut msg,
     );
     let at = msg.len() - body.len();
-    let (mut sent, mut accepted, mut other) = (0u64, 0u64, 0u64);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let (mut sent, mut received, mut accepted, mut other, mut outstanding) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let before = a.server_pid.and_then(sample);
     let start = Instant::now();
+    let deadline = start + Duration::from_secs(a.timeout);
     let interval = (a.rate > 0).then(|| Duration::from_nanos(1_000_000_000 / a.rate));
-    let mut inflight_outcomes = 0u64;
-    loop {
-        // Send what credit (and, at a fixed rate, the schedule) allows.
+    let mut last_rx = start;
+    let size = a.size;
+    while received < expect || outstanding > 0 {
+        let now = Instant::now();
+        if now > deadline {
+            bail!("timed out: sent={sent} received={received} outcomes pending={outstanding}");
+        }
+        // Producer: send what credit (and, at a fixed rate, the schedule) allows.
         let mut batch = 0;
-        while sent < total && c.conn.credit(link) > 0 && batch < 500 {
+        while sent < total && batch < 256 && p.conn.credit(plink) > 0 {
             let intended = match interval {
                 Some(iv) => {
                     let due = start + iv * sent as u32;
-                    if due > Instant::now() {
+                    if due > now {
                         break;
                     }
                     due.duration_since(base).as_nanos() as u64
@@ -268,126 +269,68 @@ async fn producer(a: AmqpArgs, base: Instant, total: u64) -> anyhow::Result<(u64
             };
             msg[at..at + 8].copy_from_slice(&intended.to_be_bytes());
             msg[at + 8..at + 16].copy_from_slice(&sent.to_be_bytes());
-            c.conn
-                .send(link, &sent.to_be_bytes(), &msg, a.presettled, 0);
+            p.conn
+                .send(plink, &sent.to_be_bytes(), &msg, a.presettled, 0);
             sent += 1;
             batch += 1;
             if !a.presettled {
-                inflight_outcomes += 1;
+                outstanding += 1;
             }
         }
-        let done_sending = sent >= total;
-        if done_sending && inflight_outcomes == 0 {
-            break;
-        }
-        let out = c.conn.output();
-        if !out.is_empty() {
-            let b = out.split();
-            c.stream.write_all(&b).await?;
-        }
-        // While there is credit and work left, read without blocking (at a fixed rate this
-        // spins to the next due time: tokio's timer has 1 ms granularity, far coarser than
-        // the 100 µs between messages at 10k msg/s). Block only when there is nothing to send.
-        if !done_sending && c.conn.credit(link) > 0 {
-            match c.stream.try_read_buf(&mut c.inbuf) {
-                Ok(0) => bail!("producer connection closed"),
-                Ok(_) => {
-                    c.conn.handle_input(&mut c.inbuf, Instant::now())?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Some(iv) = interval {
-                        // This thread runs only the producer: a short blocking sleep (~60 µs
-                        // precision) keeps the schedule without spinning the core.
-                        let due = start + iv * sent as u32;
-                        let now = Instant::now();
-                        if due > now {
-                            std::thread::sleep(due - now);
-                        }
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-            while let Some(e) = c.conn.poll_event() {
-                c.events.push_back(e);
-            }
-        } else {
-            c.pump().await?;
-        }
-        if c.inbuf.capacity() - c.inbuf.len() < 4096 {
-            c.inbuf.reserve(1 << 16);
-        }
-        while let Some(e) = c.events.pop_front() {
-            match e {
-                Event::Disposition {
+        p.write_out()?;
+        if p.poll_read()? {
+            while let Some(e) = p.events.pop_front() {
+                if let Event::Disposition {
                     first, last, state, ..
-                } => {
+                } = e
+                {
                     let n = u64::from(last.wrapping_sub(first)) + 1;
-                    inflight_outcomes = inflight_outcomes.saturating_sub(n);
+                    outstanding = outstanding.saturating_sub(n);
                     if matches!(state, Some(DeliveryState::Accepted)) {
                         accepted += n;
                     } else {
                         other += n;
                     }
                 }
-                Event::Closed(e) => bail!("producer connection closed: {e:?}"),
-                _ => {}
             }
         }
-    }
-    c.flush().await?;
-    Ok((sent, accepted, other))
-}
-
-async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
-    if a.size < 16 {
-        bail!("--size must be at least 16 (timestamp and sequence number)");
-    }
-    let base = Instant::now();
-    let total = a.warmup + a.count;
-    let per_consumer = if a.fanout {
-        total
-    } else {
-        total / a.receivers as u64
-    };
-    let measured_from = Arc::new(AtomicU64::new(a.warmup));
-    let mut rx = Vec::new();
-    for i in 0..a.receivers {
-        let expect = if a.fanout || i + 1 < a.receivers {
-            per_consumer
-        } else {
-            total - per_consumer * (a.receivers as u64 - 1)
-        };
-        rx.push(on_thread(consumer(
-            a.clone(),
-            i,
-            base,
-            expect,
-            measured_from.clone(),
-        )));
-    }
-    // Give consumers time to attach so the producer gets credit.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = a.server_pid.and_then(sample);
-    let t0 = Instant::now();
-    let prod = on_thread(producer(a.clone(), base, total));
-    let limit = Duration::from_secs(a.timeout);
-    let (sent, accepted, other) = tokio::time::timeout(limit, prod)
-        .await
-        .context("producer timed out")???;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    let mut received = 0;
-    let mut last = t0;
-    for r in rx {
-        let r = tokio::time::timeout(limit, r)
-            .await
-            .context("consumer timed out")???;
-        received += r.received;
-        hist.add(&r.hist)?;
-        if let Some(l) = r.last_at {
-            last = last.max(l);
+        for (c, link) in consumers.iter_mut() {
+            if !c.poll_read()? {
+                continue;
+            }
+            let t = nanos(base);
+            while let Some(e) = c.events.pop_front() {
+                if let Event::Delivery(d) = e {
+                    received += 1;
+                    let pl = &d.payload;
+                    if pl.len() >= size {
+                        let at = pl.len() - size;
+                        let mut ts = [0u8; 8];
+                        ts.copy_from_slice(&pl[at..at + 8]);
+                        let mut seq = [0u8; 8];
+                        seq.copy_from_slice(&pl[at + 8..at + 16]);
+                        if u64::from_be_bytes(seq) >= a.warmup {
+                            let _ = hist.record(t.saturating_sub(u64::from_be_bytes(ts)).max(1));
+                        }
+                    }
+                    if !d.settled {
+                        c.conn.disposition(
+                            *link,
+                            d.delivery_id,
+                            true,
+                            Some(DeliveryState::Accepted),
+                        );
+                    }
+                }
+            }
+            last_rx = Instant::now();
+            if c.conn.receiver_credit(*link) < a.credit / 2 {
+                c.conn.set_credit(*link, a.credit, false);
+            }
+            c.write_out()?;
         }
     }
-    let wall = last.duration_since(t0).as_secs_f64();
+    let wall = last_rx.duration_since(start).as_secs_f64();
     let after = a.server_pid.and_then(sample);
     let rate = received as f64 / wall;
     let mode = if a.presettled {
@@ -411,7 +354,6 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
         "{label}: {mode} size={size}B rate_target={rt} receivers={n} sent={sent} received={received} accepted={accepted} other_outcomes={other} \
          wall={wall:.2}s rate={rate:.0} msg/s latency_us p50={p50:.0} p90={p90:.0} p99={p99:.0} p99.9={p999:.0} max={max:.0} server_cpu={cpu} server_rss={rss} server_hwm={hwm}",
         label = a.label,
-        size = a.size,
         rt = if a.rate == 0 {
             "max".to_string()
         } else {

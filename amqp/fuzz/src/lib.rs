@@ -15,8 +15,7 @@ use amqp::frames::{
 };
 use amqp::sasl::{PlainAndAnonymous, SaslClient};
 use amqp::{
-    AttachReply, AttachRequest, Config, Connection, DeliveryState, Event, Role, Terminus,
-    message,
+    AttachReply, AttachRequest, Config, Connection, DeliveryState, Event, Role, Terminus, message,
 };
 use bytes::{Bytes, BytesMut};
 
@@ -30,8 +29,7 @@ pub fn same(a: &Value, b: &Value) -> bool {
         }
         (Value::Map(x), Value::Map(y)) => {
             x.len() == y.len()
-                && x
-                    .iter()
+                && x.iter()
                     .zip(y)
                     .all(|((ka, va), (kb, vb))| same(ka, kb) && same(va, vb))
         }
@@ -56,10 +54,16 @@ pub fn frame_decoder(data: &[u8]) {
         Encoder::new(&mut buf).value(&v);
         match Decoder::new(&buf).value() {
             Ok(back) => assert!(same(&v, &back), "{v:?} re-decoded as {back:?}"),
-            Err(e) => assert!(is_null_array_refusal(&e), "{v:?} re-encoded undecodably: {e}"),
+            Err(e) => assert!(
+                is_null_array_refusal(&e),
+                "{v:?} re-encoded undecodably: {e}"
+            ),
         }
         let mut s = Decoder::new(&buf);
-        assert!(s.skip().is_ok() && s.is_empty(), "skip disagrees with value");
+        assert!(
+            s.skip().is_ok() && s.is_empty(),
+            "skip disagrees with value"
+        );
     }
     let _ = Decoder::new(data).skip();
 
@@ -73,7 +77,10 @@ pub fn frame_decoder(data: &[u8]) {
                 p2.encode(&mut b2);
                 assert_eq!(b1, b2, "re-encoding of {p:?} is not stable");
             }
-            Err(e) => assert!(is_null_array_refusal(&e), "{p:?} re-encoded undecodably: {e}"),
+            Err(e) => assert!(
+                is_null_array_refusal(&e),
+                "{p:?} re-encoded undecodably: {e}"
+            ),
         }
     }
 
@@ -84,7 +91,10 @@ pub fn frame_decoder(data: &[u8]) {
             Ok(back) => assert_eq!(back, f),
             // sasl-server-mechanisms is mandatory: an empty list is written as null.
             Err(_) if f == SaslFrame::Mechanisms(Vec::new()) => {}
-            Err(e) => assert!(is_null_array_refusal(&e), "{f:?} re-encoded undecodably: {e}"),
+            Err(e) => assert!(
+                is_null_array_refusal(&e),
+                "{f:?} re-encoded undecodably: {e}"
+            ),
         }
     }
 
@@ -172,7 +182,11 @@ fn records(mut data: &[u8], out: &mut Vec<u8>) {
         let len = (u16::from_be_bytes([data[1], data[2]]) as usize).min(data.len() - 3);
         let body = &data[3..3 + len];
         data = &data[3 + len..];
-        let frame_type = if flags & 0x80 != 0 { FRAME_SASL } else { FRAME_AMQP };
+        let frame_type = if flags & 0x80 != 0 {
+            FRAME_SASL
+        } else {
+            FRAME_AMQP
+        };
         let body = if flags & 0x40 != 0 { &[][..] } else { body };
         frame(out, frame_type, u16::from(flags & 3), |b| {
             b.extend_from_slice(body)
@@ -249,7 +263,10 @@ fn check_output(mut out: &[u8]) {
             FRAME_AMQP if body.is_empty() => {}
             FRAME_AMQP => {
                 if let Err(e) = frames::decode_performative(Bytes::copy_from_slice(body)) {
-                    assert!(is_null_array_refusal(&e), "engine wrote an undecodable frame: {e}");
+                    assert!(
+                        is_null_array_refusal(&e),
+                        "engine wrote an undecodable frame: {e}"
+                    );
                 }
             }
             FRAME_SASL => {
