@@ -52,11 +52,12 @@ stop_system() {
 field() { grep -o "$2=[^ ]*" <<<"$1" | head -1 | cut -d= -f2; }
 
 median_run() {   # label args... -> prints the median line by rate
-  local label=$1; shift
+  local label=$1 addr=$2; shift 2
   local lines=()
-  for _ in $(seq "$RUNS"); do
+  for i in $(seq "$RUNS"); do
     local l
-    l=$(taskset -c 1 "$bench" amqp --label "$label" "$@" 2>&1 | tail -1)
+    # A fresh address per run: a broker keeps what a previous run left in its queue.
+    l=$(taskset -c 1 "$bench" amqp --label "$label" --address "$addr-$RANDOM-$i" "$@" 2>&1 | tail -1)
     echo "  $l" >&2
     lines+=("$l")
   done
@@ -70,10 +71,10 @@ for sys in $SYSTEMS; do
   echo "== $sys" >&2
   start_system "$sys"
   sleep 1
-  common=(--url "$URL" --address "$ADDR" --server-pid "$PID" --size 100)
-  R[$sys,unsettled]=$(median_run "$sys" "${common[@]}" --count "$N" --warmup $((N / 10)))
-  R[$sys,presettled]=$(median_run "$sys" "${common[@]}" --count "$N" --warmup $((N / 10)) --presettled)
-  R[$sys,latency]=$(median_run "$sys" "${common[@]}" --count 50000 --warmup 5000 --rate 10000)
+  common=(--url "$URL" --server-pid "$PID" --size 100)
+  R[$sys,unsettled]=$(median_run "$sys" "$ADDR" "${common[@]}" --count "$N" --warmup $((N / 10)))
+  R[$sys,presettled]=$(median_run "$sys" "$ADDR" "${common[@]}" --count "$N" --warmup $((N / 10)) --presettled)
+  R[$sys,latency]=$(median_run "$sys" "$ADDR" "${common[@]}" --count 50000 --warmup 5000 --rate 10000)
   R[$sys,idle]=$(taskset -c 1 "$bench" idle --label "$sys" --url "$URL" --address "$ADDR" \
     --connections "$IDLE_CONNS" --server-pid "$PID" 2>&1 | tail -1)
   echo "  ${R[$sys,idle]}" >&2

@@ -133,11 +133,16 @@ impl Client {
             .conn
             .attach(self.channel, req)
             .ok_or(ClientError::Closed(None))?;
+        // The peer may refuse without answering the attach (ending the session, closing).
         let ev = self
-            .wait(|e| matches!(e, Event::Attach { link, .. } if *link == id))
+            .wait(|e| {
+                matches!(e, Event::Attach { link, .. } | Event::LinkClosed { link, .. } if *link == id)
+            })
             .await?;
-        let Event::Attach { attach, .. } = ev else {
-            return Err(ClientError::Closed(None));
+        let attach = match ev {
+            Event::Attach { attach, .. } => attach,
+            Event::LinkClosed { error, .. } => return Err(ClientError::Refused(error)),
+            _ => return Err(ClientError::Closed(None)),
         };
         let refused = match attach.role {
             Role::Receiver => attach.target.is_none(),

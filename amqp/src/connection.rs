@@ -812,6 +812,14 @@ impl Connection {
         if let Some(l) = self.links[id.0 as usize].as_mut() {
             l.handle = handle;
         }
+        if live >= max_links.saturating_mul(2) {
+            // Refused links wait for the peer's detach; a peer that keeps attaching without
+            // answering would grow them without bound.
+            return Err(err(
+                condition::RESOURCE_LIMIT_EXCEEDED,
+                format!("too many links (limit {max_links}) and refused attaches not detached"),
+            ));
+        }
         if live >= max_links {
             // Refused on a real handle: attach with a null terminus, then detach with the error.
             self.refuse_attach(

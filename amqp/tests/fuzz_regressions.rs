@@ -240,16 +240,25 @@ fn record(channel: u8, sasl: bool, body: &[u8]) -> Vec<u8> {
     r
 }
 
-/// Writes seed inputs for both fuzz targets to `amqp/fuzz/corpus/<target>/` (gitignored):
-/// `cargo test -p enmesh-amqp --test fuzz_regressions -- --ignored write_fuzz_seeds`.
+/// Builds seed inputs for both fuzz targets and checks that every frame seed decodes. With
+/// `ENMESH_WRITE_FUZZ_SEEDS=1` it also writes them to `amqp/fuzz/corpus/<target>/` (gitignored):
+/// `ENMESH_WRITE_FUZZ_SEEDS=1 cargo test -p enmesh-amqp --test fuzz_regressions fuzz_seeds`.
 #[test]
-#[ignore]
-fn write_fuzz_seeds() {
+fn fuzz_seeds() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let save = std::env::var_os("ENMESH_WRITE_FUZZ_SEEDS").is_some();
     let write = |target: &str, name: String, data: &[u8]| {
-        let dir = root.join(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+        if target == "frame_decoder" && name.starts_with("perf-") {
+            assert!(
+                amqp::frames::decode_performative(Bytes::copy_from_slice(data)).is_ok(),
+                "seed {name} does not decode"
+            );
+        }
+        if save {
+            let dir = root.join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+        }
     };
 
     let perfs = sample_performatives();

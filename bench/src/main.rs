@@ -374,7 +374,7 @@ async fn idle_bench(a: IdleArgs) -> anyhow::Result<()> {
     let mut conns = Vec::with_capacity(a.connections);
     for i in 0..a.connections {
         let mut c = Client::connect(&a.url, &format!("idle-{i}")).await?;
-        let addr = format!("{}/{i}", a.address);
+        let addr = format!("{}-idle-{i}", a.address);
         c.receiver("r", Some(&addr), 10, false).await?;
         c.sender("s", Some(&addr), false).await?;
         conns.push(c);
