@@ -89,6 +89,7 @@ done
   done
   echo
   echo "| workload | $(for s in $SYSTEMS; do printf '%s | ' "$s"; done)"
+  echo "|---|$(for s in $SYSTEMS; do printf -- '---|'; done)"
   for w in unsettled presettled; do
     printf '| %s msg/s |' "$w"
     for s in $SYSTEMS; do printf ' %s |' "$(field "${R[$s,$w]}" rate)"; done

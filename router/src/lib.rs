@@ -24,11 +24,6 @@ use crate::config::Config;
 use crate::conn::Shared;
 use crate::core::{Core, Mgmt, ToCore};
 
-/// A running router's handles, for the binary and for tests.
-pub struct Handle {
-    pub core: mpsc::Sender<Vec<ToCore>>,
-}
-
 /// Serves AMQP on `listener` and HTTP on `http` until `shutdown` turns true; then closes every
 /// connection with `amqp:connection:forced` and returns.
 pub async fn run(
