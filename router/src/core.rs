@@ -197,7 +197,8 @@ struct Conn {
 
 struct Producer {
     name: String,
-    address: Option<String>,
+    /// Shared, so that each delivery names its address without an allocation.
+    address: Option<Arc<str>>,
     /// Credit the producer holds as far as the core knows.
     outstanding: u32,
     /// Its deliveries waiting in pending queues.
@@ -237,6 +238,8 @@ struct Pending {
 }
 
 struct Address {
+    /// The key again, shared with deliveries in flight (no allocation per delivery).
+    name: Arc<str>,
     kind: AddressType,
     producers: Vec<LinkRef>,
     consumers: Vec<LinkRef>,
@@ -249,7 +252,7 @@ struct InFlight {
     producer: LinkRef,
     delivery_id: u32,
     consumer: LinkRef,
-    address: String,
+    address: Arc<str>,
 }
 
 pub struct Core {
@@ -417,29 +420,25 @@ impl Core {
         }
     }
 
+    /// The address record, created on first use (attach paths only: it allocates the key).
     fn address_mut(&mut self, name: &str) -> &mut Address {
-        if !self.addresses.contains_key(name) {
-            let kind = self.rules.resolve(name);
-            self.addresses.insert(
-                name.to_owned(),
-                Address {
-                    kind,
-                    producers: Vec::new(),
-                    consumers: Vec::new(),
-                    rr: 0,
-                    pending: VecDeque::new(),
-                    stats: AddressStats {
-                        address: name.to_owned(),
-                        kind: kind.as_str(),
-                        ..Default::default()
-                    },
+        let rules = &self.rules;
+        self.addresses.entry(name.to_owned()).or_insert_with(|| {
+            let kind = rules.resolve(name);
+            Address {
+                name: Arc::from(name),
+                kind,
+                producers: Vec::new(),
+                consumers: Vec::new(),
+                rr: 0,
+                pending: VecDeque::new(),
+                stats: AddressStats {
+                    address: name.to_owned(),
+                    kind: kind.as_str(),
+                    ..Default::default()
                 },
-            );
-        }
-        // Just inserted above when missing.
-        self.addresses
-            .get_mut(name)
-            .unwrap_or_else(|| unreachable!("address inserted above"))
+            }
+        })
     }
 
     fn attach(
@@ -482,7 +481,7 @@ impl Core {
                     link,
                     Producer {
                         name,
-                        address: address.clone(),
+                        address: address.as_deref().map(Arc::from),
                         outstanding: 0,
                         held: 0,
                         deliveries: 0,
@@ -544,7 +543,7 @@ impl Core {
             None => true,
             Some(a) => self
                 .addresses
-                .get(a)
+                .get(&**a)
                 .is_some_and(|a| !a.consumers.is_empty()),
         };
         if !can {
@@ -568,7 +567,7 @@ impl Core {
         }
         if let Some(p) = self.producers.remove(&link) {
             if let Some(a) = p.address {
-                if let Some(addr) = self.addresses.get_mut(&a) {
+                if let Some(addr) = self.addresses.get_mut(&*a) {
                     addr.producers.retain(|l| *l != link);
                     addr.stats.producers = addr.producers.len();
                 }
@@ -696,9 +695,9 @@ impl Core {
         };
         p.outstanding = p.outstanding.saturating_sub(1);
         p.deliveries += 1;
-        let address = match (&p.address, to) {
+        let address: Arc<str> = match (&p.address, to) {
             (Some(a), _) => a.clone(),
-            (None, Some(to)) => to,
+            (None, Some(to)) => Arc::from(to),
             (None, None) => {
                 self.release_in(link.conn, len);
                 self.settle_producer(
@@ -716,7 +715,7 @@ impl Core {
         };
         let kind = self
             .addresses
-            .get(&address)
+            .get(&*address)
             .map_or_else(|| self.rules.resolve(&address), |a| a.kind);
         if kind.is_brokered() {
             self.release_in(link.conn, len);
@@ -734,28 +733,31 @@ impl Core {
         }
         let has_consumers = self
             .addresses
-            .get(&address)
+            .get(&*address)
             .is_some_and(|a| !a.consumers.is_empty());
         if !has_consumers {
             self.release_in(link.conn, len);
             // Only the anonymous relay (or a race with the last consumer leaving) gets here.
-            if self.addresses.contains_key(&address) {
-                self.address_mut(&address).stats.released += 1;
+            if let Some(a) = self.addresses.get_mut(&*address) {
+                a.stats.released += 1;
             }
             self.settle_producer(link, delivery_id, settled, released());
             self.grant(link);
             return;
         }
-        let addr = self.address_mut(&address);
+        let Some(addr) = self.addresses.get_mut(&*address) else {
+            return;
+        };
         addr.stats.deliveries_in += 1;
         match kind {
             AddressType::Multicast => {
-                let consumers = addr.consumers.clone();
+                // Taken out for the loop (no per-message copy of the list), put back below.
+                let consumers = std::mem::take(&mut addr.consumers);
                 let cap = self.limits.link_capacity as usize;
                 let budget = self.limits.connection_buffer_bytes;
                 let mut sent = 0u64;
                 let mut dropped = 0u64;
-                for c in consumers {
+                for &c in &consumers {
                     let writable = self.writable(c.conn);
                     let Some(cons) = self.consumers.get_mut(&c) else {
                         continue;
@@ -782,9 +784,11 @@ impl Core {
                         dropped += 1;
                     }
                 }
-                let stats = &mut self.address_mut(&address).stats;
-                stats.deliveries_out += sent;
-                stats.dropped += dropped;
+                if let Some(addr) = self.addresses.get_mut(&*address) {
+                    addr.consumers = consumers;
+                    addr.stats.deliveries_out += sent;
+                    addr.stats.dropped += dropped;
+                }
                 self.release_in(link.conn, len);
                 self.settle_producer(link, delivery_id, settled, DeliveryState::Accepted);
                 self.grant(link);
@@ -793,7 +797,9 @@ impl Core {
                 if let Some(p) = self.producers.get_mut(&link) {
                     p.held += 1;
                 }
-                let addr = self.address_mut(&address);
+                let Some(addr) = self.addresses.get_mut(&*address) else {
+                    return;
+                };
                 addr.pending.push_back(Pending {
                     producer: link,
                     delivery_id,
@@ -867,7 +873,12 @@ impl Core {
         let len = d.payload.len();
         self.release_in(d.producer.conn, len);
         self.add_out(c.conn, len);
+        let Some(addr) = self.addresses.get_mut(a) else {
+            return;
+        };
+        addr.stats.deliveries_out += 1;
         let dlv = if tracked {
+            addr.stats.unsettled += 1;
             let id = self.next_dlv;
             self.next_dlv += 1;
             self.inflight.insert(
@@ -876,19 +887,13 @@ impl Core {
                     producer: d.producer,
                     delivery_id: d.delivery_id,
                     consumer: c,
-                    address: a.to_owned(),
+                    address: addr.name.clone(),
                 },
             );
             Some(id)
         } else {
             None
         };
-        if let Some(addr) = self.addresses.get_mut(a) {
-            addr.stats.deliveries_out += 1;
-            if tracked {
-                addr.stats.unsettled += 1;
-            }
-        }
         self.send(
             c.conn,
             ToConn::Deliver {
@@ -963,7 +968,7 @@ impl Core {
         if repump {
             self.pump_address(&f.address);
         }
-        if let Some(addr) = self.addresses.get_mut(&f.address) {
+        if let Some(addr) = self.addresses.get_mut(&*f.address) {
             addr.stats.unsettled = addr.stats.unsettled.saturating_sub(1);
             match &state {
                 DeliveryState::Accepted => addr.stats.accepted += 1,
@@ -1043,7 +1048,7 @@ impl Core {
                 connection: l.conn,
                 name: p.name.clone(),
                 role: "sender",
-                address: p.address.clone(),
+                address: p.address.as_deref().map(str::to_owned),
                 credit: p.outstanding.into(),
                 unsettled: self.inflight.values().filter(|f| f.producer == *l).count(),
                 deliveries: p.deliveries,
