@@ -19,7 +19,8 @@ from proton import Delivery, Message
 import rawamqp
 from rawamqp import (AMQP_HEADER, CLOSE, END, RawConnection, begin_frame, encode, frame, open_frame,
                      performative, transfer_frame)
-from helpers import (TERMINAL, available, close_quietly, connect, pump, send_async, settle, state_name, take)
+from helpers import (TERMINAL, available, close_quietly, connect, pump, send_async, settle, state_name, take,
+                     wait_outcomes)
 
 ANSWER_TIMEOUT = 5.0
 FRAMING = {"amqp:connection:framing-error", "amqp:framing-error", "amqp:decode-error"}
@@ -271,3 +272,37 @@ def test_many_bad_connections_in_a_row(router):
         assert take(r)[0].body == "ok"
     finally:
         close_quietly(c)
+
+
+def test_transfer_beyond_credit_detaches_only_that_link(router):
+    """Credit overflow: a sender that transfers without credit (no consumer exists, so the
+    router granted none) gets its link detached with amqp:link:transfer-limit-exceeded; the
+    connection and a healthy client elsewhere carry on."""
+    healthy = connect(router.amqp_url)
+    c = RawConnection.to(router.amqp_addr)
+    try:
+        hr = healthy.create_receiver("overflow/healthy", credit=5)
+        hs = healthy.create_sender("overflow/healthy")
+        c.handshake()
+        c.send(begin_frame())
+        c.read_until(lambda x: x.has_frame(rawamqp.BEGIN), ANSWER_TIMEOUT)
+        c.send(rawamqp.attach_frame("overflow-sender", 0, False, target_address="overflow/nobody",
+                                    initial_delivery_count=0))
+        c.read_until(lambda x: x.has_frame(rawamqp.ATTACH), ANSWER_TIMEOUT)
+        assert c.has_frame(rawamqp.ATTACH), "router did not answer attach: %r" % c.frames()
+        c.send(transfer_frame(handle=0, delivery_id=0, tag=b"x"))
+        c.read_until(lambda x: x.has_frame(rawamqp.DETACH), ANSWER_TIMEOUT)
+        detach = c.frame(rawamqp.DETACH)
+        assert detach is not None, "no detach after a transfer without credit: %r" % c.frames()
+        assert detach.condition == "amqp:link:transfer-limit-exceeded", detach
+        assert not c.eof, "only the link should go, not the connection"
+        d = send_async(hs, Message(body="still fine"))
+        pump([healthy], lambda: available(hr) >= 1, what="healthy client traffic")
+        m, md = take(hr)
+        settle(md)
+        wait_outcomes([healthy], [d])
+        assert m.body == "still fine"
+        assert d.remote_state == Delivery.ACCEPTED
+    finally:
+        c.close()
+        close_quietly(healthy)
