@@ -81,7 +81,8 @@ test('anycast: competing consumers share the load, every message delivered exact
   assert.deepEqual([...new Set([...outcomes.values()].map((o) => o.outcome))], ['accepted']);
 });
 
-test('anycast: 1 MiB binary message round-trips byte-exact', { timeout: 20_000 }, async () => {
+for (const [label, size] of [['1 MiB', 1024 * 1024], ['10 MiB', 10 * 1024 * 1024]]) {
+test(`anycast: ${label} binary message round-trips byte-exact`, { timeout: 40_000 }, async () => {
   const address = uniqueAddress('anycast/big-');
   const consumer = await router.connect();
   const receiver = await consumer.openReceiver({ source: { address } });
@@ -92,11 +93,11 @@ test('anycast: 1 MiB binary message round-trips byte-exact', { timeout: 20_000 }
   const outcomes = trackOutcomes(sender);
   await until(() => sender.sendable(), 5000, 'producer credit');
 
-  const payload = randomBytes(1024 * 1024);
+  const payload = randomBytes(size);
   sender.send({ message_id: 'big', body: rhea.message.data_section(payload) });
 
-  await until(() => got.length >= 1, 15_000, 'the 1 MiB message');
-  await until(() => outcomes.size >= 1, 5000, 'outcome for the 1 MiB message');
+  await until(() => got.length >= 1, 30_000, `the ${label} message`);
+  await until(() => outcomes.size >= 1, 5000, `outcome for the ${label} message`);
   const body = got[0].message.body;
   assert.equal(body && body.typecode, 0x75, 'body is a single data section');
   const bytes = body.content;
@@ -106,3 +107,4 @@ test('anycast: 1 MiB binary message round-trips byte-exact', { timeout: 20_000 }
   assert.equal(got[0].message.message_id, 'big');
   assert.equal([...outcomes.values()][0].outcome, 'accepted');
 });
+}

@@ -750,3 +750,47 @@ async fn thousand_links_on_one_connection() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_concurrent_connections() {
+    const CONNS: usize = 2000;
+    let router = std::sync::Arc::new(Router::start());
+    within(Duration::from_secs(120), "2000 connections", async {
+        let mut opening = tokio::task::JoinSet::new();
+        for i in 0..CONNS {
+            let r = router.clone();
+            opening.spawn(async move { Client::connect(&r, &format!("many-{i}")).await });
+        }
+        let mut clients = Vec::with_capacity(CONNS);
+        while let Some(c) = opening.join_next().await {
+            clients.push(c.expect("connect task"));
+        }
+        let (status, body) = router.http_get("/api/v1/connections").expect("http");
+        assert_eq!(status, 200);
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&body).expect("json");
+        assert!(
+            listed.len() >= CONNS,
+            "router lists {} connections, want {CONNS}",
+            listed.len()
+        );
+        // Traffic still flows between two of them.
+        let mut last = clients.pop().expect("a client");
+        let mut first = clients.pop().expect("a client");
+        let mut receiver = first.receiver("r", "many/check").await;
+        let mut sender = last.sender("s", "many/check").await;
+        let recv = tokio::spawn(async move {
+            let d: Delivery<String> = receiver.recv().await.expect("recv");
+            receiver.accept(&d).await.expect("accept");
+            text(&d).to_string()
+        });
+        let outcome = sender.send("across 2000".to_string()).await.expect("send");
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+        assert_eq!(recv.await.unwrap(), "across 2000");
+        for c in clients {
+            c.kill();
+        }
+        first.kill();
+        last.kill();
+    })
+    .await;
+}
