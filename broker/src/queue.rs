@@ -1,0 +1,457 @@
+//! One queue as a deterministic state machine: the part of a shard's state that decides which
+//! consumer gets which message, what happens on each outcome, on a consumer's departure and on
+//! expiry. It holds only metadata (sequence numbers, expiry, delivery counts); message bodies
+//! stay in the log and are fetched by sequence number when an [`Effect::Deliver`] is carried out.
+//!
+//! Every input is a method call that the shard applies in log order; every decision comes back
+//! as [`Effect`]s. No clock is read: time comes in with the calls, so replicas applying the same
+//! log reach the same state.
+//!
+//! Semantics (design.md §2, invariant 2):
+//! - FIFO: ready messages are dispatched in sequence order; a message that comes back
+//!   (released, modified, consumer gone) returns to its place by sequence number, ahead of
+//!   newer ones.
+//! - Competing consumers: each consumer's credit is its prefetch; among consumers with credit,
+//!   dispatch is round-robin.
+//! - Outcomes: accepted removes the message; released returns it without counting an attempt;
+//!   modified with delivery-failed counts an attempt; rejected dead-letters it; a message whose
+//!   attempts reach the limit is dead-lettered instead of redelivered.
+//! - A consumer that goes away returns its unacknowledged messages with one more attempt
+//!   counted (it may have seen them).
+//! - Expiry: a message past its expiry time is never dispatched; it is removed on the next
+//!   call that looks at it and reported as [`Effect::Expired`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+pub type Seq = u64;
+pub type ConsumerId = u64;
+
+/// Per-queue policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Deliveries after which a message that keeps failing is dead-lettered (0: unlimited).
+    pub max_delivery_attempts: u32,
+    /// Upper bound on any message's time to live, in ms.
+    pub max_ttl_ms: Option<u64>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_delivery_attempts: 10,
+            max_ttl_ms: None,
+        }
+    }
+}
+
+/// How a consumer settled a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    Released,
+    Modified {
+        delivery_failed: bool,
+        undeliverable_here: bool,
+    },
+    Rejected,
+}
+
+/// Why a message left the queue other than by acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    Rejected,
+    TooManyAttempts,
+}
+
+/// What the shard must do as a consequence of a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send message `seq` to `consumer`; `delivery_count` is the number of earlier attempts.
+    Deliver {
+        consumer: ConsumerId,
+        seq: Seq,
+        delivery_count: u32,
+    },
+    /// Move `seq` to the dead-letter address (or drop it when there is none).
+    DeadLetter { seq: Seq, reason: DeadReason },
+    /// `seq` expired: move it to the expiry address or drop it.
+    Expired { seq: Seq },
+    /// The body of `seq` is no longer needed by this queue.
+    Forget { seq: Seq },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Meta {
+    expires_at: Option<u64>,
+    delivery_count: u32,
+    /// Consumer holding it unacknowledged.
+    holder: Option<ConsumerId>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Consumer {
+    credit: u32,
+    unacked: BTreeSet<Seq>,
+}
+
+/// Counters for management and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub enqueued: u64,
+    pub acknowledged: u64,
+    pub expired: u64,
+    pub dead_lettered: u64,
+    pub redelivered: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Queue {
+    policy: Policy,
+    msgs: BTreeMap<Seq, Meta>,
+    ready: BTreeSet<Seq>,
+    consumers: BTreeMap<ConsumerId, Consumer>,
+    /// Round-robin position: the last consumer served.
+    last_served: Option<ConsumerId>,
+    pub stats: Stats,
+}
+
+impl Queue {
+    pub fn new(policy: Policy) -> Queue {
+        Queue {
+            policy,
+            ..Default::default()
+        }
+    }
+
+    /// Messages held (ready or unacknowledged).
+    pub fn depth(&self) -> usize {
+        self.msgs.len()
+    }
+
+    /// Messages waiting for a consumer.
+    pub fn ready(&self) -> usize {
+        self.ready.len()
+    }
+
+    pub fn consumers(&self) -> usize {
+        self.consumers.len()
+    }
+
+    /// Adds message `seq` (sequence numbers increase with each enqueue). `ttl_ms` from the
+    /// message header, `absolute_expiry` (ms since the epoch) from its properties; the
+    /// queue's maximum TTL caps both.
+    pub fn enqueue(
+        &mut self,
+        seq: Seq,
+        now: u64,
+        ttl_ms: Option<u64>,
+        absolute_expiry: Option<u64>,
+    ) -> Vec<Effect> {
+        let by_ttl = ttl_ms
+            .or(self.policy.max_ttl_ms)
+            .map(|t| now.saturating_add(t.min(self.policy.max_ttl_ms.unwrap_or(u64::MAX))));
+        let expires_at = match (by_ttl, absolute_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.msgs.insert(
+            seq,
+            Meta {
+                expires_at,
+                delivery_count: 0,
+                holder: None,
+            },
+        );
+        self.ready.insert(seq);
+        self.stats.enqueued += 1;
+        self.dispatch(now)
+    }
+
+    /// A consumer attaches with `credit` (its prefetch).
+    pub fn attach(&mut self, consumer: ConsumerId, credit: u32, now: u64) -> Vec<Effect> {
+        self.consumers.entry(consumer).or_default().credit = credit;
+        self.dispatch(now)
+    }
+
+    /// Sets a consumer's available credit.
+    pub fn credit(&mut self, consumer: ConsumerId, credit: u32, now: u64) -> Vec<Effect> {
+        if let Some(c) = self.consumers.get_mut(&consumer) {
+            c.credit = credit;
+        }
+        self.dispatch(now)
+    }
+
+    /// A consumer settles `seq`. Settlements of messages it does not hold are ignored (a
+    /// duplicate or late settlement must not touch a message redelivered to someone else).
+    pub fn settle(
+        &mut self,
+        consumer: ConsumerId,
+        seq: Seq,
+        outcome: Outcome,
+        now: u64,
+    ) -> Vec<Effect> {
+        let holds = self
+            .consumers
+            .get(&consumer)
+            .is_some_and(|c| c.unacked.contains(&seq));
+        if !holds {
+            return Vec::new();
+        }
+        if let Some(c) = self.consumers.get_mut(&consumer) {
+            c.unacked.remove(&seq);
+        }
+        let mut fx = Vec::new();
+        match outcome {
+            Outcome::Accepted => {
+                self.msgs.remove(&seq);
+                self.stats.acknowledged += 1;
+                fx.push(Effect::Forget { seq });
+            }
+            Outcome::Released => self.requeue(seq, false, &mut fx),
+            Outcome::Modified {
+                delivery_failed, ..
+            } => self.requeue(seq, delivery_failed, &mut fx),
+            Outcome::Rejected => self.dead_letter(seq, DeadReason::Rejected, &mut fx),
+        }
+        fx.extend(self.dispatch(now));
+        fx
+    }
+
+    /// A consumer goes away: what it held returns with one more attempt counted.
+    pub fn detach(&mut self, consumer: ConsumerId, now: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if let Some(c) = self.consumers.remove(&consumer) {
+            for seq in c.unacked {
+                self.requeue(seq, true, &mut fx);
+            }
+        }
+        if self.last_served == Some(consumer) {
+            self.last_served = None;
+        }
+        fx.extend(self.dispatch(now));
+        fx
+    }
+
+    /// Time passes: expired ready messages are removed.
+    pub fn tick(&mut self, now: u64) -> Vec<Effect> {
+        let expired: Vec<Seq> = self
+            .ready
+            .iter()
+            .copied()
+            .filter(|s| self.is_expired(*s, now))
+            .collect();
+        let mut fx = Vec::new();
+        for seq in expired {
+            self.expire(seq, &mut fx);
+        }
+        fx
+    }
+
+    /// Removes every ready message (management purge); unacknowledged ones stay.
+    pub fn purge(&mut self) -> Vec<Effect> {
+        let ready = std::mem::take(&mut self.ready);
+        ready
+            .into_iter()
+            .map(|seq| {
+                self.msgs.remove(&seq);
+                Effect::Forget { seq }
+            })
+            .collect()
+    }
+
+    fn is_expired(&self, seq: Seq, now: u64) -> bool {
+        self.msgs
+            .get(&seq)
+            .and_then(|m| m.expires_at)
+            .is_some_and(|t| t <= now)
+    }
+
+    fn expire(&mut self, seq: Seq, fx: &mut Vec<Effect>) {
+        self.ready.remove(&seq);
+        self.msgs.remove(&seq);
+        self.stats.expired += 1;
+        fx.push(Effect::Expired { seq });
+    }
+
+    fn requeue(&mut self, seq: Seq, count_attempt: bool, fx: &mut Vec<Effect>) {
+        let Some(m) = self.msgs.get_mut(&seq) else {
+            return;
+        };
+        m.holder = None;
+        if count_attempt {
+            m.delivery_count += 1;
+        }
+        let limit = self.policy.max_delivery_attempts;
+        if limit > 0 && m.delivery_count >= limit {
+            self.dead_letter(seq, DeadReason::TooManyAttempts, fx);
+            return;
+        }
+        self.stats.redelivered += 1;
+        self.ready.insert(seq);
+    }
+
+    fn dead_letter(&mut self, seq: Seq, reason: DeadReason, fx: &mut Vec<Effect>) {
+        self.msgs.remove(&seq);
+        self.ready.remove(&seq);
+        self.stats.dead_lettered += 1;
+        fx.push(Effect::DeadLetter { seq, reason });
+    }
+
+    /// The next consumer with credit after the last one served.
+    fn next_consumer(&self) -> Option<ConsumerId> {
+        let after = self.last_served;
+        let with_credit = |(id, c): (&ConsumerId, &Consumer)| (c.credit > 0).then_some(*id);
+        let later = match after {
+            Some(a) => self
+                .consumers
+                .range(a.saturating_add(1)..)
+                .find_map(with_credit),
+            None => None,
+        };
+        later.or_else(|| self.consumers.iter().find_map(with_credit))
+    }
+
+    fn dispatch(&mut self, now: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        while let Some(&seq) = self.ready.first() {
+            if self.is_expired(seq, now) {
+                self.expire(seq, &mut fx);
+                continue;
+            }
+            let Some(consumer) = self.next_consumer() else {
+                break;
+            };
+            self.ready.remove(&seq);
+            let Some(m) = self.msgs.get_mut(&seq) else {
+                continue;
+            };
+            m.holder = Some(consumer);
+            let delivery_count = m.delivery_count;
+            if let Some(c) = self.consumers.get_mut(&consumer) {
+                c.credit -= 1;
+                c.unacked.insert(seq);
+            }
+            self.last_served = Some(consumer);
+            fx.push(Effect::Deliver {
+                consumer,
+                seq,
+                delivery_count,
+            });
+        }
+        fx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivered(fx: &[Effect]) -> Vec<(ConsumerId, Seq, u32)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Deliver {
+                    consumer,
+                    seq,
+                    delivery_count,
+                } => Some((*consumer, *seq, *delivery_count)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fifo_round_robin_and_prefetch() {
+        let mut q = Queue::new(Policy::default());
+        for s in 1..=6 {
+            assert!(q.enqueue(s, 0, None, None).is_empty());
+        }
+        let mut fx = q.attach(1, 2, 0);
+        fx.extend(q.attach(2, 2, 0));
+        assert_eq!(
+            delivered(&fx),
+            vec![(1, 1, 0), (1, 2, 0), (2, 3, 0), (2, 4, 0)]
+        );
+        // Prefetch respected: nothing more until an ack and more credit.
+        assert_eq!(q.ready(), 2);
+        let fx = q.settle(1, 1, Outcome::Accepted, 0);
+        assert_eq!(fx, vec![Effect::Forget { seq: 1 }]);
+        let fx = q.credit(1, 1, 0);
+        assert_eq!(delivered(&fx), vec![(1, 5, 0)]);
+    }
+
+    #[test]
+    fn release_returns_in_order_modified_counts_and_limit_dead_letters() {
+        let mut q = Queue::new(Policy {
+            max_delivery_attempts: 2,
+            max_ttl_ms: None,
+        });
+        q.enqueue(1, 0, None, None);
+        q.enqueue(2, 0, None, None);
+        let fx = q.attach(7, 1, 0);
+        assert_eq!(delivered(&fx), vec![(7, 1, 0)]);
+        // Released: back at the head, no attempt counted.
+        q.settle(7, 1, Outcome::Released, 0);
+        let fx = q.credit(7, 1, 0);
+        assert_eq!(delivered(&fx), vec![(7, 1, 0)]);
+        // Modified, failed: counted.
+        let failed = Outcome::Modified {
+            delivery_failed: true,
+            undeliverable_here: false,
+        };
+        q.settle(7, 1, failed, 0);
+        let fx = q.credit(7, 1, 0);
+        assert_eq!(delivered(&fx), vec![(7, 1, 1)]);
+        // Second failure reaches the limit: dead-lettered, and 2 is next.
+        let fx = q.settle(7, 1, failed, 0);
+        assert!(fx.contains(&Effect::DeadLetter {
+            seq: 1,
+            reason: DeadReason::TooManyAttempts
+        }));
+        let fx = q.credit(7, 1, 0);
+        assert_eq!(delivered(&fx), vec![(7, 2, 0)]);
+        let fx = q.settle(7, 2, Outcome::Rejected, 0);
+        assert_eq!(
+            fx,
+            vec![Effect::DeadLetter {
+                seq: 2,
+                reason: DeadReason::Rejected
+            }]
+        );
+        assert_eq!(q.depth(), 0);
+    }
+
+    #[test]
+    fn consumer_gone_returns_unacked_to_others_with_count() {
+        let mut q = Queue::new(Policy::default());
+        for s in 1..=3 {
+            q.enqueue(s, 0, None, None);
+        }
+        q.attach(1, 10, 0);
+        let fx = q.attach(2, 10, 0);
+        assert!(delivered(&fx).is_empty());
+        let fx = q.detach(1, 0);
+        assert_eq!(delivered(&fx), vec![(2, 1, 1), (2, 2, 1), (2, 3, 1)]);
+        // A late settlement from the departed consumer changes nothing.
+        assert!(q.settle(1, 1, Outcome::Accepted, 0).is_empty());
+        assert_eq!(q.depth(), 3);
+    }
+
+    #[test]
+    fn ttl_expiry_and_cap() {
+        let mut q = Queue::new(Policy {
+            max_delivery_attempts: 0,
+            max_ttl_ms: Some(1000),
+        });
+        q.enqueue(1, 0, Some(100), None);
+        q.enqueue(2, 0, None, None); // capped at 1000
+        q.enqueue(3, 0, Some(5000), None); // capped at 1000
+        q.enqueue(4, 0, None, Some(50)); // absolute expiry wins
+        assert_eq!(q.tick(60), vec![Effect::Expired { seq: 4 }]);
+        assert_eq!(q.tick(150), vec![Effect::Expired { seq: 1 }]);
+        // An offline consumer coming back after expiry gets nothing.
+        let fx = q.attach(9, 10, 2000);
+        assert!(delivered(&fx).is_empty());
+        assert_eq!(q.depth(), 0);
+        assert_eq!(q.stats.expired, 4);
+    }
+}
