@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codec::Value;
 use crate::error::{ConnectionError, condition};
@@ -146,6 +146,8 @@ struct Link {
     partial: Option<Partial>,
     /// We sent detach and wait for the peer's.
     detaching: bool,
+    /// The peer's max-message-size for what we send on this link. Recorded, not enforced yet:
+    /// a router consumer with a smaller limit than a message's size receives it anyway.
     max_message_size: u64,
 }
 
@@ -156,7 +158,6 @@ struct Partial {
     message_format: u32,
     rcv_settle_mode: Option<u8>,
     buf: BytesMut,
-    aborted_or_dropped: bool,
 }
 
 struct Session {
@@ -1093,16 +1094,13 @@ impl Connection {
                 ));
             };
             if l.delivery_count == l.allowed_until {
-                let e = ErrorCondition::new(
-                    condition::TRANSFER_LIMIT_EXCEEDED,
-                    "transfer without link credit",
+                self.fail_link(
+                    id,
+                    ErrorCondition::new(
+                        condition::TRANSFER_LIMIT_EXCEEDED,
+                        "transfer without link credit",
+                    ),
                 );
-                self.detach(id, Some(e.clone()), true);
-                self.events.push_back(Event::LinkClosed {
-                    link: id,
-                    error: Some(e),
-                    remote: false,
-                });
                 return Ok(());
             }
             l.delivery_count = l.delivery_count.wrapping_add(1);
@@ -1114,10 +1112,9 @@ impl Connection {
                 message_format: t.message_format.unwrap_or(0),
                 rcv_settle_mode: t.rcv_settle_mode,
                 buf: BytesMut::new(),
-                aborted_or_dropped: false,
             });
         }
-        let limit = max_msg.min(l.max_message_size_in());
+        let limit = max_msg;
         let Some(p) = l.partial.as_mut() else {
             return Ok(());
         };
@@ -1130,33 +1127,26 @@ impl Connection {
         }
         if (p.buf.len() + payload.len()) as u64 > limit {
             l.partial = None;
-            let e = ErrorCondition::new(
-                condition::MESSAGE_SIZE_EXCEEDED,
-                format!("message larger than {limit} bytes"),
+            self.fail_link(
+                id,
+                ErrorCondition::new(
+                    condition::MESSAGE_SIZE_EXCEEDED,
+                    format!("message larger than {limit} bytes"),
+                ),
             );
-            self.detach(id, Some(e.clone()), true);
-            self.events.push_back(Event::LinkClosed {
-                link: id,
-                error: Some(e),
-                remote: false,
-            });
             return Ok(());
         }
         if partial_total + payload.len() as u64 > max_msg.saturating_mul(2) {
             l.partial = None;
-            let e = ErrorCondition::new(
-                condition::RESOURCE_LIMIT_EXCEEDED,
-                "too many bytes of partly received messages on this connection",
+            self.fail_link(
+                id,
+                ErrorCondition::new(
+                    condition::RESOURCE_LIMIT_EXCEEDED,
+                    "too many bytes of partly received messages on this connection",
+                ),
             );
-            self.detach(id, Some(e.clone()), true);
-            self.events.push_back(Event::LinkClosed {
-                link: id,
-                error: Some(e),
-                remote: false,
-            });
             return Ok(());
         }
-        let _ = p.aborted_or_dropped;
         if t.more {
             p.buf.extend_from_slice(&payload);
             return Ok(());
@@ -1230,6 +1220,16 @@ impl Connection {
             remote: true,
         });
         Ok(())
+    }
+
+    /// Detaches a link for a violation on it and tells the owner (the connection goes on).
+    fn fail_link(&mut self, id: LinkId, error: ErrorCondition) {
+        self.detach(id, Some(error.clone()), true);
+        self.events.push_back(Event::LinkClosed {
+            link: id,
+            error: Some(error),
+            remote: false,
+        });
     }
 
     /// Detaches a link of ours; its id stays reserved until the peer answers.
@@ -1529,12 +1529,6 @@ impl Connection {
     }
 }
 
-impl Link {
-    fn max_message_size_in(&self) -> u64 {
-        u64::MAX
-    }
-}
-
 /// What a server answers to a peer's attach.
 #[derive(Debug, Clone, Default)]
 pub struct AttachReply {
@@ -1554,9 +1548,4 @@ pub struct AttachRequest {
     pub target: Option<Terminus>,
     pub snd_settle_mode: u8,
     pub rcv_settle_mode: u8,
-}
-
-/// Consumes `n` bytes of written output.
-pub fn advance_output(out: &mut BytesMut, n: usize) {
-    out.advance(n);
 }

@@ -33,14 +33,18 @@ pub struct Shared {
     pub core: mpsc::Sender<Vec<ToCore>>,
 }
 
+/// The connection task's view of one link.
 struct LinkState {
     dir: Dir,
-    /// Consumer links: unsettled deliveries (engine delivery-id → core id).
+    /// A consumer that asked for presettled deliveries (snd-settle-mode settled).
     presettled: bool,
-    /// Attach answered by the core.
+    /// The core accepted the attach.
     open: bool,
+    /// The peer's attach, kept until the core answers (the reply echoes its termini).
     attach: Option<Box<amqp::frames::Attach>>,
+    /// The address given to a dynamic source.
     dynamic_address: Option<String>,
+    /// A producer on the anonymous relay (null target): each message names its address.
     anonymous: bool,
 }
 
@@ -194,6 +198,21 @@ impl Task<'_> {
         }
     }
 
+    /// Tells the core how far a consumer's credit reaches (as an absolute delivery count, so
+    /// deliveries already on their way are accounted for).
+    fn report_credit(&mut self, link: LinkId, drain: bool) {
+        let limit = self
+            .engine
+            .link_delivery_count(link)
+            .wrapping_add(self.engine.credit(link));
+        let r = self.r(link);
+        self.to_core.push(ToCore::ConsumerCredit {
+            link: r,
+            limit,
+            drain,
+        });
+    }
+
     /// Hands the batch to the core; waits when the core is behind (so a peer cannot queue
     /// unbounded work: its socket is not read meanwhile).
     async fn send_to_core(&mut self, shared: &Shared) {
@@ -240,16 +259,7 @@ impl Task<'_> {
                     .get(&link)
                     .is_some_and(|l| l.dir == Dir::Consumer && l.open)
                 {
-                    let limit = self
-                        .engine
-                        .link_delivery_count(link)
-                        .wrapping_add(self.engine.credit(link));
-                    let r = self.r(link);
-                    self.to_core.push(ToCore::ConsumerCredit {
-                        link: r,
-                        limit,
-                        drain,
-                    });
+                    self.report_credit(link, drain);
                 }
             }
             Event::Delivery(d) => {
@@ -440,16 +450,7 @@ impl Task<'_> {
                     self.engine.accept_attach(link, reply);
                     if dir == Dir::Consumer {
                         // Credit may have arrived with the attach (flow before our answer).
-                        let limit = self
-                            .engine
-                            .link_delivery_count(link)
-                            .wrapping_add(self.engine.credit(link));
-                        let r = self.r(link);
-                        self.to_core.push(ToCore::ConsumerCredit {
-                            link: r,
-                            limit,
-                            drain: false,
-                        });
+                        self.report_credit(link, false);
                     }
                 }
                 ToConn::AttachRefused { link, error } => {
