@@ -7,3 +7,4 @@
 
 pub mod log;
 pub mod queue;
+pub mod raft;
