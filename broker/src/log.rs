@@ -190,7 +190,8 @@ impl SegmentLog {
     }
 
     fn roll(&mut self, first: u64) -> Result<(), LogError> {
-        self.flush()?;
+        // The segment we leave must be durable too: later syncs only touch the new one.
+        self.sync()?;
         let path = self.dir.join(seg_name(first));
         File::create(&path).map_err(io_err(&path))?;
         sync_dir(&self.dir)?;
