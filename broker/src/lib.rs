@@ -10,3 +10,5 @@
 pub mod log;
 pub mod queue;
 pub mod raft;
+pub mod shard;
+pub mod wire;

@@ -123,6 +123,16 @@ impl Queue {
         }
     }
 
+    /// Changes the policy; it applies to what happens next (messages keep their expiry).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// The oldest message held, if any.
+    pub fn min_seq(&self) -> Option<Seq> {
+        self.msgs.keys().next().copied()
+    }
+
     /// Messages held (ready or unacknowledged).
     pub fn depth(&self) -> usize {
         self.msgs.len()

@@ -25,6 +25,7 @@ use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{EntryPayload, Membership, OptionalSend};
 
 use crate::log::{LogError, SegmentLog};
+use crate::wire::{Reader, put_bytes};
 
 /// A command in a shard's log (the state machine's input), opaque at this layer.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -72,38 +73,6 @@ impl From<LogError> for io::Error {
 
 // --- encoding -----------------------------------------------------------------------------
 
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> io::Result<&[u8]> {
-        if self.0.len() < n {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "truncated record",
-            ));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> io::Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> io::Result<u32> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> io::Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_be_bytes(a))
-    }
-    fn bytes(&mut self) -> io::Result<Vec<u8>> {
-        let n = self.u32()? as usize;
-        Ok(self.take(n)?.to_vec())
-    }
-}
-
 fn put_log_id(out: &mut Vec<u8>, id: &LogId) {
     out.extend_from_slice(&id.leader_id.term.to_be_bytes());
     out.extend_from_slice(&id.leader_id.node_id.to_be_bytes());
@@ -131,11 +100,6 @@ impl LogIdExt for LogId {
             index,
         )
     }
-}
-
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
-    out.extend_from_slice(b);
 }
 
 /// Encodes an entry: `[log id][tag][payload]`.

@@ -1,0 +1,577 @@
+//! A shard's state: its queues and consumers, changed only by [`Cmd`]s applied in log order.
+//!
+//! A message's sequence number is the log index of the `Enqueue` entry that carried it, so its
+//! body stays in the log and the state holds only metadata. Moving a message to a dead-letter
+//! queue moves its sequence number; the body is not copied.
+//!
+//! Time is part of each command (the proposer's clock), so every replica applying the log makes
+//! the same expiry decisions.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use crate::queue::{ConsumerId, Effect, Outcome, Policy, Queue, Seq};
+use crate::wire::{Reader, put_bytes, put_opt_u64};
+
+/// What a shard's log carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cmd {
+    /// Creates or updates a queue. Undeclared queues are created on first use with the default
+    /// policy and no dead-letter address.
+    Declare {
+        address: String,
+        max_delivery_attempts: u32,
+        max_ttl_ms: Option<u64>,
+        dead_letter: Option<String>,
+    },
+    Enqueue {
+        address: String,
+        now: u64,
+        ttl_ms: Option<u64>,
+        absolute_expiry: Option<u64>,
+        body: Vec<u8>,
+    },
+    Attach {
+        consumer: ConsumerId,
+        address: String,
+        credit: u32,
+        now: u64,
+    },
+    Credit {
+        consumer: ConsumerId,
+        credit: u32,
+        now: u64,
+    },
+    Settle {
+        consumer: ConsumerId,
+        seq: Seq,
+        outcome: Outcome,
+        now: u64,
+    },
+    Detach {
+        consumer: ConsumerId,
+        now: u64,
+    },
+    Tick {
+        now: u64,
+    },
+    Purge {
+        address: String,
+    },
+}
+
+fn bad(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+impl Cmd {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut o = Vec::with_capacity(32);
+        match self {
+            Cmd::Declare {
+                address,
+                max_delivery_attempts,
+                max_ttl_ms,
+                dead_letter,
+            } => {
+                o.push(1);
+                put_bytes(&mut o, address.as_bytes());
+                put_u32(&mut o, *max_delivery_attempts);
+                put_opt_u64(&mut o, *max_ttl_ms);
+                match dead_letter {
+                    Some(d) => {
+                        o.push(1);
+                        put_bytes(&mut o, d.as_bytes());
+                    }
+                    None => o.push(0),
+                }
+            }
+            Cmd::Enqueue {
+                address,
+                now,
+                ttl_ms,
+                absolute_expiry,
+                body,
+            } => {
+                o.push(2);
+                put_bytes(&mut o, address.as_bytes());
+                put_u64(&mut o, *now);
+                put_opt_u64(&mut o, *ttl_ms);
+                put_opt_u64(&mut o, *absolute_expiry);
+                put_bytes(&mut o, body);
+            }
+            Cmd::Attach {
+                consumer,
+                address,
+                credit,
+                now,
+            } => {
+                o.push(3);
+                put_u64(&mut o, *consumer);
+                put_bytes(&mut o, address.as_bytes());
+                put_u32(&mut o, *credit);
+                put_u64(&mut o, *now);
+            }
+            Cmd::Credit {
+                consumer,
+                credit,
+                now,
+            } => {
+                o.push(4);
+                put_u64(&mut o, *consumer);
+                put_u32(&mut o, *credit);
+                put_u64(&mut o, *now);
+            }
+            Cmd::Settle {
+                consumer,
+                seq,
+                outcome,
+                now,
+            } => {
+                o.push(5);
+                put_u64(&mut o, *consumer);
+                put_u64(&mut o, *seq);
+                o.push(match outcome {
+                    Outcome::Accepted => 0,
+                    Outcome::Released => 1,
+                    Outcome::Modified {
+                        delivery_failed,
+                        undeliverable_here,
+                    } => 2 | (*delivery_failed as u8) << 2 | (*undeliverable_here as u8) << 3,
+                    Outcome::Rejected => 3,
+                });
+                put_u64(&mut o, *now);
+            }
+            Cmd::Detach { consumer, now } => {
+                o.push(6);
+                put_u64(&mut o, *consumer);
+                put_u64(&mut o, *now);
+            }
+            Cmd::Tick { now } => {
+                o.push(7);
+                put_u64(&mut o, *now);
+            }
+            Cmd::Purge { address } => {
+                o.push(8);
+                put_bytes(&mut o, address.as_bytes());
+            }
+        }
+        o
+    }
+
+    pub fn decode(b: &[u8]) -> io::Result<Cmd> {
+        let mut r = Reader(b);
+        let cmd = match r.u8()? {
+            1 => Cmd::Declare {
+                address: r.string()?,
+                max_delivery_attempts: r.u32()?,
+                max_ttl_ms: r.opt_u64()?,
+                dead_letter: if r.u8()? != 0 {
+                    Some(r.string()?)
+                } else {
+                    None
+                },
+            },
+            2 => Cmd::Enqueue {
+                address: r.string()?,
+                now: r.u64()?,
+                ttl_ms: r.opt_u64()?,
+                absolute_expiry: r.opt_u64()?,
+                body: r.bytes()?,
+            },
+            3 => Cmd::Attach {
+                consumer: r.u64()?,
+                address: r.string()?,
+                credit: r.u32()?,
+                now: r.u64()?,
+            },
+            4 => Cmd::Credit {
+                consumer: r.u64()?,
+                credit: r.u32()?,
+                now: r.u64()?,
+            },
+            5 => Cmd::Settle {
+                consumer: r.u64()?,
+                seq: r.u64()?,
+                outcome: match r.u8()? {
+                    0 => Outcome::Accepted,
+                    1 => Outcome::Released,
+                    3 => Outcome::Rejected,
+                    m if m & 3 == 2 => Outcome::Modified {
+                        delivery_failed: m & 4 != 0,
+                        undeliverable_here: m & 8 != 0,
+                    },
+                    _ => return Err(bad("bad outcome")),
+                },
+                now: r.u64()?,
+            },
+            6 => Cmd::Detach {
+                consumer: r.u64()?,
+                now: r.u64()?,
+            },
+            7 => Cmd::Tick { now: r.u64()? },
+            8 => Cmd::Purge {
+                address: r.string()?,
+            },
+            _ => return Err(bad("unknown command")),
+        };
+        if !r.is_empty() {
+            return Err(bad("trailing bytes after command"));
+        }
+        Ok(cmd)
+    }
+}
+
+/// What the shard's owner must do after applying a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardEffect {
+    /// Send message `seq` (its body is in log entry `seq`) to `consumer`.
+    Deliver {
+        consumer: ConsumerId,
+        seq: Seq,
+        delivery_count: u32,
+    },
+    /// No queue holds `seq` any more: its log entry may be compacted away.
+    Forget { seq: Seq },
+}
+
+struct QueueEntry {
+    queue: Queue,
+    dead_letter: Option<String>,
+}
+
+/// Counters of one queue (management, metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub address: String,
+    pub depth: usize,
+    pub ready: usize,
+    pub consumers: usize,
+    pub enqueued: u64,
+    pub acknowledged: u64,
+    pub expired: u64,
+    pub dead_lettered: u64,
+    pub redelivered: u64,
+}
+
+#[derive(Default)]
+pub struct Shard {
+    queues: BTreeMap<String, QueueEntry>,
+    /// Which queue each attached consumer reads.
+    consumers: BTreeMap<ConsumerId, String>,
+}
+
+impl Shard {
+    pub fn new() -> Shard {
+        Shard::default()
+    }
+
+    fn queue(&mut self, address: &str) -> &mut QueueEntry {
+        self.queues
+            .entry(address.to_owned())
+            .or_insert_with(|| QueueEntry {
+                queue: Queue::new(Policy::default()),
+                dead_letter: None,
+            })
+    }
+
+    /// Applies the command carried by log entry `index`.
+    pub fn apply(&mut self, index: Seq, cmd: Cmd) -> Vec<ShardEffect> {
+        let (address, fx, now) = match cmd {
+            Cmd::Declare {
+                address,
+                max_delivery_attempts,
+                max_ttl_ms,
+                dead_letter,
+            } => {
+                let q = self.queue(&address);
+                q.queue.set_policy(Policy {
+                    max_delivery_attempts,
+                    max_ttl_ms,
+                });
+                q.dead_letter = dead_letter;
+                return Vec::new();
+            }
+            Cmd::Enqueue {
+                address,
+                now,
+                ttl_ms,
+                absolute_expiry,
+                body: _,
+            } => {
+                let fx = self
+                    .queue(&address)
+                    .queue
+                    .enqueue(index, now, ttl_ms, absolute_expiry);
+                (address, fx, now)
+            }
+            Cmd::Attach {
+                consumer,
+                address,
+                credit,
+                now,
+            } => {
+                // A consumer id reattaching elsewhere leaves its old queue first.
+                let mut fx = self.detach(consumer, now);
+                self.consumers.insert(consumer, address.clone());
+                let more = self.queue(&address).queue.attach(consumer, credit, now);
+                fx.extend(self.resolve(&address, more, now));
+                return fx;
+            }
+            Cmd::Credit {
+                consumer,
+                credit,
+                now,
+            } => {
+                let Some(address) = self.consumers.get(&consumer).cloned() else {
+                    return Vec::new();
+                };
+                let fx = self.queue(&address).queue.credit(consumer, credit, now);
+                (address, fx, now)
+            }
+            Cmd::Settle {
+                consumer,
+                seq,
+                outcome,
+                now,
+            } => {
+                let Some(address) = self.consumers.get(&consumer).cloned() else {
+                    return Vec::new();
+                };
+                let fx = self
+                    .queue(&address)
+                    .queue
+                    .settle(consumer, seq, outcome, now);
+                (address, fx, now)
+            }
+            Cmd::Detach { consumer, now } => return self.detach(consumer, now),
+            Cmd::Tick { now } => {
+                let addresses: Vec<String> = self.queues.keys().cloned().collect();
+                let mut out = Vec::new();
+                for a in addresses {
+                    let fx = self.queue(&a).queue.tick(now);
+                    out.extend(self.resolve(&a, fx, now));
+                }
+                return out;
+            }
+            Cmd::Purge { address } => {
+                let fx = self.queue(&address).queue.purge();
+                (address, fx, 0)
+            }
+        };
+        self.resolve(&address, fx, now)
+    }
+
+    fn detach(&mut self, consumer: ConsumerId, now: u64) -> Vec<ShardEffect> {
+        let Some(address) = self.consumers.remove(&consumer) else {
+            return Vec::new();
+        };
+        let fx = self.queue(&address).queue.detach(consumer, now);
+        self.resolve(&address, fx, now)
+    }
+
+    /// Turns queue effects into shard effects; dead letters move to the dead-letter queue.
+    fn resolve(&mut self, address: &str, fx: Vec<Effect>, now: u64) -> Vec<ShardEffect> {
+        let mut out = Vec::with_capacity(fx.len());
+        let mut pending = vec![(address.to_owned(), fx)];
+        // Dead-lettering can chain (a dead-letter queue with its own dead-letter address);
+        // bound the chain so a cycle in configuration cannot loop.
+        let mut hops = 0;
+        while let Some((addr, fx)) = pending.pop() {
+            for e in fx {
+                match e {
+                    Effect::Deliver {
+                        consumer,
+                        seq,
+                        delivery_count,
+                    } => out.push(ShardEffect::Deliver {
+                        consumer,
+                        seq,
+                        delivery_count,
+                    }),
+                    Effect::Forget { seq } | Effect::Expired { seq } => {
+                        out.push(ShardEffect::Forget { seq })
+                    }
+                    Effect::DeadLetter { seq, .. } => {
+                        let dl = self
+                            .queues
+                            .get(&addr)
+                            .and_then(|q| q.dead_letter.clone())
+                            .filter(|d| *d != addr);
+                        match dl {
+                            Some(d) if hops < 8 => {
+                                hops += 1;
+                                let fx = self.queue(&d).queue.enqueue(seq, now, None, None);
+                                pending.push((d, fx));
+                            }
+                            _ => out.push(ShardEffect::Forget { seq }),
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The oldest message any queue still holds: log entries before it hold no live message.
+    pub fn oldest_live(&self) -> Option<Seq> {
+        self.queues.values().filter_map(|q| q.queue.min_seq()).min()
+    }
+
+    pub fn info(&self) -> Vec<QueueInfo> {
+        self.queues
+            .iter()
+            .map(|(a, q)| QueueInfo {
+                address: a.clone(),
+                depth: q.queue.depth(),
+                ready: q.queue.ready(),
+                consumers: q.queue.consumers(),
+                enqueued: q.queue.stats.enqueued,
+                acknowledged: q.queue.stats.acknowledged,
+                expired: q.queue.stats.expired,
+                dead_lettered: q.queue.stats.dead_lettered,
+                redelivered: q.queue.stats.redelivered,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enqueue(address: &str, now: u64) -> Cmd {
+        Cmd::Enqueue {
+            address: address.into(),
+            now,
+            ttl_ms: None,
+            absolute_expiry: None,
+            body: b"x".to_vec(),
+        }
+    }
+
+    #[test]
+    fn commands_round_trip() {
+        let cmds = vec![
+            Cmd::Declare {
+                address: "q".into(),
+                max_delivery_attempts: 3,
+                max_ttl_ms: Some(5),
+                dead_letter: Some("dlq".into()),
+            },
+            enqueue("q", 7),
+            Cmd::Attach {
+                consumer: 9,
+                address: "q".into(),
+                credit: 10,
+                now: 1,
+            },
+            Cmd::Credit {
+                consumer: 9,
+                credit: 2,
+                now: 2,
+            },
+            Cmd::Settle {
+                consumer: 9,
+                seq: 4,
+                outcome: Outcome::Modified {
+                    delivery_failed: true,
+                    undeliverable_here: false,
+                },
+                now: 3,
+            },
+            Cmd::Detach {
+                consumer: 9,
+                now: 4,
+            },
+            Cmd::Tick { now: 5 },
+            Cmd::Purge {
+                address: "q".into(),
+            },
+        ];
+        for c in cmds {
+            assert_eq!(Cmd::decode(&c.encode()).unwrap(), c);
+        }
+        assert!(Cmd::decode(&[2, 0, 0]).is_err());
+        assert!(Cmd::decode(&[99]).is_err());
+    }
+
+    #[test]
+    fn rejected_message_moves_to_dead_letter_queue_by_seq() {
+        let mut s = Shard::new();
+        s.apply(
+            1,
+            Cmd::Declare {
+                address: "orders".into(),
+                max_delivery_attempts: 5,
+                max_ttl_ms: None,
+                dead_letter: Some("orders.dlq".into()),
+            },
+        );
+        s.apply(2, enqueue("orders", 0));
+        let fx = s.apply(
+            3,
+            Cmd::Attach {
+                consumer: 1,
+                address: "orders".into(),
+                credit: 5,
+                now: 0,
+            },
+        );
+        assert_eq!(
+            fx,
+            vec![ShardEffect::Deliver {
+                consumer: 1,
+                seq: 2,
+                delivery_count: 0
+            }]
+        );
+        let fx = s.apply(
+            4,
+            Cmd::Settle {
+                consumer: 1,
+                seq: 2,
+                outcome: Outcome::Rejected,
+                now: 0,
+            },
+        );
+        assert!(fx.is_empty(), "moved, not forgotten: {fx:?}");
+        let fx = s.apply(
+            5,
+            Cmd::Attach {
+                consumer: 2,
+                address: "orders.dlq".into(),
+                credit: 5,
+                now: 0,
+            },
+        );
+        assert_eq!(
+            fx,
+            vec![ShardEffect::Deliver {
+                consumer: 2,
+                seq: 2,
+                delivery_count: 0
+            }]
+        );
+        assert_eq!(s.oldest_live(), Some(2));
+        let fx = s.apply(
+            6,
+            Cmd::Settle {
+                consumer: 2,
+                seq: 2,
+                outcome: Outcome::Accepted,
+                now: 0,
+            },
+        );
+        assert_eq!(fx, vec![ShardEffect::Forget { seq: 2 }]);
+        assert_eq!(s.oldest_live(), None);
+    }
+}
