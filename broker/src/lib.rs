@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod log;
+pub mod node;
 pub mod queue;
 pub mod raft;
 pub mod shard;

@@ -25,6 +25,7 @@ use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{EntryPayload, Membership, OptionalSend};
 
 use crate::log::{LogError, SegmentLog};
+use crate::shard::{Cmd, Shard, ShardEffect};
 use crate::wire::{Reader, put_bytes};
 
 /// A command in a shard's log (the state machine's input), opaque at this layer.
@@ -473,14 +474,17 @@ pub type SnapshotData = Vec<u8>;
 struct SmInner {
     last_applied: Option<LogId>,
     membership: StoredMembershipOf<C>,
-    /// Normal commands applied so far (the stand-in for shard state until the shard state
-    /// machine is wired in).
+    /// Normal commands applied so far.
     applied: u64,
+    shard: Shard,
+    /// Where the effects of applied commands go (the shard's owner); none in tests.
+    effects: Option<tokio::sync::mpsc::UnboundedSender<Vec<ShardEffect>>>,
     current: Option<(SnapshotMetaOf<C>, SnapshotData)>,
 }
 
-/// The Raft-facing side of a shard's state machine: tracks what was applied and membership,
-/// builds and installs snapshots. The shard's queues plug in behind it (next step).
+/// The Raft-facing side of a shard: applies committed commands to the [`Shard`] and hands
+/// their effects to the owner. Snapshots carry only the applied count so far, not shard
+/// state: a shard runtime must keep snapshots off (see `node`) until they do.
 #[derive(Clone, Default)]
 pub struct StateMachine {
     inner: Arc<Mutex<SmInner>>,
@@ -492,9 +496,23 @@ fn sm_lock(m: &Mutex<SmInner>) -> io::Result<MutexGuard<'_, SmInner>> {
 }
 
 impl StateMachine {
+    /// A state machine whose applied commands' effects are sent to `effects`.
+    pub fn with_effects(effects: tokio::sync::mpsc::UnboundedSender<Vec<ShardEffect>>) -> Self {
+        let sm = StateMachine::default();
+        if let Ok(mut g) = sm.inner.lock() {
+            g.effects = Some(effects);
+        }
+        sm
+    }
+
     /// Normal commands applied so far.
     pub fn applied(&self) -> u64 {
         sm_lock(&self.inner).map_or(0, |g| g.applied)
+    }
+
+    /// Reads the shard state.
+    pub fn with_shard<T>(&self, f: impl FnOnce(&Shard) -> T) -> io::Result<T> {
+        Ok(f(&sm_lock(&self.inner)?.shard))
     }
 }
 
@@ -535,7 +553,16 @@ impl RaftStateMachine<C> for StateMachine {
                 g.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => {}
-                    EntryPayload::Normal(_) => g.applied += 1,
+                    EntryPayload::Normal(c) => {
+                        g.applied += 1;
+                        // A command that does not decode is skipped on every replica alike.
+                        if let Ok(cmd) = Cmd::decode(&c.0) {
+                            let fx = g.shard.apply(entry.log_id.index, cmd);
+                            if let (false, Some(tx)) = (fx.is_empty(), g.effects.as_ref()) {
+                                let _ = tx.send(fx);
+                            }
+                        }
+                    }
                     EntryPayload::Membership(m) => {
                         g.membership = StoredMembershipOf::<C>::new(Some(entry.log_id), m)
                     }

@@ -421,6 +421,12 @@ impl Shard {
         out
     }
 
+    /// Consumers attached in the state (after a restart, these belong to connections that
+    /// died with the process and must be detached).
+    pub fn consumer_ids(&self) -> Vec<ConsumerId> {
+        self.consumers.keys().copied().collect()
+    }
+
     /// The oldest message any queue still holds: log entries before it hold no live message.
     pub fn oldest_live(&self) -> Option<Seq> {
         self.queues.values().filter_map(|q| q.queue.min_seq()).min()

@@ -1,0 +1,180 @@
+//! A shard as a running one-voter Raft group: opens the durable store, replays the log into
+//! the shard state, elects itself, and offers `propose` (a command is applied once it is
+//! committed, i.e. durable) and body reads. Effects of applied commands arrive on
+//! [`ShardNode::effects`]. Replication to more voters is issue 4; a one-voter group already
+//! runs the same code path.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::errors::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::storage::{RaftLogReader, RaftLogStorage};
+use openraft::type_config::alias::{SnapshotOf, VoteOf};
+use openraft::{EntryPayload, OptionalSend, ServerState, SnapshotPolicy};
+use tokio::sync::mpsc;
+
+use crate::raft::{C, Command, LogStore, NodeAddr, SnapshotData, StateMachine};
+use crate::shard::{Cmd, ShardEffect};
+
+/// Network of a one-voter group: there is nobody to talk to.
+pub struct NoPeers;
+
+fn alone() -> Unreachable<C> {
+    Unreachable::from_string("one-voter shard has no peers")
+}
+
+impl RaftNetworkFactory<C> for NoPeers {
+    type Network = NoPeers;
+    async fn new_client(&mut self, _target: u64, _node: &NodeAddr) -> Self::Network {
+        NoPeers
+    }
+}
+
+impl RaftNetworkV2<C> for NoPeers {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        _rpc: AppendEntriesRequest<C>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
+        Err(RPCError::Unreachable(alone()))
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: VoteRequest<C>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        Err(RPCError::Unreachable(alone()))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        _vote: VoteOf<C>,
+        _snapshot: SnapshotOf<C, SnapshotData>,
+        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        Err(StreamingError::Unreachable(alone()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("storage: {0}")]
+    Io(#[from] io::Error),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+fn raft_err(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Raft(e.to_string())
+}
+
+pub struct ShardNode {
+    raft: openraft::Raft<C, StateMachine>,
+    store: LogStore,
+    sm: StateMachine,
+    /// Effects of committed commands, in log order.
+    pub effects: mpsc::UnboundedReceiver<Vec<ShardEffect>>,
+}
+
+impl ShardNode {
+    /// Opens the shard stored in `dir` (creating it), as node `id` and the only voter.
+    pub async fn open(dir: &Path, id: u64, now_ms: u64) -> Result<ShardNode, NodeError> {
+        let store = LogStore::open(dir, 64 * 1024 * 1024)?;
+        let (tx, effects) = mpsc::unbounded_channel();
+        let sm = StateMachine::with_effects(tx);
+        let config = openraft::Config {
+            cluster_name: "enmesh-shard".into(),
+            // Snapshots do not carry shard state yet: never build one (the log is replayed).
+            snapshot_policy: SnapshotPolicy::Never,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(raft_err)?;
+        let raft = openraft::Raft::new(id, Arc::new(config), NoPeers, store.clone(), sm.clone())
+            .await
+            .map_err(raft_err)?;
+        if !raft.is_initialized().await.map_err(raft_err)? {
+            let members = BTreeMap::from([(id, NodeAddr::default())]);
+            raft.initialize(members).await.map_err(raft_err)?;
+        }
+        raft.wait(Some(Duration::from_secs(10)))
+            .state(ServerState::Leader, "shard leader")
+            .await
+            .map_err(raft_err)?;
+        let mut node = ShardNode {
+            raft,
+            store,
+            sm,
+            effects,
+        };
+        // Wait until the replayed log is applied, then detach the consumers of the previous
+        // run: their connections are gone, their messages go back with one more attempt.
+        node.propose(&Cmd::Tick { now: now_ms }).await?;
+        let stale = node.sm.with_shard(|s| s.consumer_ids())?;
+        for consumer in stale {
+            node.propose(&Cmd::Detach {
+                consumer,
+                now: now_ms,
+            })
+            .await?;
+        }
+        Ok(node)
+    }
+
+    /// Appends `cmd` to the log and returns its log index once it is committed (durable) and
+    /// applied.
+    pub async fn propose(&mut self, cmd: &Cmd) -> Result<u64, NodeError> {
+        let r = self
+            .raft
+            .client_write(Command(cmd.encode()))
+            .await
+            .map_err(raft_err)?;
+        Ok(r.log_id.index)
+    }
+
+    /// The body of message `seq` (from its enqueue entry in the log).
+    pub async fn body(&mut self, seq: u64) -> Result<Vec<u8>, NodeError> {
+        let mut reader = self.store.get_log_reader().await;
+        let entries = reader.try_get_log_entries(seq..=seq).await?;
+        let Some(e) = entries.into_iter().next() else {
+            return Err(NodeError::Io(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no log entry {seq}"),
+            )));
+        };
+        match e.payload {
+            EntryPayload::Normal(c) => match Cmd::decode(&c.0)? {
+                Cmd::Enqueue { body, .. } => Ok(body),
+                _ => Err(NodeError::Io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("entry {seq} is not a message"),
+                ))),
+            },
+            _ => Err(NodeError::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("entry {seq} is not a message"),
+            ))),
+        }
+    }
+
+    /// Reads the shard state.
+    pub fn with_shard<T>(&self, f: impl FnOnce(&crate::shard::Shard) -> T) -> io::Result<T> {
+        self.sm.with_shard(f)
+    }
+
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        self.raft.shutdown().await.map_err(raft_err)
+    }
+}
