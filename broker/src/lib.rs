@@ -1,10 +1,10 @@
 //! `enmesh-broker`: broker shards (store-and-forward addresses).
 //!
 //! Built so far: [`log`], the segmented, checksummed log with crash recovery; [`raft`], the only
-//! module that sees openraft (type config, the durable log store with group commit, the
-//! Raft-facing state machine shell); [`queue`], one queue as a deterministic state machine.
-//! To come (issue 3): shard commands wiring queues behind the state machine, topics and
-//! subscriptions, snapshots of real state, the router integration and `enmesh broker`.
+//! module that sees openraft (type config, the durable log store with group commit, the state
+//! machine that applies committed [`shard::Cmd`]s); [`shard`] and [`queue`], the deterministic
+//! shard state; [`node`], a shard as a running one-voter Raft group. To come (issue 3): topics
+//! and subscriptions, snapshots of shard state, the router integration and `enmesh broker`.
 #![forbid(unsafe_code)]
 
 pub mod log;
