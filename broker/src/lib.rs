@@ -12,4 +12,5 @@ pub mod node;
 pub mod queue;
 pub mod raft;
 pub mod shard;
+pub mod topic;
 pub mod wire;

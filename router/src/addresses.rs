@@ -1,7 +1,8 @@
 //! Address rules: which type an address string has. Exact names win over prefixes (longest
 //! first), prefixes over patterns (in declaration order), patterns over the default.
 //!
-//! Patterns use `/` as separator, `*` for exactly one segment and `#` for zero or more.
+//! Patterns use `/` as separator, `*` for exactly one segment and `#` for zero or more
+//! (`broker::topic::matches`).
 
 use std::collections::HashMap;
 
@@ -121,22 +122,10 @@ impl Rules {
     }
 }
 
-/// Matches `/`-separated segments: `*` is one segment, `#` zero or more.
+/// Matches `/`-separated levels: `*` is one level, `#` zero or more (the broker's topic rules,
+/// so that a router pattern and a subscription filter mean the same thing).
 pub fn pattern_matches(pattern: &str, address: &str) -> bool {
-    let p: Vec<&str> = pattern.split('/').collect();
-    let a: Vec<&str> = address.split('/').collect();
-    fn m(p: &[&str], a: &[&str]) -> bool {
-        match (p.first(), a.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => m(&p[1..], a) || (!a.is_empty() && m(p, &a[1..])),
-            (Some(&"*"), Some(_)) => m(&p[1..], &a[1..]),
-            (Some(x), Some(y)) if x == y => m(&p[1..], &a[1..]),
-            _ => false,
-        }
-    }
-    // Bounded work: patterns and addresses are length-limited, and `#` backtracking is at most
-    // quadratic in segments.
-    p.len() <= 64 && a.len() <= 256 && m(&p, &a)
+    broker::topic::matches(pattern, address)
 }
 
 #[cfg(test)]
