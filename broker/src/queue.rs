@@ -128,6 +128,11 @@ impl Queue {
         self.policy = policy;
     }
 
+    /// Every message held (ready or unacknowledged), in sequence order.
+    pub fn seqs(&self) -> Vec<Seq> {
+        self.msgs.keys().copied().collect()
+    }
+
     /// The oldest message held, if any.
     pub fn min_seq(&self) -> Option<Seq> {
         self.msgs.keys().next().copied()

@@ -58,6 +58,30 @@ pub enum Cmd {
     Purge {
         address: String,
     },
+    /// Attaches `consumer` to subscription `name` on topics matching `filter` (creating the
+    /// subscription if needed). A durable subscription keeps collecting messages while no
+    /// consumer is attached; a non-durable one goes away with its last consumer. Several
+    /// consumers of one subscription compete (shared subscription).
+    Subscribe {
+        consumer: ConsumerId,
+        name: String,
+        filter: String,
+        durable: bool,
+        credit: u32,
+        now: u64,
+    },
+    /// A message published on `topic`: every subscription whose filter matches gets it.
+    Publish {
+        topic: String,
+        now: u64,
+        ttl_ms: Option<u64>,
+        absolute_expiry: Option<u64>,
+        body: Vec<u8>,
+    },
+    /// Removes a subscription and what it holds.
+    Unsubscribe {
+        name: String,
+    },
 }
 
 fn bad(why: &'static str) -> io::Error {
@@ -163,6 +187,40 @@ impl Cmd {
                 o.push(8);
                 put_bytes(&mut o, address.as_bytes());
             }
+            Cmd::Subscribe {
+                consumer,
+                name,
+                filter,
+                durable,
+                credit,
+                now,
+            } => {
+                o.push(9);
+                put_u64(&mut o, *consumer);
+                put_bytes(&mut o, name.as_bytes());
+                put_bytes(&mut o, filter.as_bytes());
+                o.push(*durable as u8);
+                put_u32(&mut o, *credit);
+                put_u64(&mut o, *now);
+            }
+            Cmd::Publish {
+                topic,
+                now,
+                ttl_ms,
+                absolute_expiry,
+                body,
+            } => {
+                o.push(10);
+                put_bytes(&mut o, topic.as_bytes());
+                put_u64(&mut o, *now);
+                put_opt_u64(&mut o, *ttl_ms);
+                put_opt_u64(&mut o, *absolute_expiry);
+                put_bytes(&mut o, body);
+            }
+            Cmd::Unsubscribe { name } => {
+                o.push(11);
+                put_bytes(&mut o, name.as_bytes());
+            }
         }
         o
     }
@@ -221,6 +279,22 @@ impl Cmd {
             8 => Cmd::Purge {
                 address: r.string()?,
             },
+            9 => Cmd::Subscribe {
+                consumer: r.u64()?,
+                name: r.string()?,
+                filter: r.string()?,
+                durable: r.u8()? != 0,
+                credit: r.u32()?,
+                now: r.u64()?,
+            },
+            10 => Cmd::Publish {
+                topic: r.string()?,
+                now: r.u64()?,
+                ttl_ms: r.opt_u64()?,
+                absolute_expiry: r.opt_u64()?,
+                body: r.bytes()?,
+            },
+            11 => Cmd::Unsubscribe { name: r.string()? },
             _ => return Err(bad("unknown command")),
         };
         if !r.is_empty() {
@@ -262,11 +336,26 @@ pub struct QueueInfo {
     pub redelivered: u64,
 }
 
+/// A subscription's binding to topics.
+struct Binding {
+    filter: String,
+    durable: bool,
+}
+
+/// The queue that holds a subscription's messages.
+fn sub_queue(name: &str) -> String {
+    format!("$sub:{name}")
+}
+
 #[derive(Default)]
 pub struct Shard {
     queues: BTreeMap<String, QueueEntry>,
     /// Which queue each attached consumer reads.
     consumers: BTreeMap<ConsumerId, String>,
+    /// Subscriptions by queue name.
+    bindings: BTreeMap<String, Binding>,
+    /// How many queues hold each message (a published message may be in many).
+    refs: BTreeMap<Seq, u32>,
 }
 
 impl Shard {
@@ -307,6 +396,7 @@ impl Shard {
                 absolute_expiry,
                 body: _,
             } => {
+                self.refs.insert(index, 1);
                 let fx = self
                     .queue(&address)
                     .queue
@@ -366,6 +456,57 @@ impl Shard {
                 let fx = self.queue(&address).queue.purge();
                 (address, fx, 0)
             }
+            Cmd::Subscribe {
+                consumer,
+                name,
+                filter,
+                durable,
+                credit,
+                now,
+            } => {
+                let q = sub_queue(&name);
+                let mut fx = self.detach(consumer, now);
+                let b = self.bindings.entry(q.clone()).or_insert(Binding {
+                    filter: filter.clone(),
+                    durable,
+                });
+                // A durable subscription reattached with another filter takes the new one.
+                b.filter = filter;
+                b.durable = durable;
+                self.consumers.insert(consumer, q.clone());
+                let more = self.queue(&q).queue.attach(consumer, credit, now);
+                fx.extend(self.resolve(&q, more, now));
+                return fx;
+            }
+            Cmd::Publish {
+                topic,
+                now,
+                ttl_ms,
+                absolute_expiry,
+                body: _,
+            } => {
+                let targets: Vec<String> = self
+                    .bindings
+                    .iter()
+                    .filter(|(_, b)| crate::topic::matches(&b.filter, &topic))
+                    .map(|(q, _)| q.clone())
+                    .collect();
+                if targets.is_empty() {
+                    // Nobody subscribed: the message is not kept.
+                    return vec![ShardEffect::Forget { seq: index }];
+                }
+                self.refs.insert(index, targets.len() as u32);
+                let mut out = Vec::new();
+                for q in targets {
+                    let fx = self
+                        .queue(&q)
+                        .queue
+                        .enqueue(index, now, ttl_ms, absolute_expiry);
+                    out.extend(self.resolve(&q, fx, now));
+                }
+                return out;
+            }
+            Cmd::Unsubscribe { name } => return self.unsubscribe(&sub_queue(&name)),
         };
         self.resolve(&address, fx, now)
     }
@@ -375,7 +516,44 @@ impl Shard {
             return Vec::new();
         };
         let fx = self.queue(&address).queue.detach(consumer, now);
-        self.resolve(&address, fx, now)
+        let mut out = self.resolve(&address, fx, now);
+        let orphan = self.bindings.get(&address).is_some_and(|b| !b.durable)
+            && self
+                .queues
+                .get(&address)
+                .is_some_and(|q| q.queue.consumers() == 0);
+        if orphan {
+            out.extend(self.unsubscribe(&address));
+        }
+        out
+    }
+
+    /// Drops a subscription queue, its binding, its consumers and its hold on messages.
+    fn unsubscribe(&mut self, queue: &str) -> Vec<ShardEffect> {
+        self.bindings.remove(queue);
+        self.consumers.retain(|_, q| q != queue);
+        let mut out = Vec::new();
+        if let Some(entry) = self.queues.remove(queue) {
+            for seq in entry.queue.seqs() {
+                self.release(seq, &mut out);
+            }
+        }
+        out
+    }
+
+    /// One queue no longer holds `seq`; the log entry is forgotten when none does.
+    fn release(&mut self, seq: Seq, out: &mut Vec<ShardEffect>) {
+        let left = match self.refs.get_mut(&seq) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            self.refs.remove(&seq);
+            out.push(ShardEffect::Forget { seq });
+        }
     }
 
     /// Turns queue effects into shard effects; dead letters move to the dead-letter queue.
@@ -397,9 +575,7 @@ impl Shard {
                         seq,
                         delivery_count,
                     }),
-                    Effect::Forget { seq } | Effect::Expired { seq } => {
-                        out.push(ShardEffect::Forget { seq })
-                    }
+                    Effect::Forget { seq } | Effect::Expired { seq } => self.release(seq, &mut out),
                     Effect::DeadLetter { seq, .. } => {
                         let dl = self
                             .queues
@@ -412,7 +588,7 @@ impl Shard {
                                 let fx = self.queue(&d).queue.enqueue(seq, now, None, None);
                                 pending.push((d, fx));
                             }
-                            _ => out.push(ShardEffect::Forget { seq }),
+                            _ => self.release(seq, &mut out),
                         }
                     }
                 }
@@ -579,5 +755,141 @@ mod tests {
         );
         assert_eq!(fx, vec![ShardEffect::Forget { seq: 2 }]);
         assert_eq!(s.oldest_live(), None);
+    }
+    fn publish(topic: &str) -> Cmd {
+        Cmd::Publish {
+            topic: topic.into(),
+            now: 0,
+            ttl_ms: None,
+            absolute_expiry: None,
+            body: b"t".to_vec(),
+        }
+    }
+
+    fn subscribe(consumer: u64, name: &str, filter: &str, durable: bool) -> Cmd {
+        Cmd::Subscribe {
+            consumer,
+            name: name.into(),
+            filter: filter.into(),
+            durable,
+            credit: 10,
+            now: 0,
+        }
+    }
+
+    fn settle(consumer: u64, seq: u64) -> Cmd {
+        Cmd::Settle {
+            consumer,
+            seq,
+            outcome: Outcome::Accepted,
+            now: 0,
+        }
+    }
+
+    fn deliver(consumer: u64, seq: u64) -> ShardEffect {
+        ShardEffect::Deliver {
+            consumer,
+            seq,
+            delivery_count: 0,
+        }
+    }
+
+    #[test]
+    fn topic_commands_round_trip() {
+        for c in [
+            publish("a/b"),
+            subscribe(3, "s", "a/#", true),
+            Cmd::Unsubscribe { name: "s".into() },
+        ] {
+            assert_eq!(Cmd::decode(&c.encode()).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn fan_out_to_matching_subscriptions_and_forget_after_last_ack() {
+        let mut s = Shard::new();
+        assert_eq!(
+            s.apply(1, publish("sensors/a/temp")),
+            vec![ShardEffect::Forget { seq: 1 }]
+        );
+        s.apply(2, subscribe(10, "all", "sensors/#", false));
+        s.apply(3, subscribe(11, "a-temp", "sensors/a/temp", false));
+        s.apply(4, subscribe(12, "b", "sensors/b/*", false));
+        let fx = s.apply(5, publish("sensors/a/temp"));
+        assert_eq!(fx, vec![deliver(11, 5), deliver(10, 5)]);
+        assert!(s.apply(6, settle(10, 5)).is_empty(), "still held by a-temp");
+        assert_eq!(
+            s.apply(7, settle(11, 5)),
+            vec![ShardEffect::Forget { seq: 5 }]
+        );
+        assert_eq!(s.oldest_live(), None);
+    }
+
+    #[test]
+    fn durable_subscription_keeps_messages_while_away_non_durable_does_not() {
+        let mut s = Shard::new();
+        s.apply(1, subscribe(1, "d", "news/#", true));
+        s.apply(2, subscribe(2, "nd", "news/#", false));
+        s.apply(
+            3,
+            Cmd::Detach {
+                consumer: 1,
+                now: 0,
+            },
+        );
+        // The non-durable one goes away with its consumer.
+        s.apply(
+            4,
+            Cmd::Detach {
+                consumer: 2,
+                now: 0,
+            },
+        );
+        assert!(
+            s.apply(5, publish("news/x")).is_empty(),
+            "kept for the durable one"
+        );
+        let fx = s.apply(6, subscribe(3, "d", "news/#", true));
+        assert_eq!(fx, vec![deliver(3, 5)]);
+        assert_eq!(
+            s.apply(7, settle(3, 5)),
+            vec![ShardEffect::Forget { seq: 5 }]
+        );
+    }
+
+    #[test]
+    fn shared_subscription_consumers_compete() {
+        let mut s = Shard::new();
+        s.apply(1, subscribe(1, "work", "jobs", true));
+        s.apply(2, subscribe(2, "work", "jobs", true));
+        let mut got = Vec::new();
+        for i in 3..7 {
+            got.extend(s.apply(i, publish("jobs")));
+        }
+        assert_eq!(
+            got,
+            vec![deliver(1, 3), deliver(2, 4), deliver(1, 5), deliver(2, 6)]
+        );
+    }
+
+    #[test]
+    fn unsubscribe_releases_what_it_held() {
+        let mut s = Shard::new();
+        s.apply(1, subscribe(1, "x", "t", true));
+        s.apply(2, subscribe(2, "y", "t", true));
+        s.apply(
+            3,
+            Cmd::Detach {
+                consumer: 1,
+                now: 0,
+            },
+        );
+        s.apply(4, publish("t"));
+        let fx = s.apply(5, Cmd::Unsubscribe { name: "x".into() });
+        assert!(fx.is_empty(), "y still holds it: {fx:?}");
+        assert_eq!(
+            s.apply(6, settle(2, 4)),
+            vec![ShardEffect::Forget { seq: 4 }]
+        );
     }
 }
