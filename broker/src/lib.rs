@@ -11,6 +11,7 @@ pub mod log;
 pub mod node;
 pub mod queue;
 pub mod raft;
+pub mod service;
 pub mod shard;
 pub mod topic;
 pub mod wire;

@@ -80,9 +80,16 @@ fn raft_err(e: impl std::fmt::Display) -> NodeError {
     NodeError::Raft(e.to_string())
 }
 
-pub struct ShardNode {
+/// What can propose to and read from a shard; cheap to clone, so many proposals can be in
+/// flight at once (openraft batches them into one append: group commit).
+#[derive(Clone)]
+pub struct ShardHandle {
     raft: openraft::Raft<C, StateMachine>,
     store: LogStore,
+}
+
+pub struct ShardNode {
+    handle: ShardHandle,
     sm: StateMachine,
     /// Effects of committed commands, in log order.
     pub effects: mpsc::UnboundedReceiver<Vec<ShardEffect>>,
@@ -113,9 +120,8 @@ impl ShardNode {
             .state(ServerState::Leader, "shard leader")
             .await
             .map_err(raft_err)?;
-        let mut node = ShardNode {
-            raft,
-            store,
+        let node = ShardNode {
+            handle: ShardHandle { raft, store },
             sm,
             effects,
         };
@@ -133,9 +139,35 @@ impl ShardNode {
         Ok(node)
     }
 
+    /// A handle for proposing and reading concurrently.
+    pub fn handle(&self) -> ShardHandle {
+        self.handle.clone()
+    }
+
+    /// See [`ShardHandle::propose`].
+    pub async fn propose(&self, cmd: &Cmd) -> Result<u64, NodeError> {
+        self.handle.propose(cmd).await
+    }
+
+    /// See [`ShardHandle::body`].
+    pub async fn body(&self, seq: u64) -> Result<Vec<u8>, NodeError> {
+        self.handle.body(seq).await
+    }
+
+    /// Reads the shard state.
+    pub fn with_shard<T>(&self, f: impl FnOnce(&crate::shard::Shard) -> T) -> io::Result<T> {
+        self.sm.with_shard(f)
+    }
+
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        self.handle.raft.shutdown().await.map_err(raft_err)
+    }
+}
+
+impl ShardHandle {
     /// Appends `cmd` to the log and returns its log index once it is committed (durable) and
     /// applied.
-    pub async fn propose(&mut self, cmd: &Cmd) -> Result<u64, NodeError> {
+    pub async fn propose(&self, cmd: &Cmd) -> Result<u64, NodeError> {
         let r = self
             .raft
             .client_write(Command(cmd.encode()))
@@ -144,9 +176,31 @@ impl ShardNode {
         Ok(r.log_id.index)
     }
 
-    /// The body of message `seq` (from its enqueue entry in the log).
-    pub async fn body(&mut self, seq: u64) -> Result<Vec<u8>, NodeError> {
-        let mut reader = self.store.get_log_reader().await;
+    /// Appends `cmds` in this order as one batch and returns, once they are all submitted, a
+    /// stream of their outcomes in the same order (each resolves when committed and applied).
+    /// Submitting the next batch before this one completes keeps the log order.
+    pub async fn propose_many(
+        &self,
+        cmds: impl IntoIterator<Item = Cmd>,
+    ) -> Result<futures_util::stream::BoxStream<'static, Result<u64, NodeError>>, NodeError> {
+        use futures_util::StreamExt;
+        let stream = self
+            .raft
+            .client_write_many(cmds.into_iter().map(|c| Command(c.encode())))
+            .await
+            .map_err(raft_err)?;
+        Ok(stream
+            .map(|r| match r {
+                Ok(Ok(w)) => Ok(w.log_id.index),
+                Ok(Err(e)) => Err(raft_err(e)),
+                Err(e) => Err(raft_err(e)),
+            })
+            .boxed())
+    }
+
+    /// The body of message `seq` (from its enqueue or publish entry in the log).
+    pub async fn body(&self, seq: u64) -> Result<Vec<u8>, NodeError> {
+        let mut reader = self.store.clone().get_log_reader().await;
         let entries = reader.try_get_log_entries(seq..=seq).await?;
         let Some(e) = entries.into_iter().next() else {
             return Err(NodeError::Io(io::Error::new(
@@ -156,7 +210,7 @@ impl ShardNode {
         };
         match e.payload {
             EntryPayload::Normal(c) => match Cmd::decode(&c.0)? {
-                Cmd::Enqueue { body, .. } => Ok(body),
+                Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Ok(body),
                 _ => Err(NodeError::Io(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("entry {seq} is not a message"),
@@ -167,14 +221,5 @@ impl ShardNode {
                 format!("entry {seq} is not a message"),
             ))),
         }
-    }
-
-    /// Reads the shard state.
-    pub fn with_shard<T>(&self, f: impl FnOnce(&crate::shard::Shard) -> T) -> io::Result<T> {
-        self.sm.with_shard(f)
-    }
-
-    pub async fn shutdown(self) -> Result<(), NodeError> {
-        self.raft.shutdown().await.map_err(raft_err)
     }
 }
