@@ -3,8 +3,9 @@
 //! Built so far: [`log`], the segmented, checksummed log with crash recovery; [`raft`], the only
 //! module that sees openraft (type config, the durable log store with group commit, the state
 //! machine that applies committed [`shard::Cmd`]s); [`shard`] and [`queue`], the deterministic
-//! shard state; [`node`], a shard as a running one-voter Raft group. To come (issue 3): topics
-//! and subscriptions, snapshots of shard state, the router integration and `enmesh broker`.
+//! shard state; [`node`], a shard as a running one-voter Raft group; [`service`], the task the
+//! router talks to. To come (issue 3): snapshots of shard state, the router integration and
+//! `enmesh broker`.
 #![forbid(unsafe_code)]
 
 pub mod log;
