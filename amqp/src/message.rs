@@ -37,6 +37,45 @@ pub fn find_to(msg: &[u8]) -> Result<Option<String>, DecodeError> {
     Ok(None)
 }
 
+/// What a store needs to know to expire a message: the header's `ttl` (ms) and the
+/// properties' `absolute-expiry-time` (ms since the epoch). Sections after the properties are
+/// not read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub ttl_ms: Option<u64>,
+    pub absolute_expiry_ms: Option<u64>,
+}
+
+pub fn expiry(msg: &[u8]) -> Result<Expiry, DecodeError> {
+    let mut e = Expiry::default();
+    let mut d = Decoder::new(msg);
+    while !d.is_empty() {
+        let mut probe = d.clone();
+        match probe.descriptor()? {
+            Some(HEADER) => {
+                let mut l = probe.list()?;
+                l.skip()?; // durable
+                l.skip()?; // priority
+                e.ttl_ms = l.any_uint()?.map(u64::from);
+                d.skip()?;
+            }
+            Some(DELIVERY_ANNOTATIONS) | Some(MESSAGE_ANNOTATIONS) => d.skip()?,
+            Some(PROPERTIES) => {
+                let mut l = probe.list()?;
+                for _ in 0..8 {
+                    l.skip()?; // message-id .. creation-time's predecessors
+                }
+                if let Some(Value::Timestamp(t)) = l.value()? {
+                    e.absolute_expiry_ms = u64::try_from(t).ok();
+                }
+                return Ok(e);
+            }
+            _ => return Ok(e),
+        }
+    }
+    Ok(e)
+}
+
 /// Options for [`build`].
 #[derive(Default, Clone)]
 pub struct Simple<'a> {
@@ -65,10 +104,9 @@ pub fn build(m: &Simple, out: &mut BytesMut) {
             .null()
             .string(m.reply_to)
             .ulong(m.correlation_id)
-            .null()
-            .null()
-            .null()
-            .null();
+            .null() // content-type
+            .null() // content-encoding
+            .null(); // absolute-expiry-time
         if let Some(t) = m.creation_time_ms {
             f.e.value(&Value::Timestamp(t));
             if let Some(l) = f.l.as_mut() {
@@ -117,10 +155,9 @@ pub fn parse(msg: &[u8]) -> Result<Parsed, DecodeError> {
                 l.skip()?;
                 p.reply_to = l.address()?;
                 p.correlation_id = l.value()?;
-                l.skip()?;
-                l.skip()?;
-                l.skip()?;
-                l.skip()?;
+                l.skip()?; // content-type
+                l.skip()?; // content-encoding
+                l.skip()?; // absolute-expiry-time
                 if let Some(Value::Timestamp(t)) = l.value()? {
                     p.creation_time_ms = Some(t);
                 }
@@ -149,4 +186,42 @@ pub fn parse(msg: &[u8]) -> Result<Parsed, DecodeError> {
     }
     p.body = body.freeze();
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creation_time_is_field_nine_and_expiry_reads_header_and_properties() {
+        let mut b = BytesMut::new();
+        build(
+            &Simple {
+                message_id: Some(1),
+                creation_time_ms: Some(42),
+                body: b"x",
+                ..Default::default()
+            },
+            &mut b,
+        );
+        assert_eq!(parse(&b).unwrap().creation_time_ms, Some(42));
+        // header [durable=false, priority=null, ttl=5000] + properties with absolute-expiry 99
+        let mut m = BytesMut::new();
+        let mut f = Fields::new(&mut m, HEADER);
+        f.boolean(Some(false)).null().uint(Some(5000));
+        f.finish();
+        let mut f = Fields::new(&mut m, PROPERTIES);
+        for _ in 0..8 {
+            f.null();
+        }
+        f.e.value(&Value::Timestamp(99));
+        if let Some(l) = f.l.as_mut() {
+            l.field(f.e.buf, true);
+        }
+        f.finish();
+        let e = expiry(&m).unwrap();
+        assert_eq!(e.ttl_ms, Some(5000));
+        assert_eq!(e.absolute_expiry_ms, Some(99));
+        assert_eq!(expiry(&b).unwrap(), Expiry::default());
+    }
 }
