@@ -7,7 +7,7 @@
 //! request completes (`done`) when its message is committed, which is when the router may send
 //! `accepted`.
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::node::{ShardHandle, ShardNode};
 use crate::queue::{ConsumerId, Outcome, Seq};
@@ -16,8 +16,11 @@ use crate::shard::{Cmd, ShardEffect};
 /// Most requests proposed as one batch.
 const MAX_BATCH: usize = 1024;
 
-/// Outcome of a store request: `Ok` once durable.
-pub type Done = oneshot::Sender<Result<(), String>>;
+/// A tag the caller chooses for a store request; its completion comes back with it.
+pub type Tag = u64;
+
+/// Completions of store requests: `(tag, Ok)` once durable, `(tag, Err(why))` if it failed.
+pub type Completions = mpsc::UnboundedSender<Vec<(Tag, Result<(), String>)>>;
 
 #[derive(Debug)]
 pub enum Request {
@@ -26,14 +29,14 @@ pub enum Request {
         ttl_ms: Option<u64>,
         absolute_expiry: Option<u64>,
         body: Vec<u8>,
-        done: Option<Done>,
+        done: Option<Tag>,
     },
     Publish {
         topic: String,
         ttl_ms: Option<u64>,
         absolute_expiry: Option<u64>,
         body: Vec<u8>,
-        done: Option<Done>,
+        done: Option<Tag>,
     },
     Attach {
         consumer: ConsumerId,
@@ -77,7 +80,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Done>) {
+fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
     match r {
         Request::Enqueue {
             address,
@@ -170,8 +173,9 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Done>) {
 /// go to `deliveries`; a periodic tick expires messages.
 pub async fn run(
     node: ShardNode,
-    mut requests: mpsc::Receiver<Request>,
+    mut requests: mpsc::UnboundedReceiver<Request>,
     deliveries: mpsc::UnboundedSender<Vec<Delivery>>,
+    completions: Completions,
 ) {
     let handle = node.handle();
     let ShardNode { mut effects, .. } = node;
@@ -213,15 +217,15 @@ pub async fn run(
                     break;
                 }
                 let now = now_ms();
-                let (cmds, dones): (Vec<Cmd>, Vec<Option<Done>>) =
+                let (cmds, tags): (Vec<Cmd>, Vec<Option<Tag>>) =
                     batch.drain(..).map(|r| to_cmd(r, now)).unzip();
-                submit(&handle, cmds, dones).await;
+                submit(&handle, cmds, tags, &completions).await;
             }
             Some(fx) = effects.recv() => {
                 let _ = fx_tx.send(fx);
             }
             _ = tick.tick() => {
-                submit(&handle, vec![Cmd::Tick { now: now_ms() }], vec![None]).await;
+                submit(&handle, vec![Cmd::Tick { now: now_ms() }], vec![None], &completions).await;
             }
         }
     }
@@ -229,28 +233,42 @@ pub async fn run(
     let _ = body_task.await;
 }
 
-/// Submits one batch in order and completes its `done` senders as commits arrive, without
+/// Submits one batch in order and reports its tagged requests as commits arrive, without
 /// holding up the next batch.
-async fn submit(handle: &ShardHandle, cmds: Vec<Cmd>, dones: Vec<Option<Done>>) {
+async fn submit(handle: &ShardHandle, cmds: Vec<Cmd>, tags: Vec<Option<Tag>>, done: &Completions) {
     use futures_util::StreamExt;
+    let any = tags.iter().any(Option::is_some);
     match handle.propose_many(cmds).await {
         Ok(mut results) => {
+            let done = done.clone();
             tokio::spawn(async move {
-                for done in dones {
+                let mut out = Vec::new();
+                for tag in tags {
                     let r = results.next().await;
-                    if let Some(d) = done {
-                        let _ = d.send(match r {
-                            Some(Ok(_)) => Ok(()),
-                            Some(Err(e)) => Err(e.to_string()),
-                            None => Err("shard stopped".into()),
-                        });
+                    if let Some(t) = tag {
+                        out.push((
+                            t,
+                            match r {
+                                Some(Ok(_)) => Ok(()),
+                                Some(Err(e)) => Err(e.to_string()),
+                                None => Err("shard stopped".into()),
+                            },
+                        ));
                     }
+                }
+                if any {
+                    let _ = done.send(out);
                 }
             });
         }
         Err(e) => {
-            for d in dones.into_iter().flatten() {
-                let _ = d.send(Err(e.to_string()));
+            let out: Vec<_> = tags
+                .into_iter()
+                .flatten()
+                .map(|t| (t, Err(e.to_string())))
+                .collect();
+            if !out.is_empty() {
+                let _ = done.send(out);
             }
         }
     }

@@ -4,7 +4,7 @@
 use broker::node::ShardNode;
 use broker::queue::Outcome;
 use broker::service::{self, Request};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 mod common;
 use common::TempDir;
@@ -13,28 +13,29 @@ use common::TempDir;
 async fn enqueue_commit_deliver_settle() {
     let d = TempDir::new();
     let node = ShardNode::open(&d.0, 1, service::now_ms()).await.unwrap();
-    let (req_tx, req_rx) = mpsc::channel(4096);
+    let (req_tx, req_rx) = mpsc::unbounded_channel();
     let (dl_tx, mut dl_rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(service::run(node, req_rx, dl_tx));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(service::run(node, req_rx, dl_tx, done_tx));
 
     const N: usize = 500;
-    let mut dones = Vec::new();
     for i in 0..N {
-        let (tx, rx) = oneshot::channel();
         req_tx
             .send(Request::Enqueue {
                 address: "work".into(),
                 ttl_ms: None,
                 absolute_expiry: None,
                 body: format!("job-{i}").into_bytes(),
-                done: Some(tx),
+                done: Some(i as u64),
             })
-            .await
             .unwrap();
-        dones.push(rx);
     }
-    for rx in dones {
-        rx.await.unwrap().expect("committed");
+    let mut committed = std::collections::BTreeSet::new();
+    while committed.len() < N {
+        for (tag, r) in done_rx.recv().await.expect("completions") {
+            r.expect("committed");
+            assert!(committed.insert(tag));
+        }
     }
     req_tx
         .send(Request::Attach {
@@ -42,7 +43,6 @@ async fn enqueue_commit_deliver_settle() {
             address: "work".into(),
             credit: N as u32,
         })
-        .await
         .unwrap();
     let mut got = Vec::new();
     while got.len() < N {
@@ -61,7 +61,6 @@ async fn enqueue_commit_deliver_settle() {
                 seq: dlv.seq,
                 outcome: Outcome::Accepted,
             })
-            .await
             .unwrap();
     }
     // A topic publish reaches a durable subscriber.
@@ -73,20 +72,18 @@ async fn enqueue_commit_deliver_settle() {
             durable: true,
             credit: 10,
         })
-        .await
         .unwrap();
-    let (tx, rx) = oneshot::channel();
     req_tx
         .send(Request::Publish {
             topic: "events/login".into(),
             ttl_ms: None,
             absolute_expiry: None,
             body: b"alice".to_vec(),
-            done: Some(tx),
+            done: Some(7777),
         })
-        .await
         .unwrap();
-    rx.await.unwrap().unwrap();
+    let c = done_rx.recv().await.unwrap();
+    assert_eq!(c, vec![(7777, Ok(()))]);
     let batch = tokio::time::timeout(std::time::Duration::from_secs(10), dl_rx.recv())
         .await
         .unwrap()
