@@ -86,6 +86,8 @@ fn raft_err(e: impl std::fmt::Display) -> NodeError {
 pub struct ShardHandle {
     raft: openraft::Raft<C, StateMachine>,
     store: LogStore,
+    /// Held while any handle lives: one process per data directory.
+    _lock: Arc<std::fs::File>,
 }
 
 pub struct ShardNode {
@@ -98,6 +100,21 @@ pub struct ShardNode {
 impl ShardNode {
     /// Opens the shard stored in `dir` (creating it), as node `id` and the only voter.
     pub async fn open(dir: &Path, id: u64, now_ms: u64) -> Result<ShardNode, NodeError> {
+        std::fs::create_dir_all(dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "data directory {} is in use by another process",
+                    dir.display()
+                ),
+            )
+        })?;
         let store = LogStore::open(dir, 64 * 1024 * 1024)?;
         let (tx, effects) = mpsc::unbounded_channel();
         let sm = StateMachine::with_effects(tx);
@@ -121,7 +138,11 @@ impl ShardNode {
             .await
             .map_err(raft_err)?;
         let node = ShardNode {
-            handle: ShardHandle { raft, store },
+            handle: ShardHandle {
+                raft,
+                store,
+                _lock: Arc::new(lock),
+            },
             sm,
             effects,
         };
@@ -136,6 +157,10 @@ impl ShardNode {
             })
             .await?;
         }
+        // Effects of the replay belong to the previous run (its consumers are gone); the new
+        // run's consumer ids start again and must not receive them.
+        let mut node = node;
+        while node.effects.try_recv().is_ok() {}
         Ok(node)
     }
 

@@ -37,6 +37,9 @@ pub enum Cmd {
         credit: u32,
         now: u64,
     },
+    /// The consumer's credit as an absolute limit: how many deliveries it accepts in total
+    /// since it attached (AMQP: delivery-count + link-credit). Absolute, so a repeated or late
+    /// update cannot over-grant while deliveries are on their way.
     Credit {
         consumer: ConsumerId,
         credit: u32,
@@ -356,6 +359,8 @@ pub struct Shard {
     bindings: BTreeMap<String, Binding>,
     /// How many queues hold each message (a published message may be in many).
     refs: BTreeMap<Seq, u32>,
+    /// Deliveries made to each consumer since it attached (against its credit limit).
+    delivered: BTreeMap<ConsumerId, u32>,
 }
 
 impl Shard {
@@ -412,6 +417,7 @@ impl Shard {
                 // A consumer id reattaching elsewhere leaves its old queue first.
                 let mut fx = self.detach(consumer, now);
                 self.consumers.insert(consumer, address.clone());
+                self.delivered.insert(consumer, 0);
                 let more = self.queue(&address).queue.attach(consumer, credit, now);
                 fx.extend(self.resolve(&address, more, now));
                 return fx;
@@ -424,7 +430,10 @@ impl Shard {
                 let Some(address) = self.consumers.get(&consumer).cloned() else {
                     return Vec::new();
                 };
-                let fx = self.queue(&address).queue.credit(consumer, credit, now);
+                let delivered = self.delivered.get(&consumer).copied().unwrap_or(0);
+                let left = credit.wrapping_sub(delivered);
+                let available = if (left as i32) < 0 { 0 } else { left };
+                let fx = self.queue(&address).queue.credit(consumer, available, now);
                 (address, fx, now)
             }
             Cmd::Settle {
@@ -474,6 +483,7 @@ impl Shard {
                 b.filter = filter;
                 b.durable = durable;
                 self.consumers.insert(consumer, q.clone());
+                self.delivered.insert(consumer, 0);
                 let more = self.queue(&q).queue.attach(consumer, credit, now);
                 fx.extend(self.resolve(&q, more, now));
                 return fx;
@@ -515,6 +525,7 @@ impl Shard {
         let Some(address) = self.consumers.remove(&consumer) else {
             return Vec::new();
         };
+        self.delivered.remove(&consumer);
         let fx = self.queue(&address).queue.detach(consumer, now);
         let mut out = self.resolve(&address, fx, now);
         let orphan = self.bindings.get(&address).is_some_and(|b| !b.durable)
@@ -570,11 +581,15 @@ impl Shard {
                         consumer,
                         seq,
                         delivery_count,
-                    } => out.push(ShardEffect::Deliver {
-                        consumer,
-                        seq,
-                        delivery_count,
-                    }),
+                    } => {
+                        let n = self.delivered.entry(consumer).or_default();
+                        *n = n.wrapping_add(1);
+                        out.push(ShardEffect::Deliver {
+                            consumer,
+                            seq,
+                            delivery_count,
+                        })
+                    }
                     Effect::Forget { seq } | Effect::Expired { seq } => self.release(seq, &mut out),
                     Effect::DeadLetter { seq, .. } => {
                         let dl = self

@@ -27,9 +27,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Everything in one process with local data (today: the router).
+    /// Everything in one process with local data: the router and one broker shard (data in
+    /// `--data`, default ./enmesh-data).
     Standalone(ServerArgs),
-    /// An AMQP 1.0 router.
+    /// An AMQP 1.0 router (with a broker shard only if the config names a data directory).
     Router(ServerArgs),
     /// Send messages to an address.
     Send {
@@ -77,6 +78,9 @@ struct ServerArgs {
     /// HTTP management listen address (overrides the config).
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// Directory of the broker shard's data (overrides the config).
+    #[arg(long)]
+    data: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -140,7 +144,8 @@ fn main() -> ExitCode {
     };
     let r = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Standalone(a) | Cmd::Router(a) => serve(a).await,
+            Cmd::Standalone(a) => serve(a, true).await,
+            Cmd::Router(a) => serve(a, false).await,
             Cmd::Send {
                 url,
                 address,
@@ -177,7 +182,7 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(a: ServerArgs) -> anyhow::Result<()> {
+async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
     let mut config = match &a.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -188,9 +193,13 @@ async fn serve(a: ServerArgs) -> anyhow::Result<()> {
     if let Some(h) = a.http {
         config.router.http = h;
     }
+    if let Some(d) = a.data {
+        config.broker.data_dir = Some(d);
+    } else if standalone && config.broker.data_dir.is_none() {
+        config.broker.data_dir = Some(PathBuf::from("enmesh-data"));
+    }
     raise_fd_limit();
-    let listener = tokio::net::TcpListener::bind(config.router.listen)
-        .await
+    let listener = listen(config.router.listen)
         .with_context(|| format!("cannot listen on {}", config.router.listen))?;
     let http = tokio::net::TcpListener::bind(config.router.http)
         .await
@@ -198,7 +207,7 @@ async fn serve(a: ServerArgs) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     // Install the handler before announcing readiness, so an early SIGTERM is clean too.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    println!(
+    let ready_line = format!(
         "enmesh ready amqp={} http={}",
         listener.local_addr()?,
         http.local_addr()?
@@ -210,8 +219,22 @@ async fn serve(a: ServerArgs) -> anyhow::Result<()> {
         }
         let _ = tx.send(true);
     });
-    router::run(config, listener, http, rx).await?;
+    // Announced only once the broker shard is open and connections are being accepted.
+    router::run(config, listener, http, rx, move || println!("{ready_line}")).await?;
     Ok(())
+}
+
+/// A listener with a deep accept queue: thousands of clients may connect at once (tokio's
+/// default backlog is 1024; the kernel caps it at `net.core.somaxconn`).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
 }
 
 fn host_port(url: &str) -> String {

@@ -142,10 +142,31 @@ impl Default for RouterSection {
     }
 }
 
+/// The broker shard a standalone process runs beside its router.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSection {
+    /// Where the shard keeps its log. None: no broker (queue, topic and subscription addresses
+    /// are refused).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// This node's id in the shard's Raft group.
+    pub node_id: u64,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            data_dir: None,
+            node_id: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub router: RouterSection,
+    pub broker: BrokerSection,
     pub addresses: Vec<AddressDecl>,
 }
 

@@ -414,6 +414,12 @@ impl Task<'_> {
         }
         let presettled = state.presettled;
         let name = attach.name.clone();
+        // A durable subscription (JMS and others): durable terminus, expiry-policy never.
+        let source = attach.source.as_ref().filter(|_| dir == Dir::Consumer);
+        let durable = source.is_some_and(|s| {
+            s.durable.unwrap_or(0) > 0 && s.expiry_policy.as_deref() == Some("never")
+        });
+        let shared = source.is_some_and(|s| s.has_capability("shared"));
         state.attach = Some(attach);
         self.links.insert(link, state);
         let r = self.r(link);
@@ -423,6 +429,8 @@ impl Task<'_> {
             name,
             address,
             presettled,
+            durable,
+            shared,
         });
     }
 

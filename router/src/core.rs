@@ -17,6 +17,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use broker::queue::Outcome as StoreOutcome;
+use broker::service::{Delivery as StoreDelivery, Request as StoreRequest, Tag};
+
 use crate::addresses::{Origin, Rule, Rules};
 use crate::config::{AddressDecl, AddressType, Limits};
 
@@ -65,10 +68,20 @@ pub enum ToCore {
         address: Option<String>,
         /// A consumer that asked for presettled deliveries.
         presettled: bool,
+        /// A consumer whose source is durable with expiry-policy never (a durable
+        /// subscription on a topic).
+        durable: bool,
+        /// A consumer whose source has the `shared` capability (subscription shared across
+        /// connections, named by the link name alone).
+        shared: bool,
     },
     Detach {
         link: LinkRef,
     },
+    /// Messages the broker hands to consumers.
+    StoreDeliveries(Vec<StoreDelivery>),
+    /// Store requests that became durable (or failed).
+    Stored(Vec<(Tag, Result<(), String>)>),
     /// A consumer's credit: it accepts deliveries up to sequence number `limit`.
     ConsumerCredit {
         link: LinkRef,
@@ -216,6 +229,11 @@ struct Consumer {
     deliveries: u64,
     /// Deliveries sent and not yet settled by this consumer.
     unsettled: u32,
+    /// Set for a consumer of a queue or topic address: its id at the broker.
+    store_id: Option<u64>,
+    /// Credit given up by drains: the broker counts deliveries, the link's delivery-count also
+    /// moves by drained credit, so limits sent to the broker are shifted back by this.
+    store_offset: u32,
     /// Multicast copies waiting for this consumer's credit (bounded by link capacity and by
     /// the connection buffer budget in bytes).
     mc_queue: VecDeque<(Bytes, u32)>,
@@ -248,11 +266,36 @@ struct Address {
     stats: AddressStats,
 }
 
+/// What a consumer asked for in its attach, beyond its address.
+#[derive(Debug, Clone, Copy, Default)]
+struct LinkOptions {
+    /// Presettled deliveries (snd-settle-mode settled).
+    presettled: bool,
+    /// Durable source with expiry-policy never.
+    durable: bool,
+    /// The `shared` source capability.
+    shared: bool,
+}
+
+/// Where a delivery in flight to a consumer came from, and so where its outcome goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InFrom {
+    Producer { link: LinkRef, delivery_id: u32 },
+    Store { consumer: u64, seq: u64 },
+}
+
 struct InFlight {
-    producer: LinkRef,
-    delivery_id: u32,
+    from: InFrom,
     consumer: LinkRef,
     address: Arc<str>,
+}
+
+/// A message handed to the broker and not yet durable.
+struct Storing {
+    producer: LinkRef,
+    delivery_id: u32,
+    settled: bool,
+    len: usize,
 }
 
 pub struct Core {
@@ -267,6 +310,12 @@ pub struct Core {
     outbox: HashMap<ConnId, Vec<ToConn>>,
     /// Addresses declared by config or API keep their statistics while idle.
     declared: std::collections::HashSet<String>,
+    /// The broker shard serving queue and topic addresses, when there is one.
+    store: Option<mpsc::UnboundedSender<StoreRequest>>,
+    storing: HashMap<Tag, Storing>,
+    next_tag: Tag,
+    store_consumers: HashMap<u64, LinkRef>,
+    next_store_consumer: u64,
 }
 
 fn released() -> DeliveryState {
@@ -282,7 +331,11 @@ fn failed() -> DeliveryState {
 }
 
 impl Core {
-    pub fn new(limits: Limits, rules: Rules) -> Self {
+    pub fn new(
+        limits: Limits,
+        rules: Rules,
+        store: Option<mpsc::UnboundedSender<StoreRequest>>,
+    ) -> Self {
         let declared = rules
             .list()
             .into_iter()
@@ -299,6 +352,11 @@ impl Core {
             next_dlv: 1,
             outbox: HashMap::new(),
             declared,
+            store,
+            storing: HashMap::new(),
+            next_tag: 1,
+            store_consumers: HashMap::new(),
+            next_store_consumer: 1,
         }
     }
 
@@ -395,10 +453,26 @@ impl Core {
                 name,
                 address,
                 presettled,
-            } => self.attach(link, dir, name, address, presettled),
+                durable,
+                shared,
+            } => self.attach(
+                link,
+                dir,
+                name,
+                address,
+                LinkOptions {
+                    presettled,
+                    durable,
+                    shared,
+                },
+            ),
+            ToCore::StoreDeliveries(list) => self.store_deliveries(list),
+            ToCore::Stored(list) => self.stored(list),
             ToCore::Detach { link } => self.detach(link),
             ToCore::ConsumerCredit { link, limit, drain } => {
-                if let Some(c) = self.consumers.get_mut(&link) {
+                if let Some(id) = self.consumers.get(&link).and_then(|c| c.store_id) {
+                    self.store_credit(link, id, limit, drain);
+                } else if let Some(c) = self.consumers.get_mut(&link) {
                     c.limit = limit;
                     c.drain = drain;
                     let a = c.address.clone();
@@ -447,28 +521,32 @@ impl Core {
         dir: Dir,
         name: String,
         address: Option<String>,
-        presettled: bool,
+        opts: LinkOptions,
     ) {
+        let presettled = opts.presettled;
         if let Some(a) = &address {
             let kind = self
                 .addresses
                 .get(a)
                 .map_or_else(|| self.rules.resolve(a), |x| x.kind);
             if kind.is_brokered() {
-                self.send(
-                    link.conn,
-                    ToConn::AttachRefused {
-                        link: link.link,
-                        error: ErrorCondition::new(
-                            condition::NOT_IMPLEMENTED,
-                            format!(
-                                "address '{a}' has type {}, which broker shards serve; they are not available in this router yet",
-                                kind.as_str()
+                if let Some(why) = self.store_unavailable(kind) {
+                    self.send(
+                        link.conn,
+                        ToConn::AttachRefused {
+                            link: link.link,
+                            error: ErrorCondition::new(
+                                condition::NOT_IMPLEMENTED,
+                                format!("address '{a}' has type {}: {why}", kind.as_str()),
                             ),
-                        ),
-                    },
-                );
-                return;
+                        },
+                    );
+                    return;
+                }
+                if dir == Dir::Consumer {
+                    self.attach_store_consumer(link, name, a, kind, opts);
+                    return;
+                }
             }
         }
         if let Some(c) = self.conns.get_mut(&link.conn) {
@@ -509,6 +587,8 @@ impl Core {
                         presettled,
                         deliveries: 0,
                         unsettled: 0,
+                        store_id: None,
+                        store_offset: 0,
                         mc_queue: VecDeque::new(),
                         mc_bytes: 0,
                     },
@@ -544,7 +624,7 @@ impl Core {
             Some(a) => self
                 .addresses
                 .get(&**a)
-                .is_some_and(|a| !a.consumers.is_empty()),
+                .is_some_and(|a| a.kind.is_brokered() || !a.consumers.is_empty()),
         };
         if !can {
             return;
@@ -578,6 +658,17 @@ impl Core {
         let Some(c) = self.consumers.remove(&link) else {
             return;
         };
+        if let Some(id) = c.store_id {
+            // The broker takes back what it held (one more attempt counted).
+            self.store_consumers.remove(&id);
+            self.inflight.retain(|_, f| f.consumer != link);
+            self.to_store(StoreRequest::Detach { consumer: id });
+            if let Some(addr) = self.addresses.get_mut(c.address.as_str()) {
+                addr.stats.consumers = addr.stats.consumers.saturating_sub(1);
+            }
+            self.gc_address(&c.address);
+            return;
+        }
         // Every unsettled delivery it had goes back to its producer: it may have been seen.
         let lost: Vec<u64> = self
             .inflight
@@ -718,17 +809,21 @@ impl Core {
             .get(&*address)
             .map_or_else(|| self.rules.resolve(&address), |a| a.kind);
         if kind.is_brokered() {
-            self.release_in(link.conn, len);
-            self.settle_producer(
-                link,
-                delivery_id,
-                settled,
-                DeliveryState::Rejected(Some(ErrorCondition::new(
-                    condition::NOT_IMPLEMENTED,
-                    format!("address '{address}' has type {}, served by broker shards, which this router does not have yet", kind.as_str()),
-                ))),
-            );
-            self.grant(link);
+            if let Some(why) = self.store_unavailable(kind) {
+                self.release_in(link.conn, len);
+                self.settle_producer(
+                    link,
+                    delivery_id,
+                    settled,
+                    DeliveryState::Rejected(Some(ErrorCondition::new(
+                        condition::NOT_IMPLEMENTED,
+                        format!("address '{address}' has type {}: {why}", kind.as_str()),
+                    ))),
+                );
+                self.grant(link);
+                return;
+            }
+            self.store(link, delivery_id, settled, &address, kind, payload);
             return;
         }
         let has_consumers = self
@@ -884,8 +979,10 @@ impl Core {
             self.inflight.insert(
                 id,
                 InFlight {
-                    producer: d.producer,
-                    delivery_id: d.delivery_id,
+                    from: InFrom::Producer {
+                        link: d.producer,
+                        delivery_id: d.delivery_id,
+                    },
                     consumer: c,
                     address: addr.name.clone(),
                 },
@@ -978,15 +1075,286 @@ impl Core {
                 _ => {}
             }
         }
-        self.send(
-            f.producer.conn,
-            ToConn::Outcome {
-                link: f.producer.link,
-                delivery_id: f.delivery_id,
-                state,
+        match f.from {
+            InFrom::Producer { link, delivery_id } => self.send(
+                link.conn,
+                ToConn::Outcome {
+                    link: link.link,
+                    delivery_id,
+                    state,
+                },
+            ),
+            InFrom::Store { consumer, seq } => {
+                let outcome = match state {
+                    DeliveryState::Accepted => StoreOutcome::Accepted,
+                    DeliveryState::Rejected(_) => StoreOutcome::Rejected,
+                    DeliveryState::Modified {
+                        delivery_failed,
+                        undeliverable_here,
+                        ..
+                    } => StoreOutcome::Modified {
+                        delivery_failed,
+                        undeliverable_here,
+                    },
+                    _ => StoreOutcome::Released,
+                };
+                self.to_store(StoreRequest::Settle {
+                    consumer,
+                    seq,
+                    outcome,
+                });
+            }
+        }
+        self.gc_address(&f.address);
+    }
+
+    /// Why queue/topic/subscription addresses cannot be served, if they cannot.
+    fn store_unavailable(&self, kind: AddressType) -> Option<&'static str> {
+        if self.store.is_none() {
+            Some("this router runs without a broker shard (start standalone with a data directory)")
+        } else if kind == AddressType::Subscription {
+            Some(
+                "subscription addresses are not served yet; attach to the topic with a durable source instead",
+            )
+        } else {
+            None
+        }
+    }
+
+    fn to_store(&self, r: StoreRequest) {
+        if let Some(s) = &self.store {
+            let _ = s.send(r);
+        }
+    }
+
+    /// A producer's message to a queue or topic: it counts against the producer's credit until
+    /// the broker has made it durable; only then does the producer hear `accepted`.
+    fn store(
+        &mut self,
+        link: LinkRef,
+        delivery_id: u32,
+        settled: bool,
+        address: &str,
+        kind: AddressType,
+        payload: Bytes,
+    ) {
+        let len = payload.len();
+        if let Some(p) = self.producers.get_mut(&link) {
+            p.held += 1;
+        }
+        self.address_mut(address).stats.deliveries_in += 1;
+        let expiry = amqp::message::expiry(&payload).unwrap_or_default();
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.storing.insert(
+            tag,
+            Storing {
+                producer: link,
+                delivery_id,
+                settled,
+                len,
             },
         );
-        self.gc_address(&f.address);
+        let body = payload.to_vec();
+        let r = if kind == AddressType::Topic {
+            StoreRequest::Publish {
+                topic: address.to_owned(),
+                ttl_ms: expiry.ttl_ms,
+                absolute_expiry: expiry.absolute_expiry_ms,
+                body,
+                done: Some(tag),
+            }
+        } else {
+            StoreRequest::Enqueue {
+                address: address.to_owned(),
+                ttl_ms: expiry.ttl_ms,
+                absolute_expiry: expiry.absolute_expiry_ms,
+                body,
+                done: Some(tag),
+            }
+        };
+        self.to_store(r);
+    }
+
+    fn stored(&mut self, list: Vec<(Tag, Result<(), String>)>) {
+        for (tag, r) in list {
+            let Some(s) = self.storing.remove(&tag) else {
+                continue;
+            };
+            self.release_in(s.producer.conn, s.len);
+            self.unhold(s.producer);
+            if !s.settled {
+                let state = match r {
+                    Ok(()) => DeliveryState::Accepted,
+                    Err(e) => DeliveryState::Rejected(Some(ErrorCondition::new(
+                        condition::INTERNAL_ERROR,
+                        format!("message not stored: {e}"),
+                    ))),
+                };
+                self.settle_producer(s.producer, s.delivery_id, false, state);
+            }
+        }
+    }
+
+    fn attach_store_consumer(
+        &mut self,
+        link: LinkRef,
+        name: String,
+        address: &str,
+        kind: AddressType,
+        opts: LinkOptions,
+    ) {
+        let LinkOptions {
+            presettled,
+            durable,
+            shared,
+        } = opts;
+        let id = self.next_store_consumer;
+        self.next_store_consumer += 1;
+        if let Some(c) = self.conns.get_mut(&link.conn) {
+            c.links += 1;
+        }
+        let container = self
+            .conns
+            .get(&link.conn)
+            .map(|c| c.container_id.clone())
+            .unwrap_or_default();
+        self.send(link.conn, ToConn::AttachOk { link: link.link });
+        let request = if kind == AddressType::Topic {
+            // JMS-style identity: a durable subscription is container-id + link name; a
+            // shared one is the link name alone; anything else lives as long as the link.
+            let sub = if shared {
+                format!("shared:{name}")
+            } else if durable {
+                format!("{container}:{name}")
+            } else {
+                format!("link:{id}")
+            };
+            StoreRequest::Subscribe {
+                consumer: id,
+                name: sub,
+                filter: address.to_owned(),
+                durable: durable || shared,
+                credit: 0,
+            }
+        } else {
+            StoreRequest::Attach {
+                consumer: id,
+                address: address.to_owned(),
+                credit: 0,
+            }
+        };
+        self.consumers.insert(
+            link,
+            Consumer {
+                name,
+                address: address.to_owned(),
+                limit: 0,
+                dispatched: 0,
+                drain: false,
+                presettled,
+                deliveries: 0,
+                unsettled: 0,
+                store_id: Some(id),
+                store_offset: 0,
+                mc_queue: VecDeque::new(),
+                mc_bytes: 0,
+            },
+        );
+        self.store_consumers.insert(id, link);
+        self.address_mut(address).stats.consumers += 1;
+        self.to_store(request);
+    }
+
+    /// Tells the broker the consumer's credit limit (absolute, in the broker's count of
+    /// deliveries to it). The broker is the consumer's prefetch: `max_unsettled_per_link` does
+    /// not apply to queue and topic consumers (their credit does).
+    fn store_credit(&mut self, link: LinkRef, id: u64, limit: u32, drain: bool) {
+        let Some(c) = self.consumers.get_mut(&link) else {
+            return;
+        };
+        c.limit = limit;
+        if drain {
+            // A drain takes the credit not used now: the link's delivery-count jumps by it,
+            // the broker's count does not.
+            let unused = c.credit();
+            c.store_offset = c.store_offset.wrapping_add(unused);
+            c.dispatched = c.limit;
+            self.send(link.conn, ToConn::DrainDone { link: link.link });
+        }
+        let Some(c) = self.consumers.get(&link) else {
+            return;
+        };
+        let credit = c.limit.wrapping_sub(c.store_offset);
+        self.to_store(StoreRequest::Credit {
+            consumer: id,
+            credit,
+        });
+    }
+
+    fn store_deliveries(&mut self, list: Vec<StoreDelivery>) {
+        for d in list {
+            // Deliveries for consumers that are gone (or from before a restart) are ignored:
+            // the broker returns them when it applies the consumer's detach.
+            let Some(&link) = self.store_consumers.get(&d.consumer) else {
+                continue;
+            };
+            let Some(c) = self.consumers.get_mut(&link) else {
+                continue;
+            };
+            c.dispatched = c.dispatched.wrapping_add(1);
+            c.deliveries += 1;
+            let presettled = c.presettled;
+            if !presettled {
+                c.unsettled += 1;
+            }
+            let address = c.address.clone();
+            let len = d.body.len();
+            let dlv = if presettled {
+                // At most once: the router settles for the consumer.
+                self.to_store(StoreRequest::Settle {
+                    consumer: d.consumer,
+                    seq: d.seq,
+                    outcome: StoreOutcome::Accepted,
+                });
+                None
+            } else {
+                let id = self.next_dlv;
+                self.next_dlv += 1;
+                let name = self
+                    .addresses
+                    .get(address.as_str())
+                    .map_or_else(|| Arc::from(address.as_str()), |a| a.name.clone());
+                self.inflight.insert(
+                    id,
+                    InFlight {
+                        from: InFrom::Store {
+                            consumer: d.consumer,
+                            seq: d.seq,
+                        },
+                        consumer: link,
+                        address: name,
+                    },
+                );
+                Some(id)
+            };
+            if let Some(addr) = self.addresses.get_mut(address.as_str()) {
+                addr.stats.deliveries_out += 1;
+                if dlv.is_some() {
+                    addr.stats.unsettled += 1;
+                }
+            }
+            self.add_out(link.conn, len);
+            self.send(
+                link.conn,
+                ToConn::Deliver {
+                    link: link.link,
+                    dlv,
+                    payload: Bytes::from(d.body),
+                    format: 0,
+                },
+            );
+        }
     }
 
     fn mgmt(&mut self, m: Mgmt) {
@@ -1050,7 +1418,11 @@ impl Core {
                 role: "sender",
                 address: p.address.as_deref().map(str::to_owned),
                 credit: p.outstanding.into(),
-                unsettled: self.inflight.values().filter(|f| f.producer == *l).count(),
+                unsettled: self
+                    .inflight
+                    .values()
+                    .filter(|f| matches!(f.from, InFrom::Producer { link, .. } if link == *l))
+                    .count(),
                 deliveries: p.deliveries,
             })
             .chain(self.consumers.iter().map(|(l, c)| LinkInfo {

@@ -24,18 +24,54 @@ use crate::config::Config;
 use crate::conn::Shared;
 use crate::core::{Core, Mgmt, ToCore};
 
+/// Opens the broker shard in `dir` and starts its service; its deliveries and completions are
+/// forwarded to the core.
+async fn start_store(
+    dir: &std::path::Path,
+    node_id: u64,
+    core: mpsc::Sender<Vec<ToCore>>,
+) -> std::io::Result<mpsc::UnboundedSender<broker::service::Request>> {
+    let node = broker::node::ShardNode::open(dir, node_id, broker::service::now_ms())
+        .await
+        .map_err(std::io::Error::other)?;
+    let (req_tx, req_rx) = mpsc::unbounded_channel();
+    let (dl_tx, mut dl_rx) = mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    tokio::spawn(broker::service::run(node, req_rx, dl_tx, done_tx));
+    tokio::spawn(async move {
+        loop {
+            let m = tokio::select! {
+                Some(d) = dl_rx.recv() => ToCore::StoreDeliveries(d),
+                Some(c) = done_rx.recv() => ToCore::Stored(c),
+                else => break,
+            };
+            if core.send(vec![m]).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(req_tx)
+}
+
 /// Serves AMQP on `listener` and HTTP on `http` until `shutdown` turns true; then closes every
 /// connection with `amqp:connection:forced` and returns.
+/// `ready` is called once the broker shard (if any) is open and connections are about to be
+/// accepted.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     http: TcpListener,
     mut shutdown: watch::Receiver<bool>,
+    ready: impl FnOnce(),
 ) -> std::io::Result<()> {
     let rules = Rules::new(&config.addresses, config.router.default_address_type);
     // Bounded: connection tasks wait (and stop reading) when the core is behind.
     let (core_tx, core_rx) = mpsc::channel(1024);
-    let core = Core::new(config.router.limits.clone(), rules);
+    let store = match &config.broker.data_dir {
+        Some(dir) => Some(start_store(dir, config.broker.node_id, core_tx.clone()).await?),
+        None => None,
+    };
+    let core = Core::new(config.router.limits.clone(), rules, store);
     let core_task = tokio::spawn(core.run(core_rx));
     let users = (!config.router.users.is_empty())
         .then(|| config.router.users.clone().into_iter().collect());
@@ -60,6 +96,7 @@ pub async fn run(
     let next_id = AtomicU64::new(1);
     let (conn_shutdown_tx, conn_shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    ready();
     loop {
         tokio::select! {
             r = listener.accept() => {

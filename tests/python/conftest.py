@@ -56,6 +56,9 @@ class Router:
         self.name = name
         self.config_path = None
         args = [enmesh_bin(), mode, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]
+        if mode == "standalone":
+            # Each standalone router keeps its broker shard's data in its own directory.
+            args += ["--data", str(self.tmpdir / ("%s-data" % name))]
         if config is not None:
             self.config_path = self.tmpdir / ("%s.yaml" % name)
             self.config_path.write_text(config)
@@ -170,8 +173,9 @@ def router_factory(request, tmp_path):
     """
     routers = []
 
-    def start(config: str = None, extra_args=()):
-        r = Router(config=config, extra_args=extra_args, tmpdir=tmp_path, name="router%d" % len(routers))
+    def start(config: str = None, extra_args=(), mode="standalone"):
+        r = Router(config=config, extra_args=extra_args, tmpdir=tmp_path, name="router%d" % len(routers),
+                   mode=mode)
         routers.append(r)
         return r
 

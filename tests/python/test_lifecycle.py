@@ -135,8 +135,11 @@ def test_raw_sasl_mechanisms(router):
 
 @pytest.mark.parametrize("address,role", [("q/queue1", "receiver"), ("q/queue1", "sender"),
                                           ("topic/t1", "receiver")])
-def test_attach_to_unimplemented_address_type_is_refused(mc_router, address, role):
-    c = connect(mc_router.amqp_url)
+def test_brokered_address_without_a_broker_is_refused(router_factory, address, role):
+    # `enmesh router` without a data directory runs no broker shard.
+    from conftest import MULTICAST_CONFIG
+    r = router_factory(MULTICAST_CONFIG, mode="router")
+    c = connect(r.amqp_url)
     try:
         t0 = time.monotonic()
         with pytest.raises(LinkDetached) as ei:

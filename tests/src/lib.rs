@@ -67,6 +67,7 @@ pub struct Router {
     pub http: SocketAddr,
     config_path: Option<PathBuf>,
     log_path: PathBuf,
+    data_dir: PathBuf,
 }
 
 impl Router {
@@ -108,6 +109,9 @@ impl Router {
         if let Some(p) = &config_path {
             cmd.arg("--config").arg(p);
         }
+        // Each router keeps its broker shard's data in a directory of its own.
+        let data_dir = temp_path("data");
+        cmd.arg("--data").arg(&data_dir);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -155,6 +159,7 @@ impl Router {
             http,
             config_path,
             log_path,
+            data_dir,
         }
     }
 
@@ -244,6 +249,7 @@ impl Drop for Router {
         if let Some(p) = &self.config_path {
             let _ = std::fs::remove_file(p);
         }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 

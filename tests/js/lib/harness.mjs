@@ -159,10 +159,11 @@ export async function startRouter({ config, args = [] } = {}) {
   if (!existsSync(bin)) {
     throw new Error(`router binary not found at ${bin} (build it, or set ENMESH_BIN)`);
   }
-  let dir;
-  const argv = ['standalone', '--listen', '127.0.0.1:0', '--http', '127.0.0.1:0'];
+  // Each router keeps its broker shard's data in a directory of its own.
+  const dir = mkdtempSync(path.join(tmpdir(), 'enmesh-js-'));
+  const argv = ['standalone', '--listen', '127.0.0.1:0', '--http', '127.0.0.1:0',
+    '--data', path.join(dir, 'data')];
   if (config !== undefined) {
-    dir = mkdtempSync(path.join(tmpdir(), 'enmesh-js-'));
     const file = path.join(dir, 'config.yaml');
     writeFileSync(file, config);
     argv.push('--config', file);

@@ -1,0 +1,140 @@
+"""Queue and topic addresses served by the standalone broker shard, through the router, with
+python-qpid-proton: accepted only after the message is durable, competing consumers, a
+consumer gone with unacknowledged messages, kill -9 of the whole process, topic fan-out and a
+durable subscription that outlives its consumer."""
+
+import time
+
+from proton import Message
+
+from conftest import Router
+from helpers import (available, close_quietly, connect, pump, receive_n, send_async, settle,
+                     take, wait_outcomes)
+
+QUEUES = """\
+addresses:
+  - prefix: "q/"
+    type: queue
+  - prefix: "t/"
+    type: topic
+"""
+
+
+def _send(conn, address, bodies):
+    s = conn.create_sender(address)
+    ds = [send_async(s, Message(body=b)) for b in bodies]
+    states = wait_outcomes([conn], ds, what="outcomes from the broker")
+    assert all(st == ds[0].ACCEPTED for st in states), states
+    s.close()
+
+
+def test_work_queue_competing_consumers_each_message_once(configured_router):
+    r = configured_router(QUEUES)
+    prod = connect(r.amqp_url)
+    workers = [connect(r.amqp_url) for _ in range(3)]
+    try:
+        # Messages are stored before any consumer exists: the producer gets credit anyway.
+        _send(prod, "q/jobs", ["job-%d" % i for i in range(30)])
+        recvs = [w.create_receiver("q/jobs", credit=4) for w in workers]
+        got = []
+        deadline = time.monotonic() + 15
+        while len(got) < 30 and time.monotonic() < deadline:
+            pump(workers, lambda: any(available(x) for x in recvs), timeout=15, what="a job")
+            for x in recvs:
+                while available(x):
+                    m, d = take(x)
+                    got.append(m.body)
+                    settle(d)
+                    x.link.flow(1)  # prefetch of 4: one more for each one taken
+        assert sorted(got) == sorted("job-%d" % i for i in range(30)), got
+        # Nothing more: every message was acknowledged once.
+        pump(workers, lambda: any(available(x) for x in recvs), timeout=1, raise_on_timeout=False)
+        assert not any(available(x) for x in recvs)
+    finally:
+        close_quietly(prod, *workers)
+
+
+def test_unacked_messages_of_a_departed_consumer_go_to_another(configured_router):
+    r = configured_router(QUEUES)
+    prod = connect(r.amqp_url)
+    first = connect(r.amqp_url)
+    second = None
+    try:
+        _send(prod, "q/handover", ["a", "b", "c"])
+        rcv = first.create_receiver("q/handover", credit=3)
+        held = receive_n([first], rcv, 3)
+        assert [m.body for m, _ in held] == ["a", "b", "c"], "FIFO"
+        settle(held[0][1])  # "a" acknowledged, "b" and "c" not
+        pump([first], timeout=0.5, raise_on_timeout=False)
+        close_quietly(first)
+        first = None
+        second = connect(r.amqp_url)
+        rcv2 = second.create_receiver("q/handover", credit=10)
+        again = receive_n([second], rcv2, 2)
+        assert [m.body for m, _ in again] == ["b", "c"]
+        for _, d in again:
+            settle(d)
+        pump([second], lambda: available(rcv2) > 0, timeout=1, raise_on_timeout=False)
+        assert not available(rcv2), "an acknowledged message came back"
+    finally:
+        close_quietly(prod, first, second)
+
+
+def test_accepted_messages_survive_kill_9(tmp_path):
+    r = Router(config=QUEUES, tmpdir=tmp_path, name="durable")
+    try:
+        c = connect(r.amqp_url)
+        _send(c, "q/keep", ["m%d" % i for i in range(20)])
+        close_quietly(c)
+    finally:
+        r.kill()
+    r2 = Router(config=QUEUES, tmpdir=tmp_path, name="durable")  # same data directory
+    try:
+        c = connect(r2.amqp_url)
+        rcv = c.create_receiver("q/keep", credit=50)
+        got = receive_n([c], rcv, 20)
+        assert [m.body for m, _ in got] == ["m%d" % i for i in range(20)]
+        for _, d in got:
+            settle(d)
+        pump([c], timeout=0.5, raise_on_timeout=False)
+        close_quietly(c)
+    finally:
+        r2.kill()
+    r3 = Router(config=QUEUES, tmpdir=tmp_path, name="durable")
+    try:
+        c = connect(r3.amqp_url)
+        rcv = c.create_receiver("q/keep", credit=50)
+        pump([c], lambda: available(rcv) > 0, timeout=1.5, raise_on_timeout=False)
+        assert not available(rcv), "acknowledged messages were delivered again after restart"
+        close_quietly(c)
+    finally:
+        r3.close()
+
+
+def test_topic_fan_out_and_durable_subscription(configured_router):
+    r = configured_router(QUEUES)
+    pub = connect(r.amqp_url)
+    a = connect(r.amqp_url)
+    b = connect(r.amqp_url, container_id="durable-client")
+    try:
+        ra = a.create_receiver("t/sensors/#", credit=10)
+        # A durable subscription: durable terminus, expiry-policy never (the JMS way).
+        from proton.reactor import DurableSubscription
+        rb = b.create_receiver("t/sensors/#", credit=10, name="sub1", options=DurableSubscription())
+        pump([a, b], timeout=0.3, raise_on_timeout=False)
+        _send(pub, "t/sensors/1/temp", ["21C"])
+        assert [m.body for m, _ in receive_n([a], ra, 1)] == ["21C"]
+        got_b = receive_n([b], rb, 1)
+        assert [m.body for m, _ in got_b] == ["21C"]
+        for x in [got_b[0][1]]:
+            settle(x)
+        pump([b], timeout=0.3, raise_on_timeout=False)
+        close_quietly(b)
+        b = None
+        # Published while the durable subscriber is away: kept for it.
+        _send(pub, "t/sensors/2/temp", ["22C"])
+        b = connect(r.amqp_url, container_id="durable-client")
+        rb = b.create_receiver("t/sensors/#", credit=10, name="sub1", options=DurableSubscription())
+        assert [m.body for m, _ in receive_n([b], rb, 1)] == ["22C"]
+    finally:
+        close_quietly(pub, a, b)
