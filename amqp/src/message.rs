@@ -76,6 +76,36 @@ pub fn expiry(msg: &[u8]) -> Result<Expiry, DecodeError> {
     Ok(e)
 }
 
+/// The message with its header's `delivery-count` set to `count` (and `first-acquirer`
+/// false), for a store redelivering it. A header section is added when there is none; the
+/// rest of the message is copied as it is. Only redeliveries pay for this.
+pub fn with_delivery_count(msg: &[u8], count: u32) -> Result<Bytes, DecodeError> {
+    let mut d = Decoder::new(msg);
+    let mut fields: [Option<Value>; 5] = [None, None, None, None, None];
+    let mut rest = msg;
+    if !d.is_empty() {
+        let mut probe = d.clone();
+        if probe.descriptor()? == Some(HEADER) {
+            let mut l = probe.list()?;
+            for f in fields.iter_mut() {
+                *f = l.value()?;
+            }
+            d.skip()?;
+            rest = d.rest();
+        }
+    }
+    fields[3] = Some(Value::Bool(false));
+    fields[4] = Some(Value::Uint(count));
+    let mut out = BytesMut::with_capacity(msg.len() + 16);
+    let mut f = Fields::new(&mut out, HEADER);
+    for v in &fields {
+        f.value(v.as_ref());
+    }
+    f.finish();
+    out.put_slice(rest);
+    Ok(out.freeze())
+}
+
 /// Options for [`build`].
 #[derive(Default, Clone)]
 pub struct Simple<'a> {
@@ -223,5 +253,40 @@ mod tests {
         assert_eq!(e.ttl_ms, Some(5000));
         assert_eq!(e.absolute_expiry_ms, Some(99));
         assert_eq!(expiry(&b).unwrap(), Expiry::default());
+    }
+
+    #[test]
+    fn delivery_count_is_set_keeping_the_rest() {
+        let mut b = BytesMut::new();
+        build(
+            &Simple {
+                message_id: Some(7),
+                body: b"payload",
+                ..Default::default()
+            },
+            &mut b,
+        );
+        // No header before: one is added.
+        let m = with_delivery_count(&b, 2).unwrap();
+        assert_eq!(parse(&m).unwrap(), parse(&b).unwrap());
+        let hdr = |m: &[u8]| {
+            let mut d = Decoder::new(m);
+            assert_eq!(d.descriptor().unwrap(), Some(HEADER));
+            let mut l = d.list().unwrap();
+            (0..5).map(|_| l.value().unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(hdr(&m)[4], Some(Value::Uint(2)));
+        // A header already there keeps its other fields (ttl here).
+        let mut h = BytesMut::new();
+        let mut f = Fields::new(&mut h, HEADER);
+        f.boolean(Some(true)).null().uint(Some(500));
+        f.finish();
+        h.put_slice(&b);
+        let m2 = with_delivery_count(&h, 3).unwrap();
+        let fields = hdr(&m2);
+        assert_eq!(fields[0], Some(Value::Bool(true)));
+        assert_eq!(fields[2], Some(Value::Uint(500)));
+        assert_eq!(fields[4], Some(Value::Uint(3)));
+        assert_eq!(parse(&m2).unwrap(), parse(&b).unwrap());
     }
 }

@@ -38,6 +38,13 @@ pub enum Request {
         body: Vec<u8>,
         done: Option<Tag>,
     },
+    /// Sets a queue's policy (idempotent; sent when an address becomes active).
+    Declare {
+        address: String,
+        max_delivery_attempts: u32,
+        max_ttl_ms: Option<u64>,
+        dead_letter: Option<String>,
+    },
     Attach {
         consumer: ConsumerId,
         address: String,
@@ -113,6 +120,20 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
                 body,
             },
             done,
+        ),
+        Request::Declare {
+            address,
+            max_delivery_attempts,
+            max_ttl_ms,
+            dead_letter,
+        } => (
+            Cmd::Declare {
+                address,
+                max_delivery_attempts,
+                max_ttl_ms,
+                dead_letter,
+            },
+            None,
         ),
         Request::Attach {
             consumer,

@@ -96,6 +96,15 @@ enum AddressOp {
         /// Declare a pattern ('*' one segment, '#' any number; separator '/').
         #[arg(long)]
         pattern: bool,
+        /// Queue policy: dead-letter address for rejected messages and those out of attempts.
+        #[arg(long)]
+        dead_letter: Option<String>,
+        /// Queue policy: delivery attempts before dead-lettering.
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// Queue policy: upper bound on message time to live, in ms.
+        #[arg(long)]
+        max_ttl_ms: Option<u64>,
     },
     Delete {
         name: String,
@@ -383,12 +392,18 @@ async fn address_cmd(op: AddressOp, http: &str) -> anyhow::Result<()> {
             r#type,
             prefix,
             pattern,
+            dead_letter,
+            max_attempts,
+            max_ttl_ms,
         } => {
             let decl = AddressDecl {
                 name: (!prefix && !pattern).then(|| name.clone()),
                 prefix: prefix.then(|| name.clone()),
                 pattern: pattern.then(|| name.clone()),
                 kind: r#type.into(),
+                dead_letter,
+                max_delivery_attempts: max_attempts,
+                max_ttl_ms,
             };
             let (status, body) = http_call(
                 "POST",

@@ -93,24 +93,24 @@ impl Rules {
         if address.starts_with(DYNAMIC_PREFIX) {
             return AddressType::Anycast;
         }
+        self.rule_for(address)
+            .map_or(self.default.unwrap_or(AddressType::Anycast), |d| d.kind)
+    }
+
+    /// The declaration that decides `address` (exact, then longest prefix, then first pattern).
+    pub fn rule_for(&self, address: &str) -> Option<&AddressDecl> {
         if let Some(r) = self.exact.get(address) {
-            return r.decl.kind;
+            return Some(&r.decl);
         }
-        if let Some(r) = self
-            .prefixes
+        self.prefixes
             .iter()
             .find(|r| address.starts_with(r.decl.key()))
-        {
-            return r.decl.kind;
-        }
-        if let Some(r) = self
-            .patterns
-            .iter()
-            .find(|r| pattern_matches(r.decl.key(), address))
-        {
-            return r.decl.kind;
-        }
-        self.default.unwrap_or(AddressType::Anycast)
+            .or_else(|| {
+                self.patterns
+                    .iter()
+                    .find(|r| pattern_matches(r.decl.key(), address))
+            })
+            .map(|r| &r.decl)
     }
 
     pub fn list(&self) -> Vec<Rule> {
@@ -143,6 +143,9 @@ mod tests {
             prefix: prefix.map(Into::into),
             pattern: pattern.map(Into::into),
             kind,
+            dead_letter: None,
+            max_delivery_attempts: None,
+            max_ttl_ms: None,
         }
     }
 

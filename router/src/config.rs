@@ -47,6 +47,15 @@ pub struct AddressDecl {
     pub pattern: Option<String>,
     #[serde(rename = "type")]
     pub kind: AddressType,
+    /// Queue policy: where rejected messages and those out of attempts go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<String>,
+    /// Queue policy: deliveries before a message that keeps failing is dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delivery_attempts: Option<u32>,
+    /// Queue policy: upper bound on any message's time to live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_ms: Option<u64>,
 }
 
 impl AddressDecl {
@@ -66,6 +75,14 @@ impl AddressDecl {
             .or(self.prefix.as_deref())
             .or(self.pattern.as_deref())
             .unwrap_or_default();
+        let policy = self.dead_letter.is_some()
+            || self.max_delivery_attempts.is_some()
+            || self.max_ttl_ms.is_some();
+        if policy && self.kind != AddressType::Queue {
+            return Err(ConfigError::Invalid(format!(
+                "{s}: dead_letter, max_delivery_attempts and max_ttl_ms apply to queues only"
+            )));
+        }
         if s.is_empty() || s.len() > 1024 {
             return Err(ConfigError::Invalid(
                 "address must be 1 to 1024 characters".into(),

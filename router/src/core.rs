@@ -264,6 +264,8 @@ struct Address {
     rr: usize,
     pending: VecDeque<Pending>,
     stats: AddressStats,
+    /// The queue policy from its declaration was sent to the broker while this record lives.
+    store_declared: bool,
 }
 
 /// What a consumer asked for in its attach, beyond its address.
@@ -506,6 +508,7 @@ impl Core {
                 consumers: Vec::new(),
                 rr: 0,
                 pending: VecDeque::new(),
+                store_declared: false,
                 stats: AddressStats {
                     address: name.to_owned(),
                     kind: kind.as_str(),
@@ -1127,6 +1130,34 @@ impl Core {
         }
     }
 
+    /// Sends a queue's declared policy (dead-letter address, attempts, max TTL) to the broker
+    /// when the address becomes active here. Idempotent at the broker, so a router restart or
+    /// a re-activation simply declares again.
+    fn declare_store_policy(&mut self, address: &str) {
+        let decl = self
+            .rules
+            .rule_for(address)
+            .filter(|d| d.kind == AddressType::Queue)
+            .cloned();
+        let addr = self.address_mut(address);
+        if addr.store_declared {
+            return;
+        }
+        addr.store_declared = true;
+        let Some(d) = decl else { return };
+        if d.dead_letter.is_none() && d.max_delivery_attempts.is_none() && d.max_ttl_ms.is_none() {
+            return;
+        }
+        self.to_store(StoreRequest::Declare {
+            address: address.to_owned(),
+            max_delivery_attempts: d
+                .max_delivery_attempts
+                .unwrap_or(broker::queue::Policy::default().max_delivery_attempts),
+            max_ttl_ms: d.max_ttl_ms,
+            dead_letter: d.dead_letter,
+        });
+    }
+
     /// A producer's message to a queue or topic: it counts against the producer's credit until
     /// the broker has made it durable; only then does the producer hear `accepted`.
     fn store(
@@ -1141,6 +1172,9 @@ impl Core {
         let len = payload.len();
         if let Some(p) = self.producers.get_mut(&link) {
             p.held += 1;
+        }
+        if kind == AddressType::Queue {
+            self.declare_store_policy(address);
         }
         self.address_mut(address).stats.deliveries_in += 1;
         let expiry = amqp::message::expiry(&payload).unwrap_or_default();
@@ -1238,6 +1272,7 @@ impl Core {
                 credit: 0,
             }
         } else {
+            self.declare_store_policy(address);
             StoreRequest::Attach {
                 consumer: id,
                 address: address.to_owned(),
@@ -1309,7 +1344,15 @@ impl Core {
                 c.unsettled += 1;
             }
             let address = c.address.clone();
-            let len = d.body.len();
+            // A redelivery tells the consumer how many attempts came before (header
+            // delivery-count); first deliveries go out exactly as stored.
+            let body = if d.delivery_count > 0 {
+                amqp::message::with_delivery_count(&d.body, d.delivery_count)
+                    .unwrap_or_else(|_| Bytes::from(d.body))
+            } else {
+                Bytes::from(d.body)
+            };
+            let len = body.len();
             let dlv = if presettled {
                 // At most once: the router settles for the consumer.
                 self.to_store(StoreRequest::Settle {
@@ -1350,7 +1393,7 @@ impl Core {
                 ToConn::Deliver {
                     link: link.link,
                     dlv,
-                    payload: Bytes::from(d.body),
+                    payload: body,
                     format: 0,
                 },
             );

@@ -138,3 +138,64 @@ def test_topic_fan_out_and_durable_subscription(configured_router):
         assert [m.body for m, _ in receive_n([b], rb, 1)] == ["22C"]
     finally:
         close_quietly(pub, a, b)
+
+
+POLICY = """\
+addresses:
+  - prefix: "orders/"
+    type: queue
+    dead_letter: "orders-dlq"
+    max_delivery_attempts: 3
+  - name: "orders-dlq"
+    type: queue
+  - prefix: "cmd/"
+    type: queue
+"""
+
+
+def test_reject_dead_letters_and_modified_counts_attempts(configured_router):
+    from proton import Delivery
+    r = configured_router(POLICY)
+    c = connect(r.amqp_url)
+    try:
+        _send(c, "orders/eu", ["bad", "flaky"])
+        rcv = c.create_receiver("orders/eu", credit=1)
+        (m, d), = receive_n([c], rcv, 1)
+        assert m.body == "bad" and m.delivery_count == 0
+        settle(d, Delivery.REJECTED)
+        rcv.link.flow(1)
+        # "flaky" fails twice (modified, delivery-failed): the count shows on redelivery.
+        for attempt in range(2):
+            (m, d), = receive_n([c], rcv, 1)
+            assert m.body == "flaky" and m.delivery_count == attempt, (m.body, m.delivery_count)
+            d.local.failed = True
+            settle(d, Delivery.MODIFIED)
+            rcv.link.flow(1)
+        (m, d), = receive_n([c], rcv, 1)
+        assert m.body == "flaky" and m.delivery_count == 2
+        d.local.failed = True
+        settle(d, Delivery.MODIFIED)  # third failure: out of attempts -> dead letter
+        dlq = c.create_receiver("orders-dlq", credit=10)
+        got = receive_n([c], dlq, 2)
+        assert sorted(m.body for m, _ in got) == ["bad", "flaky"]
+        for _, d in got:
+            settle(d)
+    finally:
+        close_quietly(c)
+
+
+def test_command_for_an_offline_consumer_expires_by_ttl(configured_router):
+    r = configured_router(POLICY)
+    c = connect(r.amqp_url)
+    try:
+        s = c.create_sender("cmd/device-7")
+        ds = [send_async(s, Message(body="stale", ttl=0.3)), send_async(s, Message(body="fresh"))]
+        wait_outcomes([c], ds)
+        time.sleep(1.2)  # the device is offline past the first command's TTL
+        rcv = c.create_receiver("cmd/device-7", credit=10)
+        got = receive_n([c], rcv, 1)
+        assert [m.body for m, _ in got] == ["fresh"]
+        pump([c], lambda: available(rcv) > 0, timeout=0.5, raise_on_timeout=False)
+        assert not available(rcv), "the expired command was delivered"
+    finally:
+        close_quietly(c)
