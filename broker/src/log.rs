@@ -256,6 +256,18 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// Hands buffered appends to the OS and returns a handle on the current segment whose
+    /// `sync_data` makes them durable. Lets a flusher sync without holding whatever lock
+    /// guards the log, so appends go on meanwhile (earlier segments were synced when the log
+    /// rolled over).
+    pub fn sync_handle(&mut self) -> Result<Option<File>, LogError> {
+        self.flush()?;
+        match (self.writer.as_ref(), self.segments.last()) {
+            (Some(w), Some(s)) => Ok(Some(w.get_ref().try_clone().map_err(io_err(&s.path))?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Reads the payload of record `index`.
     pub fn read(&mut self, index: u64) -> Result<Vec<u8>, LogError> {
         self.flush()?;

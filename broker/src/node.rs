@@ -21,8 +21,8 @@ use openraft::type_config::alias::{SnapshotOf, VoteOf};
 use openraft::{EntryPayload, OptionalSend, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
-use crate::raft::{C, Command, LogStore, NodeAddr, SnapshotData, StateMachine};
-use crate::shard::{Cmd, ShardEffect};
+use crate::raft::{Applied, C, Command, LogStore, NodeAddr, SnapshotData, StateMachine};
+use crate::shard::Cmd;
 
 /// Network of a one-voter group: there is nobody to talk to.
 pub struct NoPeers;
@@ -93,8 +93,8 @@ pub struct ShardHandle {
 pub struct ShardNode {
     handle: ShardHandle,
     sm: StateMachine,
-    /// Effects of committed commands, in log order.
-    pub effects: mpsc::UnboundedReceiver<Vec<ShardEffect>>,
+    /// Effects (and carried bodies) of committed commands, in log order.
+    pub effects: mpsc::UnboundedReceiver<Applied>,
 }
 
 impl ShardNode {

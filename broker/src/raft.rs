@@ -312,9 +312,16 @@ impl LogStore {
                     while let Ok(cb) = rx.try_recv() {
                         batch.push(cb);
                     }
-                    let result = match weak.upgrade() {
-                        Some(inner) => lock(&inner).and_then(|mut g| Ok(g.log.sync()?)),
+                    // Take a handle under the lock, sync outside it: appends are not held up
+                    // by the disk while this batch becomes durable.
+                    let handle = match weak.upgrade() {
+                        Some(inner) => lock(&inner).and_then(|mut g| Ok(g.log.sync_handle()?)),
                         None => Err(io_other("log store closed")),
+                    };
+                    let result = match handle {
+                        Ok(Some(f)) => f.sync_data(),
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
                     };
                     for cb in batch {
                         cb.io_completed(match &result {
@@ -401,9 +408,11 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        let mut g = lock(&self.inner)?;
-        g.meta.committed = committed;
-        g.save_meta()
+        // Kept in memory and written with the next vote or purge, never synced on its own:
+        // openraft calls this on every commit, and a lost value only means the leader
+        // re-commits the log after a restart (the log is the record, not this hint).
+        lock(&self.inner)?.meta.committed = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -467,6 +476,14 @@ use futures_util::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 
+/// What applying one committed command produced: the shard's effects, and the message body
+/// the command carried (enqueue/publish) with its sequence number.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub effects: Vec<ShardEffect>,
+    pub body: Option<(u64, Vec<u8>)>,
+}
+
 /// Snapshot contents: the state machine's own encoding.
 pub type SnapshotData = Vec<u8>;
 
@@ -478,7 +495,7 @@ struct SmInner {
     applied: u64,
     shard: Shard,
     /// Where the effects of applied commands go (the shard's owner); none in tests.
-    effects: Option<tokio::sync::mpsc::UnboundedSender<Vec<ShardEffect>>>,
+    effects: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
     current: Option<(SnapshotMetaOf<C>, SnapshotData)>,
 }
 
@@ -497,7 +514,7 @@ fn sm_lock(m: &Mutex<SmInner>) -> io::Result<MutexGuard<'_, SmInner>> {
 
 impl StateMachine {
     /// A state machine whose applied commands' effects are sent to `effects`.
-    pub fn with_effects(effects: tokio::sync::mpsc::UnboundedSender<Vec<ShardEffect>>) -> Self {
+    pub fn with_effects(effects: tokio::sync::mpsc::UnboundedSender<Applied>) -> Self {
         let sm = StateMachine::default();
         if let Ok(mut g) = sm.inner.lock() {
             g.effects = Some(effects);
@@ -556,10 +573,19 @@ impl RaftStateMachine<C> for StateMachine {
                     EntryPayload::Normal(c) => {
                         g.applied += 1;
                         // A command that does not decode is skipped on every replica alike.
-                        if let Ok(cmd) = Cmd::decode(&c.0) {
-                            let fx = g.shard.apply(entry.log_id.index, cmd);
-                            if let (false, Some(tx)) = (fx.is_empty(), g.effects.as_ref()) {
-                                let _ = tx.send(fx);
+                        if let Ok(mut cmd) = Cmd::decode(&c.0) {
+                            // The shard keeps metadata only; the body travels with the effects
+                            // so the owner can deliver it without reading the log back.
+                            let body = match &mut cmd {
+                                Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => {
+                                    Some((entry.log_id.index, std::mem::take(body)))
+                                }
+                                _ => None,
+                            };
+                            let effects = g.shard.apply(entry.log_id.index, cmd);
+                            let worth = !effects.is_empty() || body.is_some();
+                            if let (true, Some(tx)) = (worth, g.effects.as_ref()) {
+                                let _ = tx.send(Applied { effects, body });
                             }
                         }
                     }

@@ -9,12 +9,18 @@
 
 use tokio::sync::mpsc;
 
+use std::collections::BTreeMap;
+
 use crate::node::{ShardHandle, ShardNode};
 use crate::queue::{ConsumerId, Outcome, Seq};
+use crate::raft::Applied;
 use crate::shard::{Cmd, ShardEffect};
 
 /// Most requests proposed as one batch.
 const MAX_BATCH: usize = 1024;
+/// Bodies of recent messages kept for delivery without a log read.
+const FRESH_BODIES: usize = 16_384;
+const FRESH_BYTES: usize = 32 * 1024 * 1024;
 
 /// A tag the caller chooses for a store request; its completion comes back with it.
 pub type Tag = u64;
@@ -200,27 +206,52 @@ pub async fn run(
 ) {
     let handle = node.handle();
     let ShardNode { mut effects, .. } = node;
-    // Bodies are read off the log by a separate task so that proposing never waits on reads.
+    // Bodies come with the effects of the command that carried them and are kept (bounded)
+    // until delivered and forgotten; older ones are read back from the log. A separate task,
+    // so that proposing never waits on reads.
     let reader = handle.clone();
-    let (fx_tx, mut fx_rx) = mpsc::unbounded_channel::<Vec<ShardEffect>>();
+    let (fx_tx, mut fx_rx) = mpsc::unbounded_channel::<Applied>();
     let body_task = tokio::spawn(async move {
-        while let Some(fx) = fx_rx.recv().await {
+        let mut fresh: BTreeMap<Seq, Vec<u8>> = BTreeMap::new();
+        let mut fresh_bytes = 0usize;
+        while let Some(applied) = fx_rx.recv().await {
+            if let Some((seq, body)) = applied.body {
+                fresh_bytes += body.len();
+                fresh.insert(seq, body);
+                // Bounded: the oldest go first (they are the ones a backlog reads from disk).
+                while fresh.len() > FRESH_BODIES || fresh_bytes > FRESH_BYTES {
+                    match fresh.pop_first() {
+                        Some((_, b)) => fresh_bytes -= b.len(),
+                        None => break,
+                    }
+                }
+            }
             let mut out = Vec::new();
-            for e in fx {
-                if let ShardEffect::Deliver {
-                    consumer,
-                    seq,
-                    delivery_count,
-                } = e
-                {
-                    match reader.body(seq).await {
-                        Ok(body) => out.push(Delivery {
-                            consumer,
-                            seq,
-                            delivery_count,
-                            body,
-                        }),
-                        Err(e) => tracing::error!("cannot read message {seq}: {e}"),
+            for e in applied.effects {
+                match e {
+                    ShardEffect::Deliver {
+                        consumer,
+                        seq,
+                        delivery_count,
+                    } => {
+                        let body = match fresh.get(&seq) {
+                            Some(b) => Ok(b.clone()),
+                            None => reader.body(seq).await,
+                        };
+                        match body {
+                            Ok(body) => out.push(Delivery {
+                                consumer,
+                                seq,
+                                delivery_count,
+                                body,
+                            }),
+                            Err(e) => tracing::error!("cannot read message {seq}: {e}"),
+                        }
+                    }
+                    ShardEffect::Forget { seq } => {
+                        if let Some(b) = fresh.remove(&seq) {
+                            fresh_bytes -= b.len();
+                        }
                     }
                 }
             }

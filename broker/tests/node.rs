@@ -26,7 +26,7 @@ async fn next_deliveries(node: &mut ShardNode, n: usize) -> Vec<(u64, u64, u32)>
             .await
             .expect("effects in time")
             .expect("effects channel open");
-        for e in fx {
+        for e in fx.effects {
             if let ShardEffect::Deliver {
                 consumer,
                 seq,
