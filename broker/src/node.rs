@@ -86,6 +86,7 @@ fn raft_err(e: impl std::fmt::Display) -> NodeError {
 pub struct ShardHandle {
     raft: openraft::Raft<C, StateMachine>,
     store: LogStore,
+    sm: StateMachine,
     /// Held while any handle lives: one process per data directory.
     _lock: Arc<std::fs::File>,
 }
@@ -141,6 +142,7 @@ impl ShardNode {
             handle: ShardHandle {
                 raft,
                 store,
+                sm: sm.clone(),
                 _lock: Arc::new(lock),
             },
             sm,
@@ -190,6 +192,11 @@ impl ShardNode {
 }
 
 impl ShardHandle {
+    /// Counters of every queue (subscriptions included), as applied so far.
+    pub fn queues(&self) -> Vec<crate::shard::QueueInfo> {
+        self.sm.with_shard(|s| s.info()).unwrap_or_default()
+    }
+
     /// Appends `cmd` to the log and returns its log index once it is committed (durable) and
     /// applied.
     pub async fn propose(&self, cmd: &Cmd) -> Result<u64, NodeError> {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use crate::node::{ShardHandle, ShardNode};
 use crate::queue::{ConsumerId, Outcome, Seq};
 use crate::raft::Applied;
-use crate::shard::{Cmd, ShardEffect};
+use crate::shard::{Cmd, QueueInfo, ShardEffect};
 
 /// Most requests proposed as one batch.
 const MAX_BATCH: usize = 1024;
@@ -74,6 +74,14 @@ pub enum Request {
     },
     Detach {
         consumer: ConsumerId,
+    },
+    /// Removes the ready messages of a queue (unacknowledged ones stay).
+    Purge {
+        address: String,
+    },
+    /// Counters of every queue, answered without going through the log.
+    Info {
+        reply: tokio::sync::oneshot::Sender<Vec<QueueInfo>>,
     },
 }
 
@@ -193,6 +201,9 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
             None,
         ),
         Request::Detach { consumer } => (Cmd::Detach { consumer, now }, None),
+        Request::Purge { address } => (Cmd::Purge { address }, None),
+        // Answered before proposing (see `run`).
+        Request::Info { .. } => (Cmd::Tick { now }, None),
     }
 }
 
@@ -269,8 +280,19 @@ pub async fn run(
                     break;
                 }
                 let now = now_ms();
-                let (cmds, tags): (Vec<Cmd>, Vec<Option<Tag>>) =
-                    batch.drain(..).map(|r| to_cmd(r, now)).unzip();
+                let (cmds, tags): (Vec<Cmd>, Vec<Option<Tag>>) = batch
+                    .drain(..)
+                    .filter_map(|r| match r {
+                        Request::Info { reply } => {
+                            let _ = reply.send(handle.queues());
+                            None
+                        }
+                        r => Some(to_cmd(r, now)),
+                    })
+                    .unzip();
+                if cmds.is_empty() {
+                    continue;
+                }
                 submit(&handle, cmds, tags, &completions).await;
             }
             Some(fx) = effects.recv() => {

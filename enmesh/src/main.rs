@@ -65,6 +65,13 @@ enum Cmd {
         #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
         http: String,
     },
+    /// Inspect and purge the broker's queues through the HTTP API.
+    Queue {
+        #[command(subcommand)]
+        op: QueueOp,
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+        http: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -109,6 +116,14 @@ enum AddressOp {
     Delete {
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum QueueOp {
+    /// Depth, consumers and counters of every queue.
+    List,
+    /// Remove the ready messages of a queue.
+    Purge { name: String },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -169,6 +184,7 @@ fn main() -> ExitCode {
                 timeout,
             } => receive(&url, &address, count, timeout).await,
             Cmd::Address { op, http } => address_cmd(op, &http).await,
+            Cmd::Queue { op, http } => queue_cmd(op, &http).await,
         }
     });
     match r {
@@ -428,6 +444,29 @@ async fn address_cmd(op: AddressOp, http: &str) -> anyhow::Result<()> {
             match status {
                 204 => println!("deleted {name}"),
                 404 => bail!("no address {name}"),
+                _ => bail!("HTTP {status}: {body}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn queue_cmd(op: QueueOp, http: &str) -> anyhow::Result<()> {
+    match op {
+        QueueOp::List => {
+            let (status, body) = http_call("GET", http, "/api/v1/queues", None).await?;
+            if status != 200 {
+                bail!("HTTP {status}: {body}");
+            }
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        QueueOp::Purge { name } => {
+            let path = format!("/api/v1/purge/{}", percent_encode(&name));
+            let (status, body) = http_call("POST", http, &path, None).await?;
+            match status {
+                204 => println!("purged {name}"),
+                404 => bail!("no broker in this process"),
                 _ => bail!("HTTP {status}: {body}"),
             }
         }

@@ -150,6 +150,10 @@ pub enum Mgmt {
     Snapshot(oneshot::Sender<Snapshot>),
     AddAddress(AddressDecl, oneshot::Sender<Result<(), String>>),
     RemoveAddress(String, oneshot::Sender<bool>),
+    /// Counters of the broker's queues (empty without a broker).
+    Queues(oneshot::Sender<Vec<broker::shard::QueueInfo>>),
+    /// Removes a queue's ready messages; false without a broker.
+    Purge(String, oneshot::Sender<bool>),
     Shutdown(ErrorCondition),
 }
 
@@ -1423,6 +1427,20 @@ impl Core {
                 self.declared.remove(&key);
                 self.gc_address(&key);
                 let _ = tx.send(found);
+            }
+            Mgmt::Queues(reply) => match &self.store {
+                Some(s) => {
+                    // The broker answers directly; the core only passes the request on.
+                    let _ = s.send(StoreRequest::Info { reply });
+                }
+                None => {
+                    let _ = reply.send(Vec::new());
+                }
+            },
+            Mgmt::Purge(address, reply) => {
+                let ok = self.store.is_some();
+                self.to_store(StoreRequest::Purge { address });
+                let _ = reply.send(ok);
             }
             Mgmt::Shutdown(error) => {
                 let conns: Vec<ConnId> = self.conns.keys().copied().collect();

@@ -8,7 +8,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,6 +25,15 @@ pub struct Api {
 }
 
 impl Api {
+    async fn queues(&self) -> Result<Vec<broker::shard::QueueInfo>, StatusCode> {
+        let (tx, rx) = oneshot::channel();
+        self.core
+            .send(vec![ToCore::Mgmt(Mgmt::Queues(tx))])
+            .await
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        rx.await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, StatusCode> {
         let (tx, rx) = oneshot::channel();
         self.core
@@ -45,6 +54,8 @@ pub fn app(api: Api) -> axum::Router {
         .route("/api/v1/addresses", get(addresses).post(create_address))
         .route("/api/v1/addresses/{*name}", delete(delete_address))
         .route("/api/v1/address-stats", get(address_stats))
+        .route("/api/v1/queues", get(queues))
+        .route("/api/v1/purge/{*name}", post(purge))
         .with_state(api)
 }
 
@@ -80,6 +91,40 @@ async fn address_stats(State(api): State<Api>) -> Result<Response, StatusCode> {
     Ok(Json(api.snapshot().await?.addresses).into_response())
 }
 
+fn queue_json(q: &broker::shard::QueueInfo) -> serde_json::Value {
+    serde_json::json!({
+        "address": q.address,
+        "depth": q.depth,
+        "ready": q.ready,
+        "consumers": q.consumers,
+        "enqueued": q.enqueued,
+        "acknowledged": q.acknowledged,
+        "expired": q.expired,
+        "dead_lettered": q.dead_lettered,
+        "redelivered": q.redelivered,
+    })
+}
+
+/// Queues held by the broker shard (subscriptions appear as `$sub:NAME`).
+async fn queues(State(api): State<Api>) -> Result<Response, StatusCode> {
+    let list: Vec<serde_json::Value> = api.queues().await?.iter().map(queue_json).collect();
+    Ok(Json(list).into_response())
+}
+
+/// Removes the ready messages of a queue.
+async fn purge(State(api): State<Api>, Path(name): Path<String>) -> Result<StatusCode, StatusCode> {
+    let (tx, rx) = oneshot::channel();
+    api.core
+        .send(vec![ToCore::Mgmt(Mgmt::Purge(name, tx))])
+        .await
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    match rx.await {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Ok(StatusCode::NOT_FOUND),
+        Err(_) => Err(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
 async fn create_address(
     State(api): State<Api>,
     Json(decl): Json<AddressDecl>,
@@ -113,6 +158,14 @@ async fn delete_address(
 }
 
 type Labels = Vec<(String, String)>;
+
+/// A metric family of the broker's queues: name, help, is a counter, value.
+type QueueMetric = (
+    &'static str,
+    &'static str,
+    bool,
+    fn(&broker::shard::QueueInfo) -> u64,
+);
 
 /// A metric family derived from per-address statistics: name, help, value.
 type AddressMetric = (
@@ -195,6 +248,65 @@ async fn metrics(State(api): State<Api>) -> Result<Response, StatusCode> {
                 .set(f(a) as i64);
         }
         reg.register(name, help, fam);
+    }
+    let queues = api.queues().await?;
+    let queue_metrics: [QueueMetric; 7] = [
+        (
+            "enmesh_queue_depth",
+            "Messages held by a queue (ready and unacknowledged)",
+            false,
+            |q| q.depth as u64,
+        ),
+        (
+            "enmesh_queue_consumers",
+            "Consumers of a queue",
+            false,
+            |q| q.consumers as u64,
+        ),
+        (
+            "enmesh_queue_enqueued",
+            "Messages stored in a queue",
+            true,
+            |q| q.enqueued,
+        ),
+        (
+            "enmesh_queue_acknowledged",
+            "Messages acknowledged by consumers",
+            true,
+            |q| q.acknowledged,
+        ),
+        ("enmesh_queue_expired", "Messages expired", true, |q| {
+            q.expired
+        }),
+        (
+            "enmesh_queue_dead_lettered",
+            "Messages dead-lettered",
+            true,
+            |q| q.dead_lettered,
+        ),
+        (
+            "enmesh_queue_redelivered",
+            "Messages returned for redelivery",
+            true,
+            |q| q.redelivered,
+        ),
+    ];
+    for (name, help, counter, f) in queue_metrics {
+        if counter {
+            let fam = Family::<Labels, Counter>::default();
+            for q in &queues {
+                fam.get_or_create(&vec![("queue".into(), q.address.clone())])
+                    .inc_by(f(q));
+            }
+            reg.register(name, help, fam);
+        } else {
+            let fam = Family::<Labels, Gauge<i64>>::default();
+            for q in &queues {
+                fam.get_or_create(&vec![("queue".into(), q.address.clone())])
+                    .set(f(q) as i64);
+            }
+            reg.register(name, help, fam);
+        }
     }
     let mut text = String::new();
     encode(&mut text, &reg).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;

@@ -199,3 +199,34 @@ def test_command_for_an_offline_consumer_expires_by_ttl(configured_router):
         assert not available(rcv), "the expired command was delivered"
     finally:
         close_quietly(c)
+
+
+def test_queue_depth_metrics_and_purge(configured_router):
+    import subprocess
+    from conftest import enmesh_bin
+    from helpers import http, http_json
+    r = configured_router(QUEUES)
+    c = connect(r.amqp_url)
+    try:
+        _send(c, "q/depth", ["x%d" % i for i in range(5)])
+
+        def depth():
+            status, qs = http_json("GET", r.http_url + "/api/v1/queues")
+            assert status == 200
+            return {q["address"]: q for q in qs}.get("q/depth", {}).get("depth")
+
+        deadline = time.monotonic() + 5
+        while depth() != 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert depth() == 5
+        status, text = http("GET", r.http_url + "/metrics")
+        assert 'enmesh_queue_depth{queue="q/depth"} 5' in text, text[-1500:]
+        out = subprocess.run([enmesh_bin(), "queue", "purge", "q/depth", "--http", r.http_url],
+                             capture_output=True, text=True, timeout=10)
+        assert out.returncode == 0, out.stderr
+        deadline = time.monotonic() + 5
+        while depth() != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert depth() == 0
+    finally:
+        close_quietly(c)
