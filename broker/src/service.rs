@@ -71,6 +71,8 @@ pub enum Request {
         consumer: ConsumerId,
         seq: Seq,
         outcome: Outcome,
+        /// Report when the settlement is durable (a consumer that settles second waits).
+        done: Option<Tag>,
     },
     Detach {
         consumer: ConsumerId,
@@ -191,6 +193,7 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
             consumer,
             seq,
             outcome,
+            done,
         } => (
             Cmd::Settle {
                 consumer,
@@ -198,7 +201,7 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
                 outcome,
                 now,
             },
-            None,
+            done,
         ),
         Request::Detach { consumer } => (Cmd::Detach { consumer, now }, None),
         Request::Purge { address } => (Cmd::Purge { address }, None),

@@ -60,6 +60,7 @@ async fn enqueue_commit_deliver_settle() {
                 consumer: 1,
                 seq: dlv.seq,
                 outcome: Outcome::Accepted,
+                done: None,
             })
             .unwrap();
     }

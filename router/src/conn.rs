@@ -46,6 +46,9 @@ struct LinkState {
     dynamic_address: Option<String>,
     /// A producer on the anonymous relay (null target): each message names its address.
     anonymous: bool,
+    /// A consumer that settles second (rcv-settle-mode second): we settle a delivery only
+    /// once its outcome took effect (for a queue, once the acknowledgement is durable).
+    settle_second: bool,
 }
 
 /// Runs one connection to completion.
@@ -82,6 +85,7 @@ pub async fn run<S>(
         engine: &mut engine,
         links: HashMap::new(),
         unsettled: HashMap::new(),
+        confirming: HashMap::new(),
         to_core: Vec::new(),
         opened: false,
         refuse,
@@ -177,6 +181,9 @@ struct Task<'a> {
     links: HashMap<LinkId, LinkState>,
     /// Our unsettled outgoing deliveries: (channel, delivery-id) → (core id, link).
     unsettled: HashMap<(u16, u32), (u64, LinkId)>,
+    /// Outcomes given by consumers that settle second, waiting for `ToConn::Confirm`:
+    /// core id → (link, delivery-id, outcome to echo).
+    confirming: HashMap<u64, (LinkId, u32, DeliveryState)>,
     to_core: Vec<ToCore>,
     opened: bool,
     refuse: Option<ErrorCondition>,
@@ -323,11 +330,17 @@ impl Task<'_> {
                                 // sender's default outcome).
                                 _ => DeliveryState::Released,
                             };
+                            let second =
+                                !settled && self.links.get(&link).is_some_and(|l| l.settle_second);
+                            let confirm = second.then(|| self.r(link));
                             self.to_core.push(ToCore::Outcome {
                                 dlv,
                                 state: st.clone(),
+                                confirm,
                             });
-                            if !settled {
+                            if second {
+                                self.confirming.insert(dlv, (link, id, st));
+                            } else if !settled {
                                 self.engine.disposition(link, id, true, Some(st));
                             }
                         }
@@ -345,6 +358,7 @@ impl Task<'_> {
                         self.to_core.push(ToCore::Detach { link: r });
                     }
                     self.unsettled.retain(|_, (_, lk)| *lk != link);
+                    self.confirming.retain(|_, (lk, _, _)| *lk != link);
                 }
             }
             Event::Closed(_) => {}
@@ -380,6 +394,7 @@ impl Task<'_> {
             attach: None,
             dynamic_address: None,
             anonymous: false,
+            settle_second: dir == Dir::Consumer && attach.rcv_settle_mode == 1,
         };
         let address = if dynamic {
             if dir == Dir::Producer {
@@ -451,7 +466,7 @@ impl Task<'_> {
                         source: source.or_else(|| Some(Terminus::default())),
                         target: a.target.clone(),
                         snd_settle_mode: a.snd_settle_mode,
-                        rcv_settle_mode: 0,
+                        rcv_settle_mode: u8::from(l.settle_second),
                         offered_capabilities: None,
                     };
                     let dir = l.dir;
@@ -484,6 +499,11 @@ impl Task<'_> {
                     .engine
                     .disposition(link, delivery_id, true, Some(state)),
                 ToConn::DrainDone { link } => self.engine.drain_complete(link),
+                ToConn::Confirm { dlv } => {
+                    if let Some((link, id, st)) = self.confirming.remove(&dlv) {
+                        self.engine.disposition(link, id, true, Some(st));
+                    }
+                }
                 ToConn::Close { error } => self.engine.close(Some(error)),
             }
         }
@@ -504,6 +524,7 @@ impl Task<'_> {
                 self.to_core.push(ToCore::Outcome {
                     dlv: d,
                     state: DeliveryState::Released,
+                    confirm: None,
                 });
             }
             return;

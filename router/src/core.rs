@@ -101,6 +101,9 @@ pub enum ToCore {
     Outcome {
         dlv: u64,
         state: DeliveryState,
+        /// The consumer settles second: tell its connection (`ToConn::Confirm`) once the
+        /// outcome has taken effect (for a queue: once the acknowledgement is durable).
+        confirm: Option<LinkRef>,
     },
     Mgmt(Mgmt),
 }
@@ -138,6 +141,10 @@ pub enum ToConn {
     },
     DrainDone {
         link: LinkId,
+    },
+    /// The outcome of delivery `dlv` took effect: the connection may settle it.
+    Confirm {
+        dlv: u64,
     },
     Close {
         error: ErrorCondition,
@@ -322,6 +329,8 @@ pub struct Core {
     next_tag: Tag,
     store_consumers: HashMap<u64, LinkRef>,
     next_store_consumer: u64,
+    /// Acknowledgements on their way to durability, for consumers that settle second.
+    confirming: HashMap<Tag, (LinkRef, u64)>,
 }
 
 fn released() -> DeliveryState {
@@ -363,6 +372,7 @@ impl Core {
             next_tag: 1,
             store_consumers: HashMap::new(),
             next_store_consumer: 1,
+            confirming: HashMap::new(),
         }
     }
 
@@ -495,7 +505,11 @@ impl Core {
                 payload,
                 format,
             } => self.deliver(link, delivery_id, settled, to, payload, format),
-            ToCore::Outcome { dlv, state } => self.outcome(dlv, state),
+            ToCore::Outcome {
+                dlv,
+                state,
+                confirm,
+            } => self.outcome(dlv, state, confirm),
             ToCore::Mgmt(m) => self.mgmt(m),
         }
     }
@@ -684,7 +698,7 @@ impl Core {
             .map(|(k, _)| *k)
             .collect();
         for dlv in lost {
-            self.outcome(dlv, failed());
+            self.outcome(dlv, failed(), None);
         }
         let a = c.address;
         let no_consumers = {
@@ -1060,8 +1074,12 @@ impl Core {
         }
     }
 
-    fn outcome(&mut self, dlv: u64, state: DeliveryState) {
+    fn outcome(&mut self, dlv: u64, state: DeliveryState, confirm: Option<LinkRef>) {
         let Some(f) = self.inflight.remove(&dlv) else {
+            // Unknown (already settled or its consumer is gone): nothing to wait for.
+            if let Some(c) = confirm {
+                self.send(c.conn, ToConn::Confirm { dlv });
+            }
             return;
         };
         let mut repump = false;
@@ -1083,14 +1101,19 @@ impl Core {
             }
         }
         match f.from {
-            InFrom::Producer { link, delivery_id } => self.send(
-                link.conn,
-                ToConn::Outcome {
-                    link: link.link,
-                    delivery_id,
-                    state,
-                },
-            ),
+            InFrom::Producer { link, delivery_id } => {
+                self.send(
+                    link.conn,
+                    ToConn::Outcome {
+                        link: link.link,
+                        delivery_id,
+                        state,
+                    },
+                );
+                if let Some(c) = confirm {
+                    self.send(c.conn, ToConn::Confirm { dlv });
+                }
+            }
             InFrom::Store { consumer, seq } => {
                 let outcome = match state {
                     DeliveryState::Accepted => StoreOutcome::Accepted,
@@ -1105,10 +1128,17 @@ impl Core {
                     },
                     _ => StoreOutcome::Released,
                 };
+                let done = confirm.map(|c| {
+                    let tag = self.next_tag;
+                    self.next_tag += 1;
+                    self.confirming.insert(tag, (c, dlv));
+                    tag
+                });
                 self.to_store(StoreRequest::Settle {
                     consumer,
                     seq,
                     outcome,
+                    done,
                 });
             }
         }
@@ -1216,6 +1246,11 @@ impl Core {
 
     fn stored(&mut self, list: Vec<(Tag, Result<(), String>)>) {
         for (tag, r) in list {
+            if let Some((c, dlv)) = self.confirming.remove(&tag) {
+                // The acknowledgement is durable: the consumer may forget the delivery.
+                self.send(c.conn, ToConn::Confirm { dlv });
+                continue;
+            }
             let Some(s) = self.storing.remove(&tag) else {
                 continue;
             };
@@ -1363,6 +1398,7 @@ impl Core {
                     consumer: d.consumer,
                     seq: d.seq,
                     outcome: StoreOutcome::Accepted,
+                    done: None,
                 });
                 None
             } else {
