@@ -117,10 +117,18 @@ pub struct Simple<'a> {
     pub body: &'a [u8],
     /// Send the body as an amqp-value string instead of a data section.
     pub body_as_string: bool,
+    /// Add a header section marking the message durable (brokers that keep non-durable
+    /// messages in memory only must write these to disk).
+    pub durable: bool,
 }
 
 /// Encodes a message with a properties section and one body section.
 pub fn build(m: &Simple, out: &mut BytesMut) {
+    if m.durable {
+        let mut f = Fields::new(out, HEADER);
+        f.boolean(Some(true));
+        f.finish();
+    }
     if m.message_id.is_some()
         || m.to.is_some()
         || m.reply_to.is_some()

@@ -51,6 +51,9 @@ struct AmqpArgs {
     /// Send presettled (at most once) instead of unsettled with outcomes flowing back.
     #[arg(long)]
     presettled: bool,
+    /// Mark messages durable (header durable=true), as a store benchmark must.
+    #[arg(long)]
+    durable: bool,
     /// Fixed rate in messages per second (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -235,6 +238,7 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
     amqp::message::build(
         &amqp::message::Simple {
             body: &body,
+            durable: a.durable,
             ..Default::default()
         },
         &mut msg,

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Durable queue, 1 producer / 1 consumer, 100 B, durable messages, unsettled (the producer's
+# `accepted` means stored): Enmesh standalone (one-replica shard, fsync before accept) against
+# RabbitMQ 3.10 durable classic queue and quorum queue (AMQP 1.0 plugin), same load generator,
+# same run. Server on core 0, load on core 1, median of RUNS.
+#
+#   bash bench/durable.sh            RUNS=5 COUNT=100000 bash bench/durable.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+RUNS=${RUNS:-3}
+COUNT=${COUNT:-100000}
+PEER_COUNT=${PEER_COUNT:-30000}
+out=${OUT:-$root/bench-data/durable-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$out"
+cargo build --release --locked -p enmesh -p enmesh-bench >&2
+bash bench/peers/install.sh >&2
+bench="$root/target/release/enmesh-bench"
+RPORT=5694
+
+median() {  # label addr-base args... -> median line by rate
+  local label=$1 addr=$2; shift 2
+  local lines=()
+  for i in $(seq "$RUNS"); do
+    lines+=("$(taskset -c 1 "$bench" amqp --label "$label" --address "$addr$i" --durable "$@" 2>&1 | tail -1)")
+    echo "  ${lines[-1]}" >&2
+  done
+  printf '%s\n' "${lines[@]}" | awk '{ match($0, /rate=[0-9]+/); print substr($0, RSTART+5, RLENGTH-5) "\t" $0 }' |
+    sort -n | awk -v n="$RUNS" 'NR == int((n + 1) / 2) { sub(/^[0-9]+\t/, ""); print }'
+}
+
+echo "== enmesh" >&2
+rm -rf "$out/enmesh-data"
+printf 'addresses:\n  - prefix: q/\n    type: queue\n' > "$out/enmesh.yaml"
+taskset -c 0 "$root/target/release/enmesh" standalone --config "$out/enmesh.yaml" \
+  --data "$out/enmesh-data" --listen 127.0.0.1:5693 --http 127.0.0.1:0 > "$out/enmesh.log" 2>&1 &
+EPID=$!
+for _ in $(seq 100); do grep -q "enmesh ready" "$out/enmesh.log" && break; sleep 0.05; done
+E=$(median enmesh q/bench --url 127.0.0.1:5693 --server-pid $EPID --count "$COUNT" --warmup $((COUNT / 10)))
+kill $EPID; wait $EPID 2>/dev/null || true
+
+echo "== rabbitmq" >&2
+RPID=$(taskset -c 0 bash bench/peers/rabbitmq.sh start $RPORT | tail -1)
+for i in $(seq "$RUNS"); do
+  bash bench/peers/rabbitmq.sh declare $RPORT "dq$i" durable >&2
+  bash bench/peers/rabbitmq.sh declare $RPORT "qq$i" quorum >&2
+done
+C=$(median rabbitmq-classic /amq/queue/dq --url 127.0.0.1:$RPORT --server-pid "$RPID" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
+Q=$(median rabbitmq-quorum /amq/queue/qq --url 127.0.0.1:$RPORT --server-pid "$RPID" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
+bash bench/peers/rabbitmq.sh stop $RPORT >&2
+
+rate() { grep -o 'rate=[0-9]*' <<<"$1" | head -1 | cut -d= -f2; }
+{
+  echo "# bench/durable.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) RUNS=$RUNS"
+  printf '%s\n%s\n%s\n' "$E" "$C" "$Q"
+  awk -v e="$(rate "$E")" -v c="$(rate "$C")" -v q="$(rate "$Q")" 'BEGIN {
+    if (c > 0) printf "ratio enmesh/rabbitmq-classic-durable: %.1fx\n", e / c;
+    if (q > 0) printf "ratio enmesh/rabbitmq-quorum: %.1fx\n", e / q }'
+} | tee "$out/summary.txt"
