@@ -204,6 +204,7 @@ fn sample_performatives() -> Vec<Performative> {
                 creation_time_ms: Some(1_700_000_000_000),
                 body: b"hello",
                 body_as_string: i % 2 == 0,
+                durable: i % 3 == 0,
             },
             &mut msg,
         );

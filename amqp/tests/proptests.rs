@@ -836,6 +836,7 @@ proptest! {
         ct in option::of(any::<i64>()),
         body in vec(any::<u8>(), 0..600),
         as_string in any::<bool>(),
+        durable in any::<bool>(),
     ) {
         let m = message::Simple {
             message_id: id,
@@ -845,6 +846,7 @@ proptest! {
             creation_time_ms: ct,
             body: &body,
             body_as_string: as_string,
+            durable,
         };
         let mut buf = BytesMut::new();
         message::build(&m, &mut buf);
