@@ -794,3 +794,49 @@ async fn two_thousand_concurrent_connections() {
     })
     .await;
 }
+
+/// A queue served by the standalone broker shard: stored before any consumer exists,
+/// `accepted` once stored, FIFO to a consumer, a rejected message lands in the dead-letter
+/// queue, and an acknowledged one does not come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_store_and_forward_with_dead_letter() {
+    let router = Router::start_with_config(
+        "addresses:\n  - prefix: jobs/\n    type: queue\n    dead_letter: jobs-dlq\n  - name: jobs-dlq\n    type: queue\n",
+    );
+    within(Duration::from_secs(30), "queue scenario", async {
+        let mut producer = Client::connect(&router, "queue-producer").await;
+        let mut sender = producer.sender("s", "jobs/a").await;
+        for i in 0..3 {
+            let outcome = sender.send(format!("job-{i}")).await.expect("send");
+            assert!(
+                matches!(outcome, Outcome::Accepted(_)),
+                "stored message {i}: {outcome:?}"
+            );
+        }
+        let mut consumer = Client::connect(&router, "queue-consumer").await;
+        let mut receiver = consumer.receiver("r", "jobs/a").await;
+        let mut got = Vec::new();
+        for i in 0..3 {
+            let d: Delivery<String> = receiver.recv().await.expect("recv");
+            got.push(text(&d).to_string());
+            if i == 1 {
+                let err = AmqpErrorValue::new(AmqpError::PreconditionFailed, None, None);
+                receiver.reject(&d, err).await.expect("reject");
+            } else {
+                receiver.accept(&d).await.expect("accept");
+            }
+        }
+        assert_eq!(got, vec!["job-0", "job-1", "job-2"]);
+        let mut dlq = consumer.receiver("dlq", "jobs-dlq").await;
+        let d: Delivery<String> = dlq.recv().await.expect("dead letter");
+        assert_eq!(text(&d), "job-1");
+        dlq.accept(&d).await.expect("accept dead letter");
+        // Nothing else is waiting in the queue.
+        let more =
+            tokio::time::timeout(Duration::from_millis(500), receiver.recv::<String>()).await;
+        assert!(more.is_err(), "an acknowledged message came back: {more:?}");
+        sender.close().await.expect("close sender");
+        producer.close().await;
+    })
+    .await;
+}
