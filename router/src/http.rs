@@ -25,22 +25,22 @@ pub struct Api {
 }
 
 impl Api {
-    async fn queues(&self) -> Result<Vec<broker::shard::QueueInfo>, StatusCode> {
+    /// Sends a management request to the core and waits for its answer.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Mgmt) -> Result<T, StatusCode> {
         let (tx, rx) = oneshot::channel();
         self.core
-            .send(vec![ToCore::Mgmt(Mgmt::Queues(tx))])
+            .send(vec![ToCore::Mgmt(make(tx))])
             .await
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
         rx.await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
     }
 
+    async fn queues(&self) -> Result<Vec<broker::shard::QueueInfo>, StatusCode> {
+        self.ask(Mgmt::Queues).await
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, StatusCode> {
-        let (tx, rx) = oneshot::channel();
-        self.core
-            .send(vec![ToCore::Mgmt(Mgmt::Snapshot(tx))])
-            .await
-            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-        rx.await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+        self.ask(Mgmt::Snapshot).await
     }
 }
 
@@ -113,48 +113,32 @@ async fn queues(State(api): State<Api>) -> Result<Response, StatusCode> {
 
 /// Removes the ready messages of a queue.
 async fn purge(State(api): State<Api>, Path(name): Path<String>) -> Result<StatusCode, StatusCode> {
-    let (tx, rx) = oneshot::channel();
-    api.core
-        .send(vec![ToCore::Mgmt(Mgmt::Purge(name, tx))])
-        .await
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    match rx.await {
-        Ok(true) => Ok(StatusCode::NO_CONTENT),
-        Ok(false) => Ok(StatusCode::NOT_FOUND),
-        Err(_) => Err(StatusCode::SERVICE_UNAVAILABLE),
-    }
+    Ok(if api.ask(|tx| Mgmt::Purge(name, tx)).await? {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    })
 }
 
 async fn create_address(
     State(api): State<Api>,
     Json(decl): Json<AddressDecl>,
 ) -> Result<Response, StatusCode> {
-    let (tx, rx) = oneshot::channel();
-    api.core
-        .send(vec![ToCore::Mgmt(Mgmt::AddAddress(decl, tx))])
-        .await
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    match rx.await {
-        Ok(Ok(())) => Ok(StatusCode::CREATED.into_response()),
-        Ok(Err(e)) => Ok((StatusCode::BAD_REQUEST, e).into_response()),
-        Err(_) => Err(StatusCode::SERVICE_UNAVAILABLE),
-    }
+    Ok(match api.ask(|tx| Mgmt::AddAddress(decl, tx)).await? {
+        Ok(()) => StatusCode::CREATED.into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e).into_response(),
+    })
 }
 
 async fn delete_address(
     State(api): State<Api>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, StatusCode> {
-    let (tx, rx) = oneshot::channel();
-    api.core
-        .send(vec![ToCore::Mgmt(Mgmt::RemoveAddress(name, tx))])
-        .await
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    match rx.await {
-        Ok(true) => Ok(StatusCode::NO_CONTENT),
-        Ok(false) => Ok(StatusCode::NOT_FOUND),
-        Err(_) => Err(StatusCode::SERVICE_UNAVAILABLE),
-    }
+    Ok(if api.ask(|tx| Mgmt::RemoveAddress(name, tx)).await? {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    })
 }
 
 type Labels = Vec<(String, String)>;

@@ -3,7 +3,8 @@
 //! It owns the listener and one task per connection ([`conn`]), the routing core that holds the
 //! address table, link routing state and deliveries in flight ([`core`]), address rules
 //! ([`addresses`]), configuration ([`config`]) and the management HTTP API ([`http`]).
-//! Nothing is stored durably.
+//! The router itself stores nothing durably: queue and topic addresses go to a broker shard
+//! (`broker::service`) when the process runs one.
 #![forbid(unsafe_code)]
 
 pub mod addresses;
