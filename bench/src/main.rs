@@ -72,6 +72,13 @@ struct AmqpArgs {
     /// A label for the report line.
     #[arg(long, default_value = "enmesh")]
     label: String,
+    /// Only produce (no consumers): fills a queue, e.g. for a backlog test. Finishes when
+    /// every message has its outcome.
+    #[arg(long, conflicts_with = "consume_only")]
+    produce_only: bool,
+    /// Only consume `warmup + count` messages already stored (drains a backlog).
+    #[arg(long)]
+    consume_only: bool,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -221,8 +228,11 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
     } else {
         total
     };
+    let expect = if a.produce_only { 0 } else { expect };
+    let total = if a.consume_only { 0 } else { total };
+    let receivers = if a.produce_only { 0 } else { a.receivers };
     let mut consumers = Vec::new();
-    for i in 0..a.receivers {
+    for i in 0..receivers {
         let mut c = Client::connect(&a.url, &format!("bench-rx-{i}")).await?;
         let (link, _) = c
             .receiver(&format!("rx-{i}"), Some(&a.address), a.credit, a.presettled)
@@ -252,8 +262,9 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
     let deadline = start + Duration::from_secs(a.timeout);
     let interval = (a.rate > 0).then(|| Duration::from_nanos(1_000_000_000 / a.rate));
     let mut last_rx = start;
+    let mut last_ack = start;
     let size = a.size;
-    while received < expect || outstanding > 0 {
+    while received < expect || outstanding > 0 || sent < total {
         let now = Instant::now();
         if now > deadline {
             bail!("timed out: sent={sent} received={received} outcomes pending={outstanding}");
@@ -295,6 +306,7 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
                     } else {
                         other += n;
                     }
+                    last_ack = Instant::now();
                 }
             }
         }
@@ -334,9 +346,16 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
             c.write_out()?;
         }
     }
-    let wall = last_rx.duration_since(start).as_secs_f64();
+    let (wall, done) = if a.produce_only {
+        (
+            last_ack.duration_since(start).as_secs_f64(),
+            accepted + other,
+        )
+    } else {
+        (last_rx.duration_since(start).as_secs_f64(), received)
+    };
     let after = a.server_pid.and_then(sample);
-    let rate = received as f64 / wall;
+    let rate = done as f64 / wall;
     let mode = if a.presettled {
         "presettled"
     } else {
@@ -363,7 +382,7 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
         } else {
             a.rate.to_string()
         },
-        n = a.receivers,
+        n = receivers,
         p50 = us(0.5),
         p90 = us(0.9),
         p99 = us(0.99),

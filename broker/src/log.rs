@@ -61,6 +61,9 @@ struct Segment {
     offsets: Vec<u32>,
     /// Size in bytes of the valid part of the file.
     len: u64,
+    /// Opened on the first read and kept: a backlog drains by reading old segments record by
+    /// record, and opening the file for each one would cost more than the read.
+    reader: Option<File>,
 }
 
 impl Segment {
@@ -200,6 +203,7 @@ impl SegmentLog {
             path,
             offsets: Vec::new(),
             len: 0,
+            reader: None,
         });
         self.open_writer()
     }
@@ -270,15 +274,23 @@ impl SegmentLog {
 
     /// Reads the payload of record `index`.
     pub fn read(&mut self, index: u64) -> Result<Vec<u8>, LogError> {
-        self.flush()?;
-        let seg = self
+        let at = self
             .segments
             .iter()
-            .rev()
-            .find(|s| s.first <= index && s.last().is_some_and(|l| index <= l))
+            .rposition(|s| s.first <= index && s.last().is_some_and(|l| index <= l))
             .ok_or(LogError::Missing(index))?;
+        if at + 1 == self.segments.len() {
+            // Only the last segment has appends still in the write buffer.
+            self.flush()?;
+        }
+        let seg = &mut self.segments[at];
         let off = u64::from(seg.offsets[(index - seg.first) as usize]);
-        let f = File::open(&seg.path).map_err(io_err(&seg.path))?;
+        if seg.reader.is_none() {
+            seg.reader = Some(File::open(&seg.path).map_err(io_err(&seg.path))?);
+        }
+        let Some(f) = seg.reader.as_ref() else {
+            return Err(LogError::Missing(index));
+        };
         let mut head = [0u8; HEADER];
         f.read_exact_at(&mut head, off).map_err(io_err(&seg.path))?;
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
@@ -413,5 +425,6 @@ fn scan(path: &Path, first: u64, is_last: bool, rec: &mut Recovery) -> Result<Se
         path: path.to_owned(),
         offsets,
         len: pos as u64,
+        reader: None,
     })
 }

@@ -16,13 +16,30 @@ use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::storage::{RaftLogReader, RaftLogStorage};
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
 use openraft::{EntryPayload, OptionalSend, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
 use crate::raft::{Applied, C, Command, LogStore, NodeAddr, SnapshotData, StateMachine};
 use crate::shard::Cmd;
+
+/// Storage options of a shard.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeOptions {
+    /// Log segments roll over at this size; compaction deletes whole segments.
+    pub segment_bytes: u64,
+    /// Log entries between snapshots: a restart replays at most this many.
+    pub snapshot_every: u64,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            segment_bytes: 64 * 1024 * 1024,
+            snapshot_every: 100_000,
+        }
+    }
+}
 
 /// Network of a one-voter group: there is nobody to talk to.
 pub struct NoPeers;
@@ -101,6 +118,16 @@ pub struct ShardNode {
 impl ShardNode {
     /// Opens the shard stored in `dir` (creating it), as node `id` and the only voter.
     pub async fn open(dir: &Path, id: u64, now_ms: u64) -> Result<ShardNode, NodeError> {
+        ShardNode::open_with(dir, id, now_ms, NodeOptions::default()).await
+    }
+
+    /// [`ShardNode::open`] with explicit storage options.
+    pub async fn open_with(
+        dir: &Path,
+        id: u64,
+        now_ms: u64,
+        opts: NodeOptions,
+    ) -> Result<ShardNode, NodeError> {
         std::fs::create_dir_all(dir)?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -116,13 +143,15 @@ impl ShardNode {
                 ),
             )
         })?;
-        let store = LogStore::open(dir, 64 * 1024 * 1024)?;
+        let store = LogStore::open(dir, opts.segment_bytes)?;
         let (tx, effects) = mpsc::unbounded_channel();
-        let sm = StateMachine::with_effects(tx);
+        let sm = StateMachine::open(dir, Some(tx), store.retention())?;
         let config = openraft::Config {
             cluster_name: "enmesh-shard".into(),
-            // Snapshots do not carry shard state yet: never build one (the log is replayed).
-            snapshot_policy: SnapshotPolicy::Never,
+            // A restart loads the latest snapshot and replays at most this many entries; the
+            // log before it is compacted down to the oldest live message.
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
+            max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         }
         .validate()
@@ -230,16 +259,30 @@ impl ShardHandle {
             .boxed())
     }
 
-    /// The body of message `seq` (from its enqueue or publish entry in the log).
+    /// Takes a snapshot now and waits for it (and the log compaction after it).
+    pub async fn snapshot(&self) -> Result<(), NodeError> {
+        let target = self.sm.last_applied_index()?;
+        self.raft.trigger().snapshot().await.map_err(raft_err)?;
+        self.raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.snapshot.is_some_and(|l| Some(l.index) >= target),
+                "snapshot taken",
+            )
+            .await
+            .map_err(raft_err)?;
+        Ok(())
+    }
+
+    /// Log segments on disk.
+    pub fn segments(&self) -> usize {
+        self.store.segment_count()
+    }
+
+    /// The body of message `seq` (from its enqueue or publish entry in the log, which is kept
+    /// for as long as the message lives, snapshots or not).
     pub async fn body(&self, seq: u64) -> Result<Vec<u8>, NodeError> {
-        let mut reader = self.store.clone().get_log_reader().await;
-        let entries = reader.try_get_log_entries(seq..=seq).await?;
-        let Some(e) = entries.into_iter().next() else {
-            return Err(NodeError::Io(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no log entry {seq}"),
-            )));
-        };
+        let e = self.store.read_retained(seq)?;
         match e.payload {
             EntryPayload::Normal(c) => match Cmd::decode(&c.0)? {
                 Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Ok(body),

@@ -23,6 +23,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::io;
+
+use crate::seqset::SeqSet;
+use crate::wire::{Reader, put_opt_u64, put_varint};
+
 pub type Seq = u64;
 pub type ConsumerId = u64;
 
@@ -80,14 +85,6 @@ pub enum Effect {
     Forget { seq: Seq },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Meta {
-    expires_at: Option<u64>,
-    delivery_count: u32,
-    /// Consumer holding it unacknowledged.
-    holder: Option<ConsumerId>,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Consumer {
     credit: u32,
@@ -104,12 +101,23 @@ pub struct Stats {
     pub redelivered: u64,
 }
 
+/// The queue's state. A plain message (no expiry, never delivered before) costs only its
+/// member of `ready` (about 4 bytes): metadata lives in side maps for the exceptions, so a
+/// backlog of millions stays small (design.md §9).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Queue {
     policy: Policy,
-    msgs: BTreeMap<Seq, Meta>,
-    ready: BTreeSet<Seq>,
+    /// Messages waiting for a consumer, in sequence order.
+    ready: SeqSet,
+    /// Expiry time of every held message that has one (ready or unacknowledged).
+    expiry: BTreeMap<Seq, u64>,
+    /// The same, ordered by time, so a tick finds what expired without a scan.
+    by_expiry: BTreeSet<(u64, Seq)>,
+    /// Earlier delivery attempts of messages that have any.
+    attempts: BTreeMap<Seq, u32>,
     consumers: BTreeMap<ConsumerId, Consumer>,
+    /// Messages held unacknowledged by consumers (sum of their `unacked`).
+    held: usize,
     /// Round-robin position: the last consumer served.
     last_served: Option<ConsumerId>,
     pub stats: Stats,
@@ -123,6 +131,10 @@ impl Queue {
         }
     }
 
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// Changes the policy; it applies to what happens next (messages keep their expiry).
     pub fn set_policy(&mut self, policy: Policy) {
         self.policy = policy;
@@ -130,17 +142,30 @@ impl Queue {
 
     /// Every message held (ready or unacknowledged), in sequence order.
     pub fn seqs(&self) -> Vec<Seq> {
-        self.msgs.keys().copied().collect()
+        let mut all: Vec<Seq> = self.ready.iter().collect();
+        for c in self.consumers.values() {
+            all.extend(c.unacked.iter().copied());
+        }
+        all.sort_unstable();
+        all
     }
 
     /// The oldest message held, if any.
     pub fn min_seq(&self) -> Option<Seq> {
-        self.msgs.keys().next().copied()
+        let held = self
+            .consumers
+            .values()
+            .filter_map(|c| c.unacked.first().copied())
+            .min();
+        match (self.ready.first(), held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Messages held (ready or unacknowledged).
     pub fn depth(&self) -> usize {
-        self.msgs.len()
+        self.ready.len() + self.held
     }
 
     /// Messages waiting for a consumer.
@@ -169,15 +194,14 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        self.msgs.insert(
-            seq,
-            Meta {
-                expires_at,
-                delivery_count: 0,
-                holder: None,
-            },
-        );
-        self.ready.insert(seq);
+        if !self.ready.insert(seq) {
+            // Already held: a replayed or duplicated enqueue changes nothing.
+            return Vec::new();
+        }
+        if let Some(t) = expires_at {
+            self.expiry.insert(seq, t);
+            self.by_expiry.insert((t, seq));
+        }
         self.stats.enqueued += 1;
         self.dispatch(now)
     }
@@ -205,20 +229,18 @@ impl Queue {
         outcome: Outcome,
         now: u64,
     ) -> Vec<Effect> {
-        let holds = self
+        let held = self
             .consumers
-            .get(&consumer)
-            .is_some_and(|c| c.unacked.contains(&seq));
-        if !holds {
+            .get_mut(&consumer)
+            .is_some_and(|c| c.unacked.remove(&seq));
+        if !held {
             return Vec::new();
         }
-        if let Some(c) = self.consumers.get_mut(&consumer) {
-            c.unacked.remove(&seq);
-        }
+        self.held -= 1;
         let mut fx = Vec::new();
         match outcome {
             Outcome::Accepted => {
-                self.msgs.remove(&seq);
+                self.forget_meta(seq);
                 self.stats.acknowledged += 1;
                 fx.push(Effect::Forget { seq });
             }
@@ -236,6 +258,7 @@ impl Queue {
     pub fn detach(&mut self, consumer: ConsumerId, now: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
         if let Some(c) = self.consumers.remove(&consumer) {
+            self.held -= c.unacked.len();
             for seq in c.unacked {
                 self.requeue(seq, true, &mut fx);
             }
@@ -247,67 +270,73 @@ impl Queue {
         fx
     }
 
-    /// Time passes: expired ready messages are removed.
+    /// Time passes: expired ready messages are removed. (Unacknowledged ones are left to
+    /// their consumer; if they come back they are checked again before any redelivery.)
     pub fn tick(&mut self, now: u64) -> Vec<Effect> {
-        let expired: Vec<Seq> = self
-            .ready
-            .iter()
-            .copied()
-            .filter(|s| self.is_expired(*s, now))
+        let due: Vec<Seq> = self
+            .by_expiry
+            .range(..=(now, Seq::MAX))
+            .map(|(_, s)| *s)
+            .filter(|s| self.ready.contains(*s))
             .collect();
         let mut fx = Vec::new();
-        for seq in expired {
+        for seq in due {
             self.expire(seq, &mut fx);
         }
         fx
     }
 
-    /// Removes every ready message (management purge); unacknowledged ones stay.
-    pub fn purge(&mut self) -> Vec<Effect> {
+    /// Removes every ready message (management purge); unacknowledged ones stay. Returns
+    /// what was removed, compactly (a purge may remove millions).
+    pub fn purge(&mut self) -> SeqSet {
         let ready = std::mem::take(&mut self.ready);
+        if !self.expiry.is_empty() || !self.attempts.is_empty() {
+            for seq in ready.iter() {
+                self.forget_meta(seq);
+            }
+        }
         ready
-            .into_iter()
-            .map(|seq| {
-                self.msgs.remove(&seq);
-                Effect::Forget { seq }
-            })
-            .collect()
     }
 
     fn is_expired(&self, seq: Seq, now: u64) -> bool {
-        self.msgs
-            .get(&seq)
-            .and_then(|m| m.expires_at)
-            .is_some_and(|t| t <= now)
+        self.expiry.get(&seq).is_some_and(|t| *t <= now)
+    }
+
+    /// Drops the side metadata of a message that leaves the queue.
+    fn forget_meta(&mut self, seq: Seq) {
+        if let Some(t) = self.expiry.remove(&seq) {
+            self.by_expiry.remove(&(t, seq));
+        }
+        self.attempts.remove(&seq);
     }
 
     fn expire(&mut self, seq: Seq, fx: &mut Vec<Effect>) {
-        self.ready.remove(&seq);
-        self.msgs.remove(&seq);
+        self.ready.remove(seq);
+        self.forget_meta(seq);
         self.stats.expired += 1;
         fx.push(Effect::Expired { seq });
     }
 
     fn requeue(&mut self, seq: Seq, count_attempt: bool, fx: &mut Vec<Effect>) {
-        let Some(m) = self.msgs.get_mut(&seq) else {
-            return;
-        };
-        m.holder = None;
+        let mut count = self.attempts.get(&seq).copied().unwrap_or(0);
         if count_attempt {
-            m.delivery_count += 1;
+            count += 1;
         }
         let limit = self.policy.max_delivery_attempts;
-        if limit > 0 && m.delivery_count >= limit {
+        if limit > 0 && count >= limit {
             self.dead_letter(seq, DeadReason::TooManyAttempts, fx);
             return;
+        }
+        if count > 0 {
+            self.attempts.insert(seq, count);
         }
         self.stats.redelivered += 1;
         self.ready.insert(seq);
     }
 
     fn dead_letter(&mut self, seq: Seq, reason: DeadReason, fx: &mut Vec<Effect>) {
-        self.msgs.remove(&seq);
-        self.ready.remove(&seq);
+        self.ready.remove(seq);
+        self.forget_meta(seq);
         self.stats.dead_lettered += 1;
         fx.push(Effect::DeadLetter { seq, reason });
     }
@@ -328,7 +357,7 @@ impl Queue {
 
     fn dispatch(&mut self, now: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
-        while let Some(&seq) = self.ready.first() {
+        while let Some(seq) = self.ready.first() {
             if self.is_expired(seq, now) {
                 self.expire(seq, &mut fx);
                 continue;
@@ -336,15 +365,12 @@ impl Queue {
             let Some(consumer) = self.next_consumer() else {
                 break;
             };
-            self.ready.remove(&seq);
-            let Some(m) = self.msgs.get_mut(&seq) else {
-                continue;
-            };
-            m.holder = Some(consumer);
-            let delivery_count = m.delivery_count;
+            self.ready.pop_first();
+            let delivery_count = self.attempts.get(&seq).copied().unwrap_or(0);
             if let Some(c) = self.consumers.get_mut(&consumer) {
                 c.credit -= 1;
                 c.unacked.insert(seq);
+                self.held += 1;
             }
             self.last_served = Some(consumer);
             fx.push(Effect::Deliver {
@@ -354,6 +380,122 @@ impl Queue {
             });
         }
         fx
+    }
+}
+
+// --- snapshot encoding --------------------------------------------------------------------
+
+fn bad(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+/// Writes increasing sequence numbers as a count and deltas (a dense backlog: ~1 byte each).
+pub(crate) fn put_seqs(o: &mut Vec<u8>, len: usize, seqs: impl Iterator<Item = Seq>) {
+    put_varint(o, len as u64);
+    let mut prev = 0;
+    for s in seqs {
+        put_varint(o, s - prev);
+        prev = s;
+    }
+}
+
+/// Reads what [`put_seqs`] wrote, handing each to `f`.
+pub(crate) fn get_seqs(r: &mut Reader, mut f: impl FnMut(Seq)) -> io::Result<()> {
+    let n = r.count(1)?;
+    let mut prev: Seq = 0;
+    for _ in 0..n {
+        prev = prev
+            .checked_add(r.varint()?)
+            .ok_or_else(|| bad("sequence number overflow"))?;
+        f(prev);
+    }
+    Ok(())
+}
+
+fn get_u32(r: &mut Reader) -> io::Result<u32> {
+    u32::try_from(r.varint()?).map_err(|_| bad("value out of range"))
+}
+
+impl Queue {
+    /// Appends this queue's state to a shard snapshot.
+    pub fn encode(&self, o: &mut Vec<u8>) {
+        put_varint(o, u64::from(self.policy.max_delivery_attempts));
+        put_opt_u64(o, self.policy.max_ttl_ms);
+        let st = &self.stats;
+        for v in [
+            st.enqueued,
+            st.acknowledged,
+            st.expired,
+            st.dead_lettered,
+            st.redelivered,
+        ] {
+            put_varint(o, v);
+        }
+        put_seqs(o, self.ready.len(), self.ready.iter());
+        for side in [&self.expiry, &self.attempts_u64()] {
+            put_seqs(o, side.len(), side.keys().copied());
+            for v in side.values() {
+                put_varint(o, *v);
+            }
+        }
+        put_varint(o, self.consumers.len() as u64);
+        for (id, c) in &self.consumers {
+            put_varint(o, *id);
+            put_varint(o, u64::from(c.credit));
+            put_seqs(o, c.unacked.len(), c.unacked.iter().copied());
+        }
+        put_opt_u64(o, self.last_served);
+    }
+
+    fn attempts_u64(&self) -> BTreeMap<Seq, u64> {
+        self.attempts
+            .iter()
+            .map(|(s, n)| (*s, u64::from(*n)))
+            .collect()
+    }
+
+    /// Reads what [`Queue::encode`] wrote.
+    pub fn decode(r: &mut Reader) -> io::Result<Queue> {
+        let mut q = Queue::new(Policy {
+            max_delivery_attempts: get_u32(r)?,
+            max_ttl_ms: r.opt_u64()?,
+        });
+        q.stats = Stats {
+            enqueued: r.varint()?,
+            acknowledged: r.varint()?,
+            expired: r.varint()?,
+            dead_lettered: r.varint()?,
+            redelivered: r.varint()?,
+        };
+        let mut ready = SeqSet::new();
+        get_seqs(r, |s| {
+            ready.insert(s);
+        })?;
+        q.ready = ready;
+        let mut keys = Vec::new();
+        get_seqs(r, |s| keys.push(s))?;
+        for s in keys.drain(..) {
+            let t = r.varint()?;
+            q.expiry.insert(s, t);
+            q.by_expiry.insert((t, s));
+        }
+        get_seqs(r, |s| keys.push(s))?;
+        for s in keys.drain(..) {
+            q.attempts.insert(s, get_u32(r)?);
+        }
+        let n = r.count(3)?;
+        for _ in 0..n {
+            let id = r.varint()?;
+            let credit = get_u32(r)?;
+            let mut unacked = BTreeSet::new();
+            get_seqs(r, |s| {
+                unacked.insert(s);
+            })?;
+            q.held += unacked.len();
+            q.consumers.insert(id, Consumer { credit, unacked });
+        }
+        q.last_served = r.opt_u64()?;
+        Ok(q)
     }
 }
 
@@ -468,5 +610,34 @@ mod tests {
         assert!(delivered(&fx).is_empty());
         assert_eq!(q.depth(), 0);
         assert_eq!(q.stats.expired, 4);
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let mut q = Queue::new(Policy {
+            max_delivery_attempts: 3,
+            max_ttl_ms: Some(10_000),
+        });
+        for s in [3, 5, 9, 1000, 1001] {
+            q.enqueue(s, 1, if s == 5 { Some(50) } else { None }, None);
+        }
+        q.attach(4, 2, 1);
+        q.settle(4, 3, failed(), 1);
+        q.attach(8, 1, 1);
+        let mut o = Vec::new();
+        q.encode(&mut o);
+        let back = Queue::decode(&mut Reader(&o)).unwrap();
+        assert_eq!(back, q);
+        // Truncated snapshots are errors, never panics.
+        for cut in 0..o.len() {
+            assert!(Queue::decode(&mut Reader(&o[..cut])).is_err());
+        }
+    }
+
+    fn failed() -> Outcome {
+        Outcome::Modified {
+            delivery_failed: true,
+            undeliverable_here: false,
+        }
     }
 }

@@ -16,6 +16,7 @@ use std::fs;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -115,23 +116,66 @@ pub fn encode_entry(e: &Entry) -> Vec<u8> {
         }
         EntryPayload::Membership(m) => {
             out.push(2);
-            let configs = m.get_joint_config();
-            out.extend_from_slice(&(configs.len() as u32).to_be_bytes());
-            for set in configs {
-                out.extend_from_slice(&(set.len() as u32).to_be_bytes());
-                for id in set {
-                    out.extend_from_slice(&id.to_be_bytes());
-                }
-            }
-            let nodes: Vec<(&u64, &NodeAddr)> = m.nodes().collect();
-            out.extend_from_slice(&(nodes.len() as u32).to_be_bytes());
-            for (id, n) in nodes {
-                out.extend_from_slice(&id.to_be_bytes());
-                put_bytes(&mut out, n.addr.as_bytes());
-            }
+            put_membership(&mut out, m);
         }
     }
     out
+}
+
+fn put_membership(out: &mut Vec<u8>, m: &Membership<u64, NodeAddr>) {
+    let configs = m.get_joint_config();
+    out.extend_from_slice(&(configs.len() as u32).to_be_bytes());
+    for set in configs {
+        out.extend_from_slice(&(set.len() as u32).to_be_bytes());
+        for id in set {
+            out.extend_from_slice(&id.to_be_bytes());
+        }
+    }
+    let nodes: Vec<(&u64, &NodeAddr)> = m.nodes().collect();
+    out.extend_from_slice(&(nodes.len() as u32).to_be_bytes());
+    for (id, n) in nodes {
+        out.extend_from_slice(&id.to_be_bytes());
+        put_bytes(out, n.addr.as_bytes());
+    }
+}
+
+fn get_membership(r: &mut Reader) -> io::Result<Membership<u64, NodeAddr>> {
+    let n = r.u32()? as usize;
+    let mut configs = Vec::with_capacity(n.min(16));
+    for _ in 0..n {
+        let k = r.u32()? as usize;
+        let mut set = BTreeSet::new();
+        for _ in 0..k {
+            set.insert(r.u64()?);
+        }
+        configs.push(set);
+    }
+    let n = r.u32()? as usize;
+    let mut nodes = BTreeMap::new();
+    for _ in 0..n {
+        let id = r.u64()?;
+        let addr = String::from_utf8(r.bytes()?).map_err(io_other)?;
+        nodes.insert(id, NodeAddr { addr });
+    }
+    Membership::new(configs, nodes).map_err(io_other)
+}
+
+fn put_opt_log_id(out: &mut Vec<u8>, id: Option<&LogId>) {
+    match id {
+        Some(id) => {
+            out.push(1);
+            put_log_id(out, id);
+        }
+        None => out.push(0),
+    }
+}
+
+fn get_opt_log_id(r: &mut Reader) -> io::Result<Option<LogId>> {
+    Ok(if r.u8()? != 0 {
+        Some(get_log_id(r)?)
+    } else {
+        None
+    })
 }
 
 /// Decodes what [`encode_entry`] wrote.
@@ -141,26 +185,7 @@ pub fn decode_entry(b: &[u8]) -> io::Result<Entry> {
     let payload = match r.u8()? {
         0 => EntryPayload::Blank,
         1 => EntryPayload::Normal(Command(r.bytes()?)),
-        2 => {
-            let n = r.u32()? as usize;
-            let mut configs = Vec::with_capacity(n.min(16));
-            for _ in 0..n {
-                let k = r.u32()? as usize;
-                let mut set = BTreeSet::new();
-                for _ in 0..k {
-                    set.insert(r.u64()?);
-                }
-                configs.push(set);
-            }
-            let n = r.u32()? as usize;
-            let mut nodes = BTreeMap::new();
-            for _ in 0..n {
-                let id = r.u64()?;
-                let addr = String::from_utf8(r.bytes()?).map_err(io_other)?;
-                nodes.insert(id, NodeAddr { addr });
-            }
-            EntryPayload::Membership(Membership::new(configs, nodes).map_err(io_other)?)
-        }
+        2 => EntryPayload::Membership(get_membership(&mut r)?),
         _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad entry tag")),
     };
     Ok(Entry::new(log_id, payload))
@@ -188,13 +213,7 @@ impl Meta {
             None => out.push(0),
         }
         for id in [&self.committed, &self.last_purged] {
-            match id {
-                Some(id) => {
-                    out.push(1);
-                    put_log_id(&mut out, id);
-                }
-                None => out.push(0),
-            }
+            put_opt_log_id(&mut out, id.as_ref());
         }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_be_bytes());
@@ -226,13 +245,8 @@ impl Meta {
                 })
             }
         };
-        let mut ids = [None, None];
-        for slot in &mut ids {
-            if r.u8()? != 0 {
-                *slot = Some(get_log_id(&mut r)?);
-            }
-        }
-        let [committed, last_purged] = ids;
+        let committed = get_opt_log_id(&mut r)?;
+        let last_purged = get_opt_log_id(&mut r)?;
         Ok(Meta {
             vote,
             committed,
@@ -276,10 +290,17 @@ impl Inner {
 }
 
 /// A shard's Raft log on disk. Clones share the same log (one is the reader).
+///
+/// The log is also where message bodies live, so compaction has two bounds: openraft's purge
+/// point (entries up to it are covered by a snapshot and become invisible to Raft) and the
+/// oldest message the shard still holds ([`LogStore::retention`]). Segments are deleted only
+/// below both; bodies of live messages under the purge point stay readable through
+/// [`LogStore::read_retained`].
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     flush: std_mpsc::Sender<IOFlushed<C>>,
+    keep_from: Arc<AtomicU64>,
 }
 
 fn lock(m: &Mutex<Inner>) -> io::Result<MutexGuard<'_, Inner>> {
@@ -331,7 +352,29 @@ impl LogStore {
                     }
                 }
             })?;
-        Ok(LogStore { inner, flush: tx })
+        Ok(LogStore {
+            inner,
+            flush: tx,
+            keep_from: Arc::new(AtomicU64::new(u64::MAX)),
+        })
+    }
+
+    /// The lowest log index that must stay on disk (the oldest live message); the state
+    /// machine sets it when it takes a snapshot. `u64::MAX`: no bound (plain Raft purge).
+    pub fn retention(&self) -> Arc<AtomicU64> {
+        self.keep_from.clone()
+    }
+
+    /// Log segments on disk.
+    pub fn segment_count(&self) -> usize {
+        lock(&self.inner).map_or(0, |g| g.log.segment_count())
+    }
+
+    /// Reads entry `index` if it is still on disk, purged from Raft's view or not (a live
+    /// message's body under the snapshot's purge point).
+    pub fn read_retained(&self, index: u64) -> io::Result<Entry> {
+        let mut g = lock(&self.inner)?;
+        decode_entry(&g.log.read(index)?)
     }
 }
 
@@ -461,10 +504,13 @@ impl RaftLogStorage<C> for LogStore {
         // those still in a segment that straddles it.
         g.meta.last_purged = Some(log_id);
         g.save_meta()?;
-        if g.log.last_index().is_none_or(|l| l <= log_id.index) {
+        // Never delete a live message's body: physically purge only below the oldest one.
+        let keep_from = self.keep_from.load(Ordering::Acquire);
+        let upto = log_id.index.min(keep_from.saturating_sub(1));
+        if upto == log_id.index && g.log.last_index().is_none_or(|l| l <= upto) {
             g.log.reset(log_id.index + 1)?;
         } else {
-            g.log.purge(log_id.index)?;
+            g.log.purge(upto)?;
         }
         Ok(())
     }
@@ -484,8 +530,11 @@ pub struct Applied {
     pub body: Option<(u64, Vec<u8>)>,
 }
 
-/// Snapshot contents: the state machine's own encoding.
+/// Snapshot contents: `[applied count: u64][shard state]` (see [`Shard::encode`]). Message
+/// bodies are not in it: they stay in the log, which keeps every segment holding a live one.
 pub type SnapshotData = Vec<u8>;
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"ENSNAP01";
 
 #[derive(Default)]
 struct SmInner {
@@ -496,12 +545,18 @@ struct SmInner {
     shard: Shard,
     /// Where the effects of applied commands go (the shard's owner); none in tests.
     effects: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
-    current: Option<(SnapshotMetaOf<C>, SnapshotData)>,
+    /// The current snapshot's metadata; its data is in `snapshot_file` (or `mem_snapshot`
+    /// when the state machine has no directory).
+    current: Option<SnapshotMetaOf<C>>,
+    snapshot_file: Option<PathBuf>,
+    mem_snapshot: Option<SnapshotData>,
+    /// The log store's retention bound, moved forward with each snapshot.
+    keep_from: Option<Arc<AtomicU64>>,
 }
 
 /// The Raft-facing side of a shard: applies committed commands to the [`Shard`] and hands
-/// their effects to the owner. Snapshots carry only the applied count so far, not shard
-/// state: a shard runtime must keep snapshots off (see `node`) until they do.
+/// their effects to the owner; snapshots the shard state to a file (written atomically,
+/// checksummed) and restores it on open, so a restart replays only the log after it.
 #[derive(Clone, Default)]
 pub struct StateMachine {
     inner: Arc<Mutex<SmInner>>,
@@ -510,6 +565,50 @@ pub struct StateMachine {
 fn sm_lock(m: &Mutex<SmInner>) -> io::Result<MutexGuard<'_, SmInner>> {
     m.lock()
         .map_err(|_| io_other("state machine lock poisoned"))
+}
+
+fn invalid(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+/// `[magic][crc32c of the rest][meta][data]`.
+fn encode_snapshot_file(meta: &SnapshotMetaOf<C>, data: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(data.len() + 64);
+    put_opt_log_id(&mut body, meta.last_log_id.as_ref());
+    put_opt_log_id(&mut body, meta.last_membership.log_id().as_ref());
+    put_membership(&mut body, meta.last_membership.membership());
+    body.extend_from_slice(data);
+    let mut out = Vec::with_capacity(body.len() + 12);
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn decode_snapshot_file(b: &[u8]) -> io::Result<(SnapshotMetaOf<C>, SnapshotData)> {
+    if b.len() < 12 || &b[..8] != SNAPSHOT_MAGIC {
+        return Err(invalid("not a shard snapshot"));
+    }
+    let body = &b[12..];
+    if crc32c::crc32c(body).to_be_bytes() != b[8..12] {
+        return Err(invalid("snapshot checksum mismatch"));
+    }
+    let mut r = Reader(body);
+    let last_log_id = get_opt_log_id(&mut r)?;
+    let mlog = get_opt_log_id(&mut r)?;
+    let m = get_membership(&mut r)?;
+    let meta = SnapshotMetaOf::<C> {
+        last_log_id,
+        last_membership: StoredMembershipOf::<C>::new(mlog, m),
+    };
+    Ok((meta, r.0.to_vec()))
+}
+
+/// Splits snapshot data into the applied count and the shard state.
+fn decode_snapshot_data(data: &[u8]) -> io::Result<(u64, Shard)> {
+    let mut r = Reader(data);
+    let applied = r.u64()?;
+    Ok((applied, Shard::decode(r.0)?))
 }
 
 impl StateMachine {
@@ -522,6 +621,44 @@ impl StateMachine {
         sm
     }
 
+    /// A state machine that keeps its snapshot in `dir` (restoring the one found there) and
+    /// moves `keep_from` (the log store's [`LogStore::retention`]) with each snapshot.
+    pub fn open(
+        dir: &Path,
+        effects: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
+        keep_from: Arc<AtomicU64>,
+    ) -> io::Result<Self> {
+        let path = dir.join("snapshot");
+        let mut inner = SmInner {
+            effects,
+            snapshot_file: Some(path.clone()),
+            ..Default::default()
+        };
+        match fs::read(&path) {
+            Ok(b) => {
+                let (meta, data) = decode_snapshot_file(&b)?;
+                let (applied, shard) = decode_snapshot_data(&data)?;
+                keep_from.store(retention_of(&shard, &meta), Ordering::Release);
+                inner.applied = applied;
+                inner.shard = shard;
+                inner.last_applied = meta.last_log_id;
+                inner.membership = meta.last_membership.clone();
+                inner.current = Some(meta);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        inner.keep_from = Some(keep_from);
+        Ok(StateMachine {
+            inner: Arc::new(Mutex::new(inner)),
+        })
+    }
+
+    /// Index of the last applied log entry.
+    pub fn last_applied_index(&self) -> io::Result<Option<u64>> {
+        Ok(sm_lock(&self.inner)?.last_applied.map(|l| l.index))
+    }
+
     /// Normal commands applied so far.
     pub fn applied(&self) -> u64 {
         sm_lock(&self.inner).map_or(0, |g| g.applied)
@@ -531,19 +668,71 @@ impl StateMachine {
     pub fn with_shard<T>(&self, f: impl FnOnce(&Shard) -> T) -> io::Result<T> {
         Ok(f(&sm_lock(&self.inner)?.shard))
     }
+
+    /// Makes `meta`/`data` the current snapshot: on disk first (atomically), then in memory,
+    /// then the log's retention bound moves up to the oldest message the snapshot holds.
+    fn keep_snapshot(
+        &self,
+        meta: &SnapshotMetaOf<C>,
+        data: SnapshotData,
+        retention: u64,
+    ) -> io::Result<()> {
+        let (file, keep_from) = {
+            let g = sm_lock(&self.inner)?;
+            (g.snapshot_file.clone(), g.keep_from.clone())
+        };
+        let mut g_data = Some(data);
+        if let (Some(path), Some(data)) = (&file, &g_data) {
+            replace_file(path, &encode_snapshot_file(meta, data))?;
+            g_data = None;
+        }
+        let mut g = sm_lock(&self.inner)?;
+        // A snapshot older than the current one (a slow build racing an install) is dropped.
+        let newer = match (&g.current, &meta.last_log_id) {
+            (Some(cur), Some(new)) => cur
+                .last_log_id
+                .as_ref()
+                .is_none_or(|c| c.index <= new.index),
+            _ => true,
+        };
+        if newer {
+            g.current = Some(meta.clone());
+            g.mem_snapshot = g_data;
+            if let Some(k) = keep_from {
+                k.store(retention, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The lowest log index a snapshot still needs on disk: its oldest live message, or the entry
+/// after the snapshot when it holds none.
+fn retention_of(shard: &Shard, meta: &SnapshotMetaOf<C>) -> u64 {
+    shard
+        .oldest_live()
+        .unwrap_or_else(|| meta.last_log_id.as_ref().map_or(0, |l| l.index + 1))
 }
 
 impl RaftSnapshotBuilder<C> for StateMachine {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, SnapshotData>, io::Error> {
-        let mut g = sm_lock(&self.inner)?;
-        let meta = SnapshotMetaOf::<C> {
-            last_log_id: g.last_applied,
-            last_membership: g.membership.clone(),
+        // Encoded under the lock (consistent with last_applied; a few ms even for millions of
+        // messages), written to disk outside it.
+        let (meta, data, retention) = {
+            let g = sm_lock(&self.inner)?;
+            let meta = SnapshotMetaOf::<C> {
+                last_log_id: g.last_applied,
+                last_membership: g.membership.clone(),
+            };
+            let mut data = Vec::with_capacity(64);
+            data.extend_from_slice(&g.applied.to_be_bytes());
+            g.shard.encode(&mut data);
+            let retention = retention_of(&g.shard, &meta);
+            (meta, data, retention)
         };
-        let data = g.applied.to_be_bytes().to_vec();
-        g.current = Some((meta.clone(), data.clone()));
+        self.keep_snapshot(&meta, data.clone(), retention)?;
         Ok(SnapshotOf::<C, SnapshotData> {
             meta,
             snapshot: data,
@@ -611,27 +800,40 @@ impl RaftStateMachine<C> for StateMachine {
         meta: &SnapshotMetaOf<C>,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
+        let (applied, shard) = decode_snapshot_data(&snapshot)?;
+        let retention = retention_of(&shard, meta);
+        self.keep_snapshot(meta, snapshot, retention)?;
         let mut g = sm_lock(&self.inner)?;
-        let mut a = [0u8; 8];
-        if snapshot.len() == 8 {
-            a.copy_from_slice(&snapshot);
-        }
-        g.applied = u64::from_be_bytes(a);
+        g.applied = applied;
+        g.shard = shard;
         g.last_applied = meta.last_log_id;
         g.membership = meta.last_membership.clone();
-        g.current = Some((meta.clone(), snapshot));
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<C, SnapshotData>>, io::Error> {
-        let g = sm_lock(&self.inner)?;
-        Ok(g.current
-            .as_ref()
-            .map(|(meta, data)| SnapshotOf::<C, SnapshotData> {
-                meta: meta.clone(),
-                snapshot: data.clone(),
-            }))
+        let (meta, file, mem) = {
+            let g = sm_lock(&self.inner)?;
+            (
+                g.current.clone(),
+                g.snapshot_file.clone(),
+                g.mem_snapshot.clone(),
+            )
+        };
+        let Some(meta) = meta else {
+            return Ok(None);
+        };
+        let (meta, data) = match (mem, file) {
+            (Some(d), _) => (meta, d),
+            // The file's own metadata: a newer snapshot may have replaced it meanwhile.
+            (None, Some(path)) => decode_snapshot_file(&fs::read(path)?)?,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(SnapshotOf::<C, SnapshotData> {
+            meta,
+            snapshot: data,
+        }))
     }
 }

@@ -28,6 +28,24 @@ async fn openraft_conformance_suite() {
     Suite::test_all(Builder).await.expect("suite");
 }
 
+/// The store as a shard node runs it: snapshots in a file beside the log, and the state
+/// machine's retention bound wired into the log's purge.
+struct FileSnapshots;
+
+impl StoreBuilder<C, LogStore, StateMachine, TempDir> for FileSnapshots {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<C>> {
+        let d = TempDir::new();
+        let store = LogStore::open(&d.0, 4096).expect("open store");
+        let sm = StateMachine::open(&d.0, None, store.retention()).expect("open state machine");
+        Ok((d, store, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_conformance_suite_with_file_snapshots() {
+    Suite::test_all(FileSnapshots).await.expect("suite");
+}
+
 fn entry(term: u64, index: u64, body: &[u8]) -> EntryOf<C> {
     let log_id = LogIdOf::<C>::new(
         openraft::vote::leader_id_adv::LeaderId { term, node_id: 1 },
