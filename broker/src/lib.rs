@@ -2,10 +2,10 @@
 //!
 //! Built so far: [`log`], the segmented, checksummed log with crash recovery; [`raft`], the only
 //! module that sees openraft (type config, the durable log store with group commit, the state
-//! machine that applies committed [`shard::Cmd`]s); [`shard`] and [`queue`], the deterministic
-//! shard state; [`node`], a shard as a running one-voter Raft group; [`service`], the task the
-//! router talks to. To come (issue 3): snapshots of shard state, the router integration and
-//! `enmesh broker`.
+//! machine that applies committed [`shard::Cmd`]s and snapshots the shard state); [`shard`],
+//! [`queue`] and [`seqset`], the deterministic shard state and its compact backlog
+//! representation; [`node`], a shard as a running one-voter Raft group; [`service`], the task
+//! the router talks to. To come: `enmesh broker` as a process of its own, replication (issue 4).
 #![forbid(unsafe_code)]
 
 pub mod log;

@@ -259,6 +259,13 @@ impl ShardHandle {
             .boxed())
     }
 
+    /// Asks for a snapshot without waiting for it.
+    pub async fn trigger_snapshot(&self) {
+        if let Err(e) = self.raft.trigger().snapshot().await {
+            tracing::warn!("snapshot not triggered: {e}");
+        }
+    }
+
     /// Takes a snapshot now and waits for it (and the log compaction after it).
     pub async fn snapshot(&self) -> Result<(), NodeError> {
         let target = self.sm.last_applied_index()?;

@@ -674,18 +674,21 @@ impl StateMachine {
     fn keep_snapshot(
         &self,
         meta: &SnapshotMetaOf<C>,
-        data: SnapshotData,
+        data: &[u8],
         retention: u64,
     ) -> io::Result<()> {
         let (file, keep_from) = {
             let g = sm_lock(&self.inner)?;
             (g.snapshot_file.clone(), g.keep_from.clone())
         };
-        let mut g_data = Some(data);
-        if let (Some(path), Some(data)) = (&file, &g_data) {
-            replace_file(path, &encode_snapshot_file(meta, data))?;
-            g_data = None;
-        }
+        // Kept in memory only without a directory (tests); otherwise read back on demand.
+        let g_data = match &file {
+            Some(path) => {
+                replace_file(path, &encode_snapshot_file(meta, data))?;
+                None
+            }
+            None => Some(data.to_vec()),
+        };
         let mut g = sm_lock(&self.inner)?;
         // A snapshot older than the current one (a slow build racing an install) is dropped.
         let newer = match (&g.current, &meta.last_log_id) {
@@ -732,7 +735,7 @@ impl RaftSnapshotBuilder<C> for StateMachine {
             let retention = retention_of(&g.shard, &meta);
             (meta, data, retention)
         };
-        self.keep_snapshot(&meta, data.clone(), retention)?;
+        self.keep_snapshot(&meta, &data, retention)?;
         Ok(SnapshotOf::<C, SnapshotData> {
             meta,
             snapshot: data,
@@ -802,7 +805,7 @@ impl RaftStateMachine<C> for StateMachine {
     ) -> Result<(), io::Error> {
         let (applied, shard) = decode_snapshot_data(&snapshot)?;
         let retention = retention_of(&shard, meta);
-        self.keep_snapshot(meta, snapshot, retention)?;
+        self.keep_snapshot(meta, &snapshot, retention)?;
         let mut g = sm_lock(&self.inner)?;
         g.applied = applied;
         g.shard = shard;

@@ -16,6 +16,8 @@ use crate::queue::{ConsumerId, Outcome, Seq};
 use crate::raft::Applied;
 use crate::shard::{Cmd, QueueInfo, ShardEffect};
 
+/// Ticks (of 500 ms) between snapshots taken because the shard had work and then went quiet.
+const IDLE_SNAPSHOT_TICKS: u32 = 60;
 /// Most requests proposed as one batch.
 const MAX_BATCH: usize = 1024;
 /// Bodies of recent messages kept for delivery without a log read.
@@ -50,6 +52,16 @@ pub enum Request {
         max_delivery_attempts: u32,
         max_ttl_ms: Option<u64>,
         dead_letter: Option<String>,
+        expiry_address: Option<String>,
+    },
+    /// Creates (or re-filters) a named durable subscription with no consumer yet.
+    Bind {
+        name: String,
+        filter: String,
+    },
+    /// Removes a subscription and the messages it holds.
+    Unsubscribe {
+        name: String,
     },
     Attach {
         consumer: ConsumerId,
@@ -142,15 +154,19 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
             max_delivery_attempts,
             max_ttl_ms,
             dead_letter,
+            expiry_address,
         } => (
             Cmd::Declare {
                 address,
                 max_delivery_attempts,
                 max_ttl_ms,
                 dead_letter,
+                expiry_address,
             },
             None,
         ),
+        Request::Bind { name, filter } => (Cmd::Bind { name, filter }, None),
+        Request::Unsubscribe { name } => (Cmd::Unsubscribe { name }, None),
         Request::Attach {
             consumer,
             address,
@@ -276,6 +292,7 @@ pub async fn run(
     });
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let (mut ticks, mut busy) = (0u32, false);
     loop {
         tokio::select! {
             n = requests.recv_many(&mut batch, MAX_BATCH) => {
@@ -296,6 +313,7 @@ pub async fn run(
                 if cmds.is_empty() {
                     continue;
                 }
+                busy = true;
                 submit(&handle, cmds, tags, &completions).await;
             }
             Some(fx) = effects.recv() => {
@@ -303,6 +321,13 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 submit(&handle, vec![Cmd::Tick { now: now_ms() }], vec![None], &completions).await;
+                // Snapshots also come by entry count; this one lets a shard that went quiet
+                // (a backlog drained, then silence) compact its log without waiting for it.
+                ticks += 1;
+                if ticks % IDLE_SNAPSHOT_TICKS == 0 && busy {
+                    busy = false;
+                    handle.trigger_snapshot().await;
+                }
             }
         }
     }

@@ -23,6 +23,8 @@ pub enum Cmd {
         max_delivery_attempts: u32,
         max_ttl_ms: Option<u64>,
         dead_letter: Option<String>,
+        /// Where expired messages go (dropped when none).
+        expiry_address: Option<String>,
     },
     Enqueue {
         address: String,
@@ -85,6 +87,12 @@ pub enum Cmd {
     Unsubscribe {
         name: String,
     },
+    /// Creates (or re-filters) durable subscription `name` on topics matching `filter` with no
+    /// consumer: it collects messages from now on (the `subscription` address type).
+    Bind {
+        name: String,
+        filter: String,
+    },
 }
 
 fn bad(why: &'static str) -> io::Error {
@@ -130,12 +138,14 @@ impl Cmd {
                 max_delivery_attempts,
                 max_ttl_ms,
                 dead_letter,
+                expiry_address,
             } => {
                 o.push(1);
                 put_bytes(&mut o, address.as_bytes());
                 put_u32(&mut o, *max_delivery_attempts);
                 put_opt_u64(&mut o, *max_ttl_ms);
                 put_opt_str(&mut o, dead_letter.as_deref());
+                put_opt_str(&mut o, expiry_address.as_deref());
             }
             Cmd::Enqueue {
                 address,
@@ -240,6 +250,11 @@ impl Cmd {
                 o.push(11);
                 put_bytes(&mut o, name.as_bytes());
             }
+            Cmd::Bind { name, filter } => {
+                o.push(12);
+                put_bytes(&mut o, name.as_bytes());
+                put_bytes(&mut o, filter.as_bytes());
+            }
         }
         o
     }
@@ -252,6 +267,7 @@ impl Cmd {
                 max_delivery_attempts: r.u32()?,
                 max_ttl_ms: r.opt_u64()?,
                 dead_letter: get_opt_str(&mut r)?,
+                expiry_address: get_opt_str(&mut r)?,
             },
             2 => Cmd::Enqueue {
                 address: r.string()?,
@@ -310,6 +326,10 @@ impl Cmd {
                 body: r.bytes()?,
             },
             11 => Cmd::Unsubscribe { name: r.string()? },
+            12 => Cmd::Bind {
+                name: r.string()?,
+                filter: r.string()?,
+            },
             _ => return Err(bad("unknown command")),
         };
         if !r.is_empty() {
@@ -335,6 +355,7 @@ pub enum ShardEffect {
 struct QueueEntry {
     queue: Queue,
     dead_letter: Option<String>,
+    expiry_address: Option<String>,
 }
 
 /// Counters of one queue (management, metrics).
@@ -391,6 +412,7 @@ impl Shard {
             .or_insert_with(|| QueueEntry {
                 queue: Queue::new(Policy::default()),
                 dead_letter: None,
+                expiry_address: None,
             })
     }
 
@@ -402,6 +424,7 @@ impl Shard {
                 max_delivery_attempts,
                 max_ttl_ms,
                 dead_letter,
+                expiry_address,
             } => {
                 let q = self.queue(&address);
                 q.queue.set_policy(Policy {
@@ -409,6 +432,19 @@ impl Shard {
                     max_ttl_ms,
                 });
                 q.dead_letter = dead_letter;
+                q.expiry_address = expiry_address;
+                return Vec::new();
+            }
+            Cmd::Bind { name, filter } => {
+                let q = sub_queue(&name);
+                self.bindings.insert(
+                    q.clone(),
+                    Binding {
+                        filter,
+                        durable: true,
+                    },
+                );
+                self.queue(&q);
                 return Vec::new();
             }
             Cmd::Enqueue {
@@ -626,13 +662,22 @@ impl Shard {
                             delivery_count,
                         })
                     }
-                    Effect::Forget { seq } | Effect::Expired { seq } => self.release(seq, &mut out),
-                    Effect::DeadLetter { seq, .. } => {
-                        let dl = self
-                            .queues
-                            .get(&addr)
-                            .and_then(|q| q.dead_letter.clone())
-                            .filter(|d| *d != addr);
+                    Effect::Forget { seq } => self.release(seq, &mut out),
+                    Effect::DeadLetter { .. } | Effect::Expired { .. } => {
+                        let (seq, to) = match e {
+                            Effect::Expired { seq } => (
+                                seq,
+                                self.queues
+                                    .get(&addr)
+                                    .and_then(|q| q.expiry_address.clone()),
+                            ),
+                            Effect::DeadLetter { seq, .. } => (
+                                seq,
+                                self.queues.get(&addr).and_then(|q| q.dead_letter.clone()),
+                            ),
+                            _ => continue,
+                        };
+                        let dl = to.filter(|d| *d != addr);
                         match dl {
                             Some(d) if hops < 8 => {
                                 hops += 1;
@@ -665,6 +710,7 @@ impl Shard {
         for (name, q) in &self.queues {
             put_bytes(o, name.as_bytes());
             put_opt_str(o, q.dead_letter.as_deref());
+            put_opt_str(o, q.expiry_address.as_deref());
             q.queue.encode(o);
         }
         put_varint(o, self.consumers.len() as u64);
@@ -697,8 +743,16 @@ impl Shard {
         for _ in 0..r.count(5)? {
             let name = r.string()?;
             let dead_letter = get_opt_str(&mut r)?;
+            let expiry_address = get_opt_str(&mut r)?;
             let queue = Queue::decode(&mut r)?;
-            shard.queues.insert(name, QueueEntry { queue, dead_letter });
+            shard.queues.insert(
+                name,
+                QueueEntry {
+                    queue,
+                    dead_letter,
+                    expiry_address,
+                },
+            );
         }
         for _ in 0..r.count(5)? {
             let id = r.varint()?;
@@ -765,6 +819,7 @@ mod tests {
                 max_delivery_attempts: 3,
                 max_ttl_ms: Some(5),
                 dead_letter: Some("dlq".into()),
+                expiry_address: None,
             },
             enqueue("q", 7),
             Cmd::Attach {
@@ -813,6 +868,7 @@ mod tests {
                 max_delivery_attempts: 5,
                 max_ttl_ms: None,
                 dead_letter: Some("orders.dlq".into()),
+                expiry_address: None,
             },
         );
         s.apply(2, enqueue("orders", 0));
@@ -999,6 +1055,7 @@ mod tests {
                 max_delivery_attempts: 2,
                 max_ttl_ms: Some(100_000),
                 dead_letter: Some("dlq".into()),
+                expiry_address: None,
             },
             enqueue("q", 1),
             enqueue("q", 2),

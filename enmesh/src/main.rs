@@ -112,6 +112,12 @@ enum AddressOp {
         /// Queue policy: upper bound on message time to live, in ms.
         #[arg(long)]
         max_ttl_ms: Option<u64>,
+        /// Queue policy: where expired messages go (dropped when unset).
+        #[arg(long)]
+        expiry_address: Option<String>,
+        /// Subscription addresses: the topic filter the subscription collects from.
+        #[arg(long)]
+        topic: Option<String>,
     },
     Delete {
         name: String,
@@ -411,6 +417,8 @@ async fn address_cmd(op: AddressOp, http: &str) -> anyhow::Result<()> {
             dead_letter,
             max_attempts,
             max_ttl_ms,
+            expiry_address,
+            topic,
         } => {
             let decl = AddressDecl {
                 name: (!prefix && !pattern).then(|| name.clone()),
@@ -420,6 +428,8 @@ async fn address_cmd(op: AddressOp, http: &str) -> anyhow::Result<()> {
                 dead_letter,
                 max_delivery_attempts: max_attempts,
                 max_ttl_ms,
+                expiry_address,
+                topic,
             };
             let (status, body) = http_call(
                 "POST",

@@ -146,6 +146,8 @@ mod tests {
             dead_letter: None,
             max_delivery_attempts: None,
             max_ttl_ms: None,
+            expiry_address: None,
+            topic: None,
         }
     }
 

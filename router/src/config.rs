@@ -56,6 +56,13 @@ pub struct AddressDecl {
     /// Queue policy: upper bound on any message's time to live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ttl_ms: Option<u64>,
+    /// Queue policy: where expired messages go (dropped when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_address: Option<String>,
+    /// Subscription addresses: the topic filter the named subscription collects from
+    /// (`/`-separated levels, `*` one level, `#` any number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
 }
 
 impl AddressDecl {
@@ -77,11 +84,26 @@ impl AddressDecl {
             .unwrap_or_default();
         let policy = self.dead_letter.is_some()
             || self.max_delivery_attempts.is_some()
-            || self.max_ttl_ms.is_some();
+            || self.max_ttl_ms.is_some()
+            || self.expiry_address.is_some();
         if policy && self.kind != AddressType::Queue {
             return Err(ConfigError::Invalid(format!(
-                "{s}: dead_letter, max_delivery_attempts and max_ttl_ms apply to queues only"
+                "{s}: dead_letter, max_delivery_attempts, max_ttl_ms and expiry_address apply to queues only"
             )));
+        }
+        match (self.kind, &self.topic, &self.name) {
+            (AddressType::Subscription, Some(t), Some(_)) if !t.is_empty() && t.len() <= 1024 => {}
+            (AddressType::Subscription, _, _) => {
+                return Err(ConfigError::Invalid(format!(
+                    "{s}: a subscription address needs a name and a topic filter (1 to 1024 characters)"
+                )));
+            }
+            (_, Some(_), _) => {
+                return Err(ConfigError::Invalid(format!(
+                    "{s}: topic applies to subscription addresses only"
+                )));
+            }
+            _ => {}
         }
         if s.is_empty() || s.len() > 1024 {
             return Err(ConfigError::Invalid(

@@ -333,6 +333,12 @@ pub struct Core {
     confirming: HashMap<Tag, (LinkRef, u64)>,
 }
 
+/// The broker's name for the subscription behind a declared `subscription` address (its own
+/// namespace: consumer-made subscriptions are named `container:link`, `shared:link`, `link:N`).
+fn declared_subscription(address: &str) -> String {
+    format!("address:{address}")
+}
+
 fn released() -> DeliveryState {
     DeliveryState::Released
 }
@@ -376,8 +382,16 @@ impl Core {
         }
     }
 
+    /// Creates the broker subscriptions that the configuration declares.
+    fn bind_declared_subscriptions(&self) {
+        for r in self.rules.list() {
+            self.bind_subscription(&r.decl);
+        }
+    }
+
     /// Runs until every sender is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<ToCore>>) {
+        self.bind_declared_subscriptions();
         while let Some(batch) = rx.recv().await {
             for m in batch {
                 self.handle(m);
@@ -551,13 +565,13 @@ impl Core {
                 .get(a)
                 .map_or_else(|| self.rules.resolve(a), |x| x.kind);
             if kind.is_brokered() {
-                if let Some(why) = self.store_unavailable(kind) {
+                if let Some((cond, why)) = self.store_unavailable(kind, dir == Dir::Producer) {
                     self.send(
                         link.conn,
                         ToConn::AttachRefused {
                             link: link.link,
                             error: ErrorCondition::new(
-                                condition::NOT_IMPLEMENTED,
+                                cond,
                                 format!("address '{a}' has type {}: {why}", kind.as_str()),
                             ),
                         },
@@ -830,14 +844,14 @@ impl Core {
             .get(&*address)
             .map_or_else(|| self.rules.resolve(&address), |a| a.kind);
         if kind.is_brokered() {
-            if let Some(why) = self.store_unavailable(kind) {
+            if let Some((cond, why)) = self.store_unavailable(kind, true) {
                 self.release_in(link.conn, len);
                 self.settle_producer(
                     link,
                     delivery_id,
                     settled,
                     DeliveryState::Rejected(Some(ErrorCondition::new(
-                        condition::NOT_IMPLEMENTED,
+                        cond,
                         format!("address '{address}' has type {}: {why}", kind.as_str()),
                     ))),
                 );
@@ -1145,16 +1159,48 @@ impl Core {
         self.gc_address(&f.address);
     }
 
-    /// Why queue/topic/subscription addresses cannot be served, if they cannot.
-    fn store_unavailable(&self, kind: AddressType) -> Option<&'static str> {
+    /// Why a queue/topic/subscription address cannot take this link or message, if it cannot:
+    /// the error condition and its description.
+    fn store_unavailable(
+        &self,
+        kind: AddressType,
+        producer: bool,
+    ) -> Option<(&'static str, &'static str)> {
         if self.store.is_none() {
-            Some("this router runs without a broker shard (start standalone with a data directory)")
-        } else if kind == AddressType::Subscription {
-            Some(
-                "subscription addresses are not served yet; attach to the topic with a durable source instead",
-            )
+            Some((
+                condition::NOT_IMPLEMENTED,
+                "this router runs without a broker shard (start standalone with a data directory)",
+            ))
+        } else if producer && kind == AddressType::Subscription {
+            // A subscription is fed by its topic; writing into it directly would bypass the
+            // topic's other subscribers.
+            Some((
+                condition::NOT_ALLOWED,
+                "a subscription is read-only: publish to its topic",
+            ))
         } else {
             None
+        }
+    }
+
+    /// The declared topic filter of subscription address `address`.
+    fn subscription_topic(&self, address: &str) -> Option<String> {
+        self.rules
+            .rule_for(address)
+            .filter(|d| d.kind == AddressType::Subscription)
+            .and_then(|d| d.topic.clone())
+    }
+
+    /// Asks the broker to create the named subscription of a `subscription` declaration, so
+    /// it collects from its topic before any consumer attaches.
+    fn bind_subscription(&self, decl: &crate::config::AddressDecl) {
+        if let (AddressType::Subscription, Some(name), Some(topic)) =
+            (decl.kind, &decl.name, &decl.topic)
+        {
+            self.to_store(StoreRequest::Bind {
+                name: declared_subscription(name),
+                filter: topic.clone(),
+            });
         }
     }
 
@@ -1179,7 +1225,11 @@ impl Core {
         }
         addr.store_declared = true;
         let Some(d) = decl else { return };
-        if d.dead_letter.is_none() && d.max_delivery_attempts.is_none() && d.max_ttl_ms.is_none() {
+        if d.dead_letter.is_none()
+            && d.max_delivery_attempts.is_none()
+            && d.max_ttl_ms.is_none()
+            && d.expiry_address.is_none()
+        {
             return;
         }
         self.to_store(StoreRequest::Declare {
@@ -1189,6 +1239,7 @@ impl Core {
                 .unwrap_or(broker::queue::Policy::default().max_delivery_attempts),
             max_ttl_ms: d.max_ttl_ms,
             dead_letter: d.dead_letter,
+            expiry_address: d.expiry_address,
         });
     }
 
@@ -1293,7 +1344,16 @@ impl Core {
             .map(|c| c.container_id.clone())
             .unwrap_or_default();
         self.send(link.conn, ToConn::AttachOk { link: link.link });
-        let request = if kind == AddressType::Topic {
+        let request = if kind == AddressType::Subscription {
+            // A declared subscription: its consumers compete for what it collected.
+            StoreRequest::Subscribe {
+                consumer: id,
+                name: declared_subscription(address),
+                filter: self.subscription_topic(address).unwrap_or_default(),
+                durable: true,
+                credit: 0,
+            }
+        } else if kind == AddressType::Topic {
             // JMS-style identity: a durable subscription is container-id + link name; a
             // shared one is the link name alone; anything else lives as long as the link.
             let sub = if shared {
@@ -1450,6 +1510,7 @@ impl Core {
                     if let Some(n) = &decl.name {
                         self.declared.insert(n.clone());
                     }
+                    self.bind_subscription(&decl);
                     if self.rules.insert(decl, Origin::Api) {
                         Ok(())
                     } else {
@@ -1459,6 +1520,12 @@ impl Core {
                 let _ = tx.send(r);
             }
             Mgmt::RemoveAddress(key, tx) => {
+                // Deleting a subscription address deletes the subscription and what it holds.
+                if self.subscription_topic(&key).is_some() {
+                    self.to_store(StoreRequest::Unsubscribe {
+                        name: declared_subscription(&key),
+                    });
+                }
                 let found = self.rules.remove(&key);
                 self.declared.remove(&key);
                 self.gc_address(&key);

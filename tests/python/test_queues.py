@@ -8,7 +8,7 @@ import time
 from proton import Message
 
 from conftest import Router
-from helpers import (available, close_quietly, connect, pump, receive_n, send_async, settle,
+from helpers import (available, close_quietly, connect, http_json, pump, receive_n, send_async, settle,
                      take, wait_outcomes)
 
 QUEUES = """\
@@ -204,7 +204,7 @@ def test_command_for_an_offline_consumer_expires_by_ttl(configured_router):
 def test_queue_depth_metrics_and_purge(configured_router):
     import subprocess
     from conftest import enmesh_bin
-    from helpers import http, http_json
+    from helpers import http
     r = configured_router(QUEUES)
     c = connect(r.amqp_url)
     try:
@@ -228,5 +228,99 @@ def test_queue_depth_metrics_and_purge(configured_router):
         while depth() != 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert depth() == 0
+    finally:
+        close_quietly(c)
+
+
+SUBSCRIPTIONS = """\
+addresses:
+  - prefix: "t/"
+    type: topic
+  - name: "audit"
+    type: subscription
+    topic: "t/orders/#"
+"""
+
+
+def test_subscription_address_collects_before_consumers_and_survives_restart(tmp_path):
+    from proton.utils import LinkDetached
+    r = Router(config=SUBSCRIPTIONS, tmpdir=tmp_path, name="subs")
+    try:
+        pub = connect(r.amqp_url)
+        # Declared in configuration: it collects from its topic before anyone reads it.
+        _send(pub, "t/orders/1", ["o1"])
+        _send(pub, "t/other", ["not for audit"])
+        _send(pub, "t/orders/eu/2", ["o2"])
+        c = connect(r.amqp_url)
+        rcv = c.create_receiver("audit", credit=10)
+        got = receive_n([c], rcv, 2)
+        assert [m.body for m, _ in got] == ["o1", "o2"]
+        for _, d in got:
+            settle(d)
+        pump([c], lambda: available(rcv) > 0, timeout=0.5, raise_on_timeout=False)
+        assert not available(rcv)
+        # Read-only: a producer cannot write into it directly.
+        try:
+            c.create_sender("audit")
+            raise AssertionError("a sender to a subscription address was attached")
+        except LinkDetached as e:
+            assert "not-allowed" in str(e), e
+        close_quietly(c)
+        _send(pub, "t/orders/3", ["o3"])
+        close_quietly(pub)
+    finally:
+        r.kill()
+    r2 = Router(config=SUBSCRIPTIONS, tmpdir=tmp_path, name="subs")
+    try:
+        a = connect(r2.amqp_url)
+        b = connect(r2.amqp_url)
+        pub = connect(r2.amqp_url)
+        ra = a.create_receiver("audit", credit=10)
+        rb = b.create_receiver("audit", credit=10)
+        pump([a, b], timeout=0.3, raise_on_timeout=False)
+        _send(pub, "t/orders/4", ["o4"])
+        _send(pub, "t/orders/5", ["o5"])
+        _send(pub, "t/orders/6", ["o6"])
+        # Its consumers compete: o3 (kept across the kill) and the new ones, each once.
+        seen = []
+        deadline = time.monotonic() + 10
+        while len(seen) < 4 and time.monotonic() < deadline:
+            pump([a, b], lambda: available(ra) or available(rb), timeout=10, what="audit messages")
+            for x in (ra, rb):
+                while available(x):
+                    m, d = take(x)
+                    seen.append(m.body)
+                    settle(d)
+        assert sorted(seen) == ["o3", "o4", "o5", "o6"], seen
+        close_quietly(a, b, pub)
+    finally:
+        r2.close()
+
+
+EXPIRY = """\
+addresses:
+  - prefix: "cmd/"
+    type: queue
+    expiry_address: "expired"
+  - name: "expired"
+    type: queue
+"""
+
+
+def test_expired_messages_move_to_the_expiry_address(configured_router):
+    r = configured_router(EXPIRY)
+    c = connect(r.amqp_url)
+    try:
+        s = c.create_sender("cmd/device-9")
+        ds = [send_async(s, Message(body="reboot", ttl=0.2)), send_async(s, Message(body="keep"))]
+        wait_outcomes([c], ds)
+        time.sleep(1.2)
+        rcv = c.create_receiver("cmd/device-9", credit=10)
+        assert [m.body for m, _ in receive_n([c], rcv, 1)] == ["keep"]
+        exp = c.create_receiver("expired", credit=10)
+        assert [m.body for m, _ in receive_n([c], exp, 1)] == ["reboot"]
+        status, qs = http_json("GET", r.http_url + "/api/v1/queues")
+        stats = {q["address"]: q for q in qs}
+        assert stats["cmd/device-9"]["expired"] == 1, stats
     finally:
         close_quietly(c)
