@@ -91,6 +91,9 @@ pub enum Event {
         link: LinkId,
         error: Option<ErrorCondition>,
         remote: bool,
+        /// The peer's detach had `closed` set: the link's terminus is to be destroyed (e.g. a
+        /// durable subscription unsubscribed), not just suspended.
+        closed: bool,
     },
     /// The peer closed the connection (the engine has answered).
     Closed(Option<ErrorCondition>),
@@ -1218,6 +1221,7 @@ impl Connection {
             link: id,
             error: d.error,
             remote: true,
+            closed: d.closed,
         });
         Ok(())
     }
@@ -1229,6 +1233,7 @@ impl Connection {
             link: id,
             error: Some(error),
             remote: false,
+            closed: false,
         });
     }
 
@@ -1271,6 +1276,7 @@ impl Connection {
                     link: id,
                     error: e.clone(),
                     remote: true,
+                    closed: false,
                 });
             }
         }

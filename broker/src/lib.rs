@@ -16,4 +16,5 @@ pub mod seqset;
 pub mod service;
 pub mod shard;
 pub mod topic;
+pub mod volatile;
 pub mod wire;

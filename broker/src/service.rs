@@ -15,6 +15,7 @@ use crate::node::{ShardHandle, ShardNode};
 use crate::queue::{ConsumerId, Outcome, Seq};
 use crate::raft::Applied;
 use crate::shard::{Cmd, QueueInfo, ShardEffect};
+use crate::volatile::{Limits as VolatileLimits, Volatile};
 
 /// Ticks (of 500 ms) between snapshots taken because the shard had work and then went quiet.
 const IDLE_SNAPSHOT_TICKS: u32 = 60;
@@ -27,8 +28,19 @@ const FRESH_BYTES: usize = 32 * 1024 * 1024;
 /// A tag the caller chooses for a store request; its completion comes back with it.
 pub type Tag = u64;
 
+/// Why a store request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The in-memory store is at its limit (a clean refusal: try later).
+    #[error("in-memory queue {0} is full")]
+    Full(String),
+    /// The shard could not commit it (storage or Raft failure).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Completions of store requests: `(tag, Ok)` once durable, `(tag, Err(why))` if it failed.
-pub type Completions = mpsc::UnboundedSender<Vec<(Tag, Result<(), String>)>>;
+pub type Completions = mpsc::UnboundedSender<Vec<(Tag, Result<(), StoreError>)>>;
 
 #[derive(Debug)]
 pub enum Request {
@@ -49,6 +61,8 @@ pub enum Request {
     /// Sets a queue's policy (idempotent; sent when an address becomes active).
     Declare {
         address: String,
+        /// False: an in-memory queue (see [`crate::volatile`]).
+        durable: bool,
         max_delivery_attempts: u32,
         max_ttl_ms: Option<u64>,
         dead_letter: Option<String>,
@@ -151,6 +165,7 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
         ),
         Request::Declare {
             address,
+            durable: _,
             max_delivery_attempts,
             max_ttl_ms,
             dead_letter,
@@ -240,6 +255,8 @@ pub async fn run(
     // until delivered and forgotten; older ones are read back from the log. A separate task,
     // so that proposing never waits on reads.
     let reader = handle.clone();
+    let direct = deliveries.clone();
+    let mut volatile = Volatile::new(VolatileLimits::default());
     let (fx_tx, mut fx_rx) = mpsc::unbounded_channel::<Applied>();
     let body_task = tokio::spawn(async move {
         let mut fresh: BTreeMap<Seq, Vec<u8>> = BTreeMap::new();
@@ -300,16 +317,32 @@ pub async fn run(
                     break;
                 }
                 let now = now_ms();
+                let (mut here, mut here_done) = (Vec::new(), Vec::new());
                 let (cmds, tags): (Vec<Cmd>, Vec<Option<Tag>>) = batch
                     .drain(..)
                     .filter_map(|r| match r {
                         Request::Info { reply } => {
-                            let _ = reply.send(handle.queues());
+                            let mut all = handle.queues();
+                            all.extend(volatile.info());
+                            let _ = reply.send(all);
                             None
                         }
-                        r => Some(to_cmd(r, now)),
+                        r => match volatile.handle(r, now) {
+                            Ok(out) => {
+                                here.extend(out.deliveries);
+                                here_done.extend(out.done);
+                                None
+                            }
+                            Err(r) => Some(to_cmd(r, now)),
+                        },
                     })
                     .unzip();
+                if !here.is_empty() {
+                    let _ = direct.send(here);
+                }
+                if !here_done.is_empty() {
+                    let _ = completions.send(here_done);
+                }
                 if cmds.is_empty() {
                     continue;
                 }
@@ -320,7 +353,12 @@ pub async fn run(
                 let _ = fx_tx.send(fx);
             }
             _ = tick.tick() => {
-                submit(&handle, vec![Cmd::Tick { now: now_ms() }], vec![None], &completions).await;
+                let now = now_ms();
+                let expired = volatile.tick(now);
+                if !expired.is_empty() {
+                    let _ = direct.send(expired);
+                }
+                submit(&handle, vec![Cmd::Tick { now }], vec![None], &completions).await;
                 // Snapshots also come by entry count; this one lets a shard that went quiet
                 // (a backlog drained, then silence) compact its log without waiting for it.
                 ticks += 1;
@@ -352,8 +390,8 @@ async fn submit(handle: &ShardHandle, cmds: Vec<Cmd>, tags: Vec<Option<Tag>>, do
                             t,
                             match r {
                                 Some(Ok(_)) => Ok(()),
-                                Some(Err(e)) => Err(e.to_string()),
-                                None => Err("shard stopped".into()),
+                                Some(Err(e)) => Err(StoreError::Failed(e.to_string())),
+                                None => Err(StoreError::Failed("shard stopped".into())),
                             },
                         ));
                     }
@@ -367,7 +405,7 @@ async fn submit(handle: &ShardHandle, cmds: Vec<Cmd>, tags: Vec<Option<Tag>>, do
             let out: Vec<_> = tags
                 .into_iter()
                 .flatten()
-                .map(|t| (t, Err(e.to_string())))
+                .map(|t| (t, Err(StoreError::Failed(e.to_string()))))
                 .collect();
             if !out.is_empty() {
                 let _ = done.send(out);

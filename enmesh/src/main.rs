@@ -118,6 +118,9 @@ enum AddressOp {
         /// Subscription addresses: the topic filter the subscription collects from.
         #[arg(long)]
         topic: Option<String>,
+        /// Queue: keep messages in memory only (not durable, lost on restart).
+        #[arg(long)]
+        in_memory: bool,
     },
     Delete {
         name: String,
@@ -419,6 +422,7 @@ async fn address_cmd(op: AddressOp, http: &str) -> anyhow::Result<()> {
             max_ttl_ms,
             expiry_address,
             topic,
+            in_memory,
         } => {
             let decl = AddressDecl {
                 name: (!prefix && !pattern).then(|| name.clone()),
@@ -430,6 +434,7 @@ async fn address_cmd(op: AddressOp, http: &str) -> anyhow::Result<()> {
                 max_ttl_ms,
                 expiry_address,
                 topic,
+                durable: in_memory.then_some(false),
             };
             let (status, body) = http_call(
                 "POST",

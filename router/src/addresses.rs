@@ -148,6 +148,7 @@ mod tests {
             max_ttl_ms: None,
             expiry_address: None,
             topic: None,
+            durable: None,
         }
     }
 

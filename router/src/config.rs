@@ -56,6 +56,10 @@ pub struct AddressDecl {
     /// Queue policy: upper bound on any message's time to live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ttl_ms: Option<u64>,
+    /// Queue: false keeps its messages in memory only (accepted without a disk write, lost on
+    /// restart, bounded); default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<bool>,
     /// Queue policy: where expired messages go (dropped when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiry_address: Option<String>,
@@ -85,10 +89,11 @@ impl AddressDecl {
         let policy = self.dead_letter.is_some()
             || self.max_delivery_attempts.is_some()
             || self.max_ttl_ms.is_some()
-            || self.expiry_address.is_some();
+            || self.expiry_address.is_some()
+            || self.durable.is_some();
         if policy && self.kind != AddressType::Queue {
             return Err(ConfigError::Invalid(format!(
-                "{s}: dead_letter, max_delivery_attempts, max_ttl_ms and expiry_address apply to queues only"
+                "{s}: durable, dead_letter, max_delivery_attempts, max_ttl_ms and expiry_address apply to queues only"
             )));
         }
         match (self.kind, &self.topic, &self.name) {

@@ -351,11 +351,11 @@ impl Task<'_> {
                     id = id.wrapping_add(1);
                 }
             }
-            Event::LinkClosed { link, .. } => {
+            Event::LinkClosed { link, closed, .. } => {
                 if let Some(l) = self.links.remove(&link) {
                     if l.open {
                         let r = self.r(link);
-                        self.to_core.push(ToCore::Detach { link: r });
+                        self.to_core.push(ToCore::Detach { link: r, closed });
                     }
                     self.unsettled.retain(|_, (_, lk)| *lk != link);
                     self.confirming.retain(|_, (lk, _, _)| *lk != link);

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use broker::queue::Outcome as StoreOutcome;
-use broker::service::{Delivery as StoreDelivery, Request as StoreRequest, Tag};
+use broker::service::{Delivery as StoreDelivery, Request as StoreRequest, StoreError, Tag};
 
 use crate::addresses::{Origin, Rule, Rules};
 use crate::config::{AddressDecl, AddressType, Limits};
@@ -77,11 +77,14 @@ pub enum ToCore {
     },
     Detach {
         link: LinkRef,
+        /// The peer's detach was closing (AMQP `closed`): a durable subscription behind the
+        /// link ends with it (JMS unsubscribe).
+        closed: bool,
     },
     /// Messages the broker hands to consumers.
     StoreDeliveries(Vec<StoreDelivery>),
     /// Store requests that became durable (or failed).
-    Stored(Vec<(Tag, Result<(), String>)>),
+    Stored(Vec<(Tag, Result<(), StoreError>)>),
     /// A consumer's credit: it accepts deliveries up to sequence number `limit`.
     ConsumerCredit {
         link: LinkRef,
@@ -242,6 +245,9 @@ struct Consumer {
     unsettled: u32,
     /// Set for a consumer of a queue or topic address: its id at the broker.
     store_id: Option<u64>,
+    /// The durable subscription (container-id:link-name) this consumer reads, which a
+    /// closing detach removes.
+    durable_sub: Option<String>,
     /// Credit given up by drains: the broker counts deliveries, the link's delivery-count also
     /// moves by drained credit, so limits sent to the broker are shifted back by this.
     store_offset: u32,
@@ -472,7 +478,7 @@ impl Core {
                     .copied()
                     .collect();
                 for l in links {
-                    self.detach(l);
+                    self.detach(l, false);
                 }
                 self.conns.remove(&conn);
                 self.outbox.remove(&conn);
@@ -498,7 +504,7 @@ impl Core {
             ),
             ToCore::StoreDeliveries(list) => self.store_deliveries(list),
             ToCore::Stored(list) => self.stored(list),
-            ToCore::Detach { link } => self.detach(link),
+            ToCore::Detach { link, closed } => self.detach(link, closed),
             ToCore::ConsumerCredit { link, limit, drain } => {
                 if let Some(id) = self.consumers.get(&link).and_then(|c| c.store_id) {
                     self.store_credit(link, id, limit, drain);
@@ -623,6 +629,7 @@ impl Core {
                         deliveries: 0,
                         unsettled: 0,
                         store_id: None,
+                        durable_sub: None,
                         store_offset: 0,
                         mc_queue: VecDeque::new(),
                         mc_bytes: 0,
@@ -676,7 +683,7 @@ impl Core {
         self.send(link.conn, ToConn::AddCredit { link: link.link, n });
     }
 
-    fn detach(&mut self, link: LinkRef) {
+    fn detach(&mut self, link: LinkRef, closed: bool) {
         if let Some(c) = self.conns.get_mut(&link.conn) {
             c.links = c.links.saturating_sub(1);
         }
@@ -698,6 +705,9 @@ impl Core {
             self.store_consumers.remove(&id);
             self.inflight.retain(|_, f| f.consumer != link);
             self.to_store(StoreRequest::Detach { consumer: id });
+            if let (true, Some(name)) = (closed, c.durable_sub) {
+                self.to_store(StoreRequest::Unsubscribe { name });
+            }
             if let Some(addr) = self.addresses.get_mut(c.address.as_str()) {
                 addr.stats.consumers = addr.stats.consumers.saturating_sub(1);
             }
@@ -1229,11 +1239,13 @@ impl Core {
             && d.max_delivery_attempts.is_none()
             && d.max_ttl_ms.is_none()
             && d.expiry_address.is_none()
+            && d.durable.is_none()
         {
             return;
         }
         self.to_store(StoreRequest::Declare {
             address: address.to_owned(),
+            durable: d.durable.unwrap_or(true),
             max_delivery_attempts: d
                 .max_delivery_attempts
                 .unwrap_or(broker::queue::Policy::default().max_delivery_attempts),
@@ -1295,7 +1307,7 @@ impl Core {
         self.to_store(r);
     }
 
-    fn stored(&mut self, list: Vec<(Tag, Result<(), String>)>) {
+    fn stored(&mut self, list: Vec<(Tag, Result<(), StoreError>)>) {
         for (tag, r) in list {
             if let Some((c, dlv)) = self.confirming.remove(&tag) {
                 // The acknowledgement is durable: the consumer may forget the delivery.
@@ -1310,6 +1322,9 @@ impl Core {
             if !s.settled {
                 let state = match r {
                     Ok(()) => DeliveryState::Accepted,
+                    Err(e @ StoreError::Full(_)) => DeliveryState::Rejected(Some(
+                        ErrorCondition::new(condition::RESOURCE_LIMIT_EXCEEDED, e.to_string()),
+                    )),
                     Err(e) => DeliveryState::Rejected(Some(ErrorCondition::new(
                         condition::INTERNAL_ERROR,
                         format!("message not stored: {e}"),
@@ -1344,6 +1359,10 @@ impl Core {
             .map(|c| c.container_id.clone())
             .unwrap_or_default();
         self.send(link.conn, ToConn::AttachOk { link: link.link });
+        // A JMS-style durable subscription of its own (not shared, not a declared
+        // subscription address): a closing detach unsubscribes it.
+        let durable_sub = (kind == AddressType::Topic && durable && !shared)
+            .then(|| format!("{container}:{name}"));
         let request = if kind == AddressType::Subscription {
             // A declared subscription: its consumers compete for what it collected.
             StoreRequest::Subscribe {
@@ -1390,6 +1409,7 @@ impl Core {
                 deliveries: 0,
                 unsettled: 0,
                 store_id: Some(id),
+                durable_sub,
                 store_offset: 0,
                 mc_queue: VecDeque::new(),
                 mc_bytes: 0,

@@ -5,7 +5,7 @@ durable subscription that outlives its consumer."""
 
 import time
 
-from proton import Message
+from proton import Delivery, Message
 
 from conftest import Router
 from helpers import (available, close_quietly, connect, http_json, pump, receive_n, send_async, settle,
@@ -324,3 +324,75 @@ def test_expired_messages_move_to_the_expiry_address(configured_router):
         assert stats["cmd/device-9"]["expired"] == 1, stats
     finally:
         close_quietly(c)
+
+
+IN_MEMORY = """\
+addresses:
+  - prefix: "mem/"
+    type: queue
+    durable: false
+  - prefix: "q/"
+    type: queue
+"""
+
+
+def test_in_memory_queue_serves_like_a_queue_and_forgets_on_restart(tmp_path):
+    r = Router(config=IN_MEMORY, tmpdir=tmp_path, name="mem")
+    try:
+        c = connect(r.amqp_url)
+        _send(c, "mem/jobs", ["m%d" % i for i in range(5)])
+        _send(c, "q/jobs", ["d0"])
+        rcv = c.create_receiver("mem/jobs", credit=2)
+        got = receive_n([c], rcv, 2)
+        assert [m.body for m, _ in got] == ["m0", "m1"]
+        settle(got[0][1])
+        settle(got[1][1], Delivery.RELEASED)
+        # The released one comes back (proton refills credit, so m2 and m3 may come first).
+        got = receive_n([c], rcv, 4)
+        assert sorted(m.body for m, _ in got) == ["m1", "m2", "m3", "m4"]
+        for _, d in got:
+            settle(d)
+        _send(c, "mem/jobs", ["x1", "x2"])
+        rcv.close()
+        pump([c], timeout=0.3, raise_on_timeout=False)
+        status, qs = http_json("GET", r.http_url + "/api/v1/queues")
+        depth = {q["address"]: q["depth"] for q in qs}
+        assert depth.get("mem/jobs") == 2, qs
+        close_quietly(c)
+    finally:
+        r.kill()
+    r2 = Router(config=IN_MEMORY, tmpdir=tmp_path, name="mem")
+    try:
+        c = connect(r2.amqp_url)
+        mem = c.create_receiver("mem/jobs", credit=10)
+        dur = c.create_receiver("q/jobs", credit=10)
+        # The durable queue kept its message; the in-memory one started empty.
+        assert [m.body for m, _ in receive_n([c], dur, 1)] == ["d0"]
+        pump([c], lambda: available(mem) > 0, timeout=0.5, raise_on_timeout=False)
+        assert not available(mem), "an in-memory queue kept messages across a restart"
+        close_quietly(c)
+    finally:
+        r2.close()
+
+
+def test_closing_a_durable_subscription_link_unsubscribes(configured_router):
+    from proton.reactor import DurableSubscription
+    r = configured_router(QUEUES)
+    pub = connect(r.amqp_url)
+    sub = connect(r.amqp_url, container_id="jms-like")
+    try:
+        rcv = sub.create_receiver("t/news/#", credit=10, name="daily", options=DurableSubscription())
+        pump([sub], timeout=0.3, raise_on_timeout=False)
+        _send(pub, "t/news/1", ["n1"])
+        got = receive_n([sub], rcv, 1)
+        settle(got[0][1])
+        # A closing detach (JMS unsubscribe) ends the subscription.
+        rcv.close()
+        _send(pub, "t/news/2", ["n2"])
+        status, qs = http_json("GET", r.http_url + "/api/v1/queues")
+        assert not [q for q in qs if "jms-like:daily" in q["address"]], qs
+        rcv = sub.create_receiver("t/news/#", credit=10, name="daily", options=DurableSubscription())
+        pump([sub], lambda: available(rcv) > 0, timeout=0.8, raise_on_timeout=False)
+        assert not available(rcv), "a message published after unsubscribing was kept"
+    finally:
+        close_quietly(pub, sub)

@@ -7,13 +7,16 @@
 //! the process (SIGTERM, then SIGKILL) when the [`Router`] is dropped. The router's stderr goes to a
 //! log file in the temp directory; its tail is printed when a test fails.
 //!
+//! [`Router::start_with_data`] runs over a data directory the caller owns (see [`DataDir`]), so a
+//! test can [`Router::kill`] the router and start a new one over the same broker state.
+//!
 //! The binary is `$ENMESH_BIN` if set, else `<repo>/target/debug/enmesh` (build it first with
 //! `cargo build -p enmesh`). Only the standard library is used here, so the harness works from
 //! both sync and async tests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -58,6 +61,32 @@ pub fn parse_ready_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     Some((amqp, http))
 }
 
+/// A data directory that outlives the routers started over it; removed on drop.
+pub struct DataDir(PathBuf);
+
+impl DataDir {
+    /// A fresh (not yet existing) directory path in the temp directory.
+    pub fn new() -> DataDir {
+        DataDir(temp_path("data"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Default for DataDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A running router process; stopped on drop.
 pub struct Router {
     child: Child,
@@ -67,7 +96,9 @@ pub struct Router {
     pub http: SocketAddr,
     config_path: Option<PathBuf>,
     log_path: PathBuf,
+    /// The broker shard's data; removed on drop unless the caller owns it.
     data_dir: PathBuf,
+    owns_data: bool,
 }
 
 impl Router {
@@ -84,6 +115,17 @@ impl Router {
     /// Start the router, optionally with a YAML config. Panics (with the router's stderr) if the
     /// binary is missing, exits early or does not print its ready line within [`READY_TIMEOUT`].
     pub fn start_with(config: Option<&str>) -> Router {
+        // Each router keeps its broker shard's data in a directory of its own.
+        Self::spawn(config, temp_path("data"), true)
+    }
+
+    /// Like [`Router::start_with`], over `data_dir`, which the caller owns: it is kept when the
+    /// router stops, so another router started over it recovers the broker's state.
+    pub fn start_with_data(config: Option<&str>, data_dir: &Path) -> Router {
+        Self::spawn(config, data_dir.to_path_buf(), false)
+    }
+
+    fn spawn(config: Option<&str>, data_dir: PathBuf, owns_data: bool) -> Router {
         let bin = router_binary();
         assert!(
             bin.exists(),
@@ -109,8 +151,6 @@ impl Router {
         if let Some(p) = &config_path {
             cmd.arg("--config").arg(p);
         }
-        // Each router keeps its broker shard's data in a directory of its own.
-        let data_dir = temp_path("data");
         cmd.arg("--data").arg(&data_dir);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -160,6 +200,7 @@ impl Router {
             config_path,
             log_path,
             data_dir,
+            owns_data,
         }
     }
 
@@ -212,6 +253,15 @@ impl Router {
         Ok((status, body))
     }
 
+    /// SIGKILL (a crash: nothing is flushed or closed) and reap the process.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
     /// SIGTERM, wait up to [`TERM_GRACE`], then SIGKILL. Returns the exit status if known.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -249,7 +299,9 @@ impl Drop for Router {
         if let Some(p) = &self.config_path {
             let _ = std::fs::remove_file(p);
         }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if self.owns_data {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 

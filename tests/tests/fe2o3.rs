@@ -11,14 +11,17 @@ use std::future::Future;
 use std::net::Shutdown;
 use std::time::Duration;
 
-use enmesh_tests::Router;
+use enmesh_tests::{DataDir, Router};
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::CreditMode;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorValue};
-use fe2o3_amqp::types::messaging::{Data, Message, Modified, Outcome, Properties, Source, Target};
-use fe2o3_amqp::types::primitives::Binary;
+use fe2o3_amqp::types::messaging::{
+    Data, Header, Message, Modified, Outcome, Properties, Source, Target, TerminusDurability,
+    TerminusExpiryPolicy,
+};
+use fe2o3_amqp::types::primitives::{Binary, Symbol};
 use fe2o3_amqp::{Connection, Delivery, Receiver, Sendable, Sender, Session};
 use tokio::task::JoinHandle;
 
@@ -837,6 +840,788 @@ async fn queue_store_and_forward_with_dead_letter() {
         assert!(more.is_err(), "an acknowledged message came back: {more:?}");
         sender.close().await.expect("close sender");
         producer.close().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queue and topic scenarios on the standalone broker shard: work queues with acknowledgements,
+// a departed worker, prefetch, modified/released redelivery, TTL, shared and wildcard topic
+// subscriptions, per-producer order.
+
+/// A standalone config: `work/` queues (at most 5 delivery attempts), `t/` topics.
+const STORE_CONFIG: &str = "addresses:\n  - prefix: work/\n    type: queue\n    max_delivery_attempts: 5\n  - prefix: t/\n    type: topic\n";
+
+/// Per-scenario deadline: each scenario below takes a few seconds at most.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(10);
+
+type GotTx = tokio::sync::mpsc::UnboundedSender<Got>;
+type GotRx = tokio::sync::mpsc::UnboundedReceiver<Got>;
+
+/// A message as a consumer task reports it: which consumer, the body, and the header's
+/// delivery-count (0 when the message carries no header).
+#[derive(Debug, Clone)]
+struct Got {
+    consumer: usize,
+    body: String,
+    delivery_count: u32,
+}
+
+fn delivery_count(d: &Delivery<String>) -> u32 {
+    d.message().header.as_ref().map_or(0, |h| h.delivery_count)
+}
+
+impl Client {
+    /// A receiver whose auto credit keeps about `credit` messages of prefetch (fe2o3 refills
+    /// to `credit` once half of it has been disposed).
+    async fn prefetch_receiver(&mut self, name: &str, source: Source, credit: u32) -> Receiver {
+        Receiver::builder()
+            .name(name)
+            .source(source)
+            .credit_mode(CreditMode::Auto(credit))
+            .attach(&mut self.session)
+            .await
+            .unwrap_or_else(|e| panic!("attach receiver {name}: {e:?}"))
+    }
+}
+
+/// A source with the `shared` capability: a subscription named by the link name alone.
+fn shared_source(address: &str) -> Source {
+    Source::builder()
+        .address(address)
+        .capabilities(vec![Symbol::from("shared")])
+        .build()
+}
+
+/// Consume on `receiver` until its link fails, accepting each delivery and reporting it.
+fn spawn_acking_consumer(idx: usize, mut receiver: Receiver, tx: GotTx) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let d: Delivery<String> = match receiver.recv().await {
+                Ok(d) => d,
+                Err(_) => break,
+            };
+            if receiver.accept(&d).await.is_err() {
+                break;
+            }
+            let got = Got {
+                consumer: idx,
+                body: text(&d).to_string(),
+                delivery_count: delivery_count(&d),
+            };
+            if tx.send(got).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Receive `n` reports from the consumer tasks.
+async fn collect(rx: &mut GotRx, n: usize) -> Vec<Got> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(g)) => out.push(g),
+            Ok(None) => panic!("consumer tasks ended after {} of {n}: {out:?}", out.len()),
+            Err(_) => panic!("only {} of {n} messages within 5 s: {out:?}", out.len()),
+        }
+    }
+    out
+}
+
+/// Assert no consumer task reports anything for `ms` milliseconds.
+async fn assert_quiet(rx: &mut GotRx, ms: u64, what: &str) {
+    if let Ok(Some(g)) = tokio::time::timeout(Duration::from_millis(ms), rx.recv()).await {
+        panic!("{what}: unexpected extra delivery {g:?}");
+    }
+}
+
+/// Send `bodies` pipelined and require `accepted` (stored) for each.
+async fn send_all_accepted(sender: &mut Sender, bodies: impl IntoIterator<Item = String>) {
+    let mut futs = Vec::new();
+    for b in bodies {
+        let f = sender
+            .send_batchable(b.clone())
+            .await
+            .expect("send_batchable");
+        futs.push((b, f));
+    }
+    for (b, f) in futs {
+        let outcome = f.await.expect("outcome");
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{b}: {outcome:?}");
+    }
+}
+
+/// Receive one delivery within 5 s.
+async fn recv_within(r: &mut Receiver, what: &str) -> Delivery<String> {
+    within(Duration::from_secs(5), what, r.recv::<String>())
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+}
+
+/// Assert `r` receives nothing for `ms` milliseconds.
+async fn assert_nothing(r: &mut Receiver, ms: u64, what: &str) {
+    if let Ok(d) = tokio::time::timeout(Duration::from_millis(ms), r.recv::<String>()).await {
+        panic!(
+            "{what}: unexpected delivery {:?}",
+            d.map(|d| text(&d).to_string())
+        );
+    }
+}
+
+/// Wait until the router lists `n` receiver links on `address` with credit, then a little
+/// longer so the broker shard has the consumers (and subscriptions) too.
+async fn consumers_ready(router: &Router, address: &str, n: usize) {
+    wait_links(
+        router,
+        &format!("{n} consumers with credit on {address}"),
+        |links| receivers_with_credit(links, address) == n,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// Poll GET /api/v1/queues until `pred` holds for the entry of `address` (or time out).
+async fn wait_queue(
+    router: &Router,
+    address: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut last = String::new();
+    loop {
+        if let Ok((200, body)) = router.http_get("/api/v1/queues") {
+            if let Ok(serde_json::Value::Array(qs)) = serde_json::from_str(&body)
+                && let Some(q) = qs.into_iter().find(|q| q["address"] == address)
+                && pred(&q)
+            {
+                return q;
+            }
+            last = body;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting for queue {address}: {what}; last /api/v1/queues: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Three workers with acknowledgements share a work queue: every job exactly once, and each
+/// worker gets some (round-robin among consumers with credit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_work_queue_three_workers_each_message_once() {
+    const N: usize = 60;
+    let router = Router::start_with_config(STORE_CONFIG);
+    within(SCENARIO_LIMIT, "work queue with 3 workers", async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut workers = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            let mut c = Client::connect(&router, &format!("wq-worker-{i}")).await;
+            let r = c
+                .prefetch_receiver(&format!("w{i}"), Source::from("work/jobs"), 4)
+                .await;
+            tasks.push(spawn_acking_consumer(i, r, tx.clone()));
+            workers.push(c);
+        }
+        drop(tx);
+        consumers_ready(&router, "work/jobs", 3).await;
+        let mut producer = Client::connect(&router, "wq-producer").await;
+        let mut sender = producer.sender("s", "work/jobs").await;
+        send_all_accepted(&mut sender, (0..N).map(|i| format!("job-{i}"))).await;
+        let got = collect(&mut rx, N).await;
+        let mut seen = BTreeSet::new();
+        let mut per_worker = [0usize; 3];
+        for g in &got {
+            assert!(seen.insert(g.body.clone()), "job delivered twice: {g:?}");
+            assert_eq!(g.delivery_count, 0, "a first delivery: {g:?}");
+            per_worker[g.consumer] += 1;
+        }
+        assert_eq!(seen.len(), N);
+        println!("work queue: jobs per worker {per_worker:?}");
+        assert!(
+            per_worker.iter().all(|&n| n > 0),
+            "every worker should get jobs: {per_worker:?}"
+        );
+        assert_quiet(&mut rx, 500, "after every job was acknowledged").await;
+        for t in tasks {
+            t.abort();
+        }
+        sender.close().await.expect("close sender");
+        producer.close().await;
+        for c in workers {
+            c.close().await;
+        }
+    })
+    .await;
+}
+
+/// A worker whose connection dies while it holds unacknowledged jobs: those jobs go to the
+/// other workers, with one attempt counted (header delivery-count 1); its acknowledged job
+/// does not come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_worker_disconnect_hands_unacked_to_others() {
+    const N: usize = 10;
+    let router = Router::start_with_config(STORE_CONFIG);
+    within(SCENARIO_LIMIT, "departed worker", async {
+        let mut producer = Client::connect(&router, "dw-producer").await;
+        let mut sender = producer.sender("s", "work/handover").await;
+        send_all_accepted(&mut sender, (0..N).map(|i| format!("h{i}"))).await;
+
+        // The doomed worker takes 4 (manual credit 4), acknowledges one, holds three.
+        let mut doomed = Client::connect(&router, "dw-doomed").await;
+        let mut r = doomed.manual_receiver("w", "work/handover", 4).await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(recv_within(&mut r, "doomed worker's prefetch").await);
+        }
+        let bodies: Vec<&str> = held.iter().map(text).collect();
+        assert_eq!(bodies, ["h0", "h1", "h2", "h3"], "FIFO");
+        r.accept(&held[0]).await.expect("accept h0");
+        // The acknowledgement reaches the broker before the connection dies.
+        wait_queue(&router, "work/handover", "h0 acknowledged", |q| {
+            q["acknowledged"] == 1
+        })
+        .await;
+
+        // Two other workers take the rest of the queue.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut others = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..2 {
+            let mut c = Client::connect(&router, &format!("dw-worker-{i}")).await;
+            let rr = c
+                .prefetch_receiver(&format!("w{i}"), Source::from("work/handover"), 10)
+                .await;
+            tasks.push(spawn_acking_consumer(i, rr, tx.clone()));
+            others.push(c);
+        }
+        drop(tx);
+        let first = collect(&mut rx, N - 4).await;
+        let mut bodies: BTreeSet<String> = first.iter().map(|g| g.body.clone()).collect();
+        assert_eq!(
+            bodies,
+            (4..N).map(|i| format!("h{i}")).collect::<BTreeSet<_>>(),
+            "the jobs nobody held"
+        );
+
+        // Kill the doomed worker's TCP connection: no detach, no close.
+        doomed.kill();
+        drop(r);
+        let again = collect(&mut rx, 3).await;
+        for g in &again {
+            assert!(
+                ["h1", "h2", "h3"].contains(&g.body.as_str()),
+                "only held jobs come back: {g:?}"
+            );
+            assert_eq!(
+                g.delivery_count, 1,
+                "a job returned by a departed consumer counts one attempt: {g:?}"
+            );
+            assert!(bodies.insert(g.body.clone()), "delivered twice: {g:?}");
+        }
+        assert_quiet(
+            &mut rx,
+            700,
+            "after the held jobs were handed over (h0 was acked)",
+        )
+        .await;
+        for t in tasks {
+            t.abort();
+        }
+        sender.close().await.expect("close sender");
+        producer.close().await;
+        for c in others {
+            c.close().await;
+        }
+    })
+    .await;
+}
+
+/// A consumer's link credit is its prefetch: with manual credit 5 it gets exactly 5, nothing
+/// more after acknowledging them, 5 more after new credit; a second consumer gets the next 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_prefetch_respected_with_manual_credit() {
+    let router = Router::start_with_config(STORE_CONFIG);
+    within(SCENARIO_LIMIT, "prefetch", async {
+        let mut producer = Client::connect(&router, "pf-producer").await;
+        let mut sender = producer.sender("s", "work/prefetch").await;
+        send_all_accepted(&mut sender, (0..20).map(|i| format!("p{i:02}"))).await;
+
+        let mut c1 = Client::connect(&router, "pf-1").await;
+        let mut r1 = c1.manual_receiver("r1", "work/prefetch", 5).await;
+        let mut first = Vec::new();
+        for _ in 0..5 {
+            first.push(recv_within(&mut r1, "first consumer's 5").await);
+        }
+        let bodies: Vec<&str> = first.iter().map(text).collect();
+        assert_eq!(bodies, ["p00", "p01", "p02", "p03", "p04"]);
+        assert_nothing(&mut r1, 700, "beyond the first consumer's credit of 5").await;
+        assert_eq!(r1.credit(), 0, "credit used up");
+
+        let mut c2 = Client::connect(&router, "pf-2").await;
+        let mut r2 = c2.manual_receiver("r2", "work/prefetch", 5).await;
+        let mut second = Vec::new();
+        for _ in 0..5 {
+            second.push(recv_within(&mut r2, "second consumer's 5").await);
+        }
+        let bodies: Vec<&str> = second.iter().map(text).collect();
+        assert_eq!(bodies, ["p05", "p06", "p07", "p08", "p09"]);
+        assert_nothing(&mut r2, 500, "beyond the second consumer's credit of 5").await;
+
+        // Acknowledging does not grant more.
+        for d in &first {
+            r1.accept(d).await.expect("accept");
+        }
+        assert_nothing(&mut r1, 700, "after acknowledging without new credit").await;
+        // New credit does.
+        r1.set_credit(5).await.expect("set credit");
+        let mut more = Vec::new();
+        for _ in 0..5 {
+            more.push(recv_within(&mut r1, "5 more after new credit").await);
+        }
+        let bodies: Vec<&str> = more.iter().map(text).collect();
+        assert_eq!(bodies, ["p10", "p11", "p12", "p13", "p14"]);
+        assert_nothing(&mut r1, 500, "beyond the new credit").await;
+        for d in &more {
+            r1.accept(d).await.expect("accept");
+        }
+        for d in &second {
+            r2.accept(d).await.expect("accept");
+        }
+        sender.close().await.expect("close sender");
+        producer.close().await;
+        c1.close().await;
+        c2.close().await;
+    })
+    .await;
+}
+
+/// modified with delivery-failed redelivers with header delivery-count incremented; released
+/// redelivers without counting an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_modified_delivery_failed_redelivers_with_count() {
+    let router = Router::start_with_config(STORE_CONFIG);
+    within(SCENARIO_LIMIT, "modified redelivery", async {
+        let mut producer = Client::connect(&router, "mod-producer").await;
+        let mut sender = producer.sender("s", "work/flaky").await;
+        send_all_accepted(&mut sender, ["flaky".to_string()]).await;
+
+        let mut consumer = Client::connect(&router, "mod-consumer").await;
+        let mut r = consumer.manual_receiver("r", "work/flaky", 1).await;
+        let failed = Modified {
+            delivery_failed: Some(true),
+            undeliverable_here: None,
+            message_annotations: None,
+        };
+        let mut counts = Vec::new();
+        for _ in 0..2 {
+            let d = recv_within(&mut r, "flaky").await;
+            assert_eq!(text(&d), "flaky");
+            counts.push(delivery_count(&d));
+            r.modify(&d, failed.clone()).await.expect("modify");
+            r.set_credit(1).await.expect("credit");
+        }
+        // Released: back without an attempt counted.
+        let d = recv_within(&mut r, "flaky after two failures").await;
+        counts.push(delivery_count(&d));
+        r.release(&d).await.expect("release");
+        r.set_credit(1).await.expect("credit");
+        let d = recv_within(&mut r, "flaky after release").await;
+        counts.push(delivery_count(&d));
+        assert_eq!(
+            counts,
+            [0, 1, 2, 2],
+            "delivery-count per delivery: two failures counted, a release not"
+        );
+        r.accept(&d).await.expect("accept");
+        r.set_credit(1).await.expect("credit");
+        assert_nothing(&mut r, 700, "after the message was accepted").await;
+        sender.close().await.expect("close sender");
+        producer.close().await;
+        consumer.close().await;
+    })
+    .await;
+}
+
+/// A command sent to a queue whose consumer is offline expires by its header ttl; one
+/// without ttl is still delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_command_to_offline_consumer_expires_by_ttl() {
+    let router = Router::start_with_config(STORE_CONFIG);
+    within(SCENARIO_LIMIT, "ttl expiry", async {
+        let mut producer = Client::connect(&router, "ttl-producer").await;
+        let mut sender = producer.sender("s", "work/device-7").await;
+        let stale = Message::builder()
+            .header(Header::builder().ttl(300u32).build())
+            .value("stale".to_string())
+            .build();
+        let outcome = sender.send(stale).await.expect("send stale");
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+        let outcome = sender.send("fresh".to_string()).await.expect("send fresh");
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+        // The device is offline past the first command's TTL (checked every 500 ms).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let mut device = Client::connect(&router, "ttl-device").await;
+        let mut r = device.manual_receiver("r", "work/device-7", 10).await;
+        let d = recv_within(&mut r, "the unexpired command").await;
+        assert_eq!(text(&d), "fresh", "the expired command was delivered");
+        r.accept(&d).await.expect("accept");
+        assert_nothing(&mut r, 700, "the expired command").await;
+        sender.close().await.expect("close sender");
+        producer.close().await;
+        device.close().await;
+    })
+    .await;
+}
+
+/// Two consumers on different connections (and container ids) attach to a topic with the
+/// `shared` capability and the same link name: one subscription, they compete; a plain
+/// subscriber on the same topic still gets everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_shared_subscription_consumers_compete() {
+    const N: usize = 20;
+    let router = Router::start_with_config(STORE_CONFIG);
+    within(SCENARIO_LIMIT, "shared subscription", async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut clients = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..2 {
+            let mut c = Client::connect(&router, &format!("shared-{i}")).await;
+            let r = c
+                .prefetch_receiver("workers", shared_source("t/shared/news"), 4)
+                .await;
+            tasks.push(spawn_acking_consumer(i, r, tx.clone()));
+            clients.push(c);
+        }
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
+        let mut plain = Client::connect(&router, "shared-plain").await;
+        let r = plain
+            .prefetch_receiver("plain", Source::from("t/shared/news"), 50)
+            .await;
+        tasks.push(spawn_acking_consumer(9, r, ptx));
+        drop(tx);
+        consumers_ready(&router, "t/shared/news", 3).await;
+
+        let mut producer = Client::connect(&router, "shared-producer").await;
+        let mut sender = producer.sender("s", "t/shared/news").await;
+        send_all_accepted(&mut sender, (0..N).map(|i| format!("n{i:02}"))).await;
+        let want: BTreeSet<String> = (0..N).map(|i| format!("n{i:02}")).collect();
+
+        let got = collect(&mut rx, N).await;
+        let mut seen = BTreeSet::new();
+        let mut per = [0usize; 2];
+        for g in &got {
+            assert!(
+                seen.insert(g.body.clone()),
+                "delivered to both shared consumers: {g:?}"
+            );
+            per[g.consumer] += 1;
+        }
+        assert_eq!(seen, want);
+        println!("shared subscription: per consumer {per:?}");
+        assert!(
+            per[0] > 0 && per[1] > 0,
+            "both shared consumers should get some: {per:?}"
+        );
+        assert_quiet(&mut rx, 500, "shared subscription after all 20").await;
+
+        let plain_got = collect(&mut prx, N).await;
+        let plain_bodies: Vec<String> = plain_got.iter().map(|g| g.body.clone()).collect();
+        assert_eq!(
+            plain_bodies,
+            want.iter().cloned().collect::<Vec<_>>(),
+            "the plain subscriber gets every message in order"
+        );
+        for t in tasks {
+            t.abort();
+        }
+        sender.close().await.expect("close sender");
+        producer.close().await;
+        plain.close().await;
+        for c in clients {
+            c.close().await;
+        }
+    })
+    .await;
+}
+
+/// Wildcard topic filters: `*` exactly one level, `#` zero or more (also in the middle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_wildcard_subscriptions() {
+    let router = Router::start_with_config(STORE_CONFIG);
+    within(SCENARIO_LIMIT, "wildcard subscriptions", async {
+        let filters = ["t/a/*/temp", "t/a/#", "t/#/temp"];
+        let mut subscribers = Vec::new();
+        let mut rxs = Vec::new();
+        let mut tasks = Vec::new();
+        for (i, f) in filters.iter().enumerate() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut c = Client::connect(&router, &format!("wild-{i}")).await;
+            let r = c
+                .prefetch_receiver(&format!("sub{i}"), Source::from(*f), 50)
+                .await;
+            tasks.push(spawn_acking_consumer(i, r, tx));
+            subscribers.push(c);
+            rxs.push(rx);
+        }
+        for f in filters {
+            consumers_ready(&router, f, 1).await;
+        }
+        let mut producer = Client::connect(&router, "wild-producer").await;
+        let topics = [
+            "t/a/x/temp",   // all three
+            "t/a/x/y/temp", // t/a/# and t/#/temp (* is exactly one level)
+            "t/a/temp",     // t/a/# and t/#/temp (# matches zero levels)
+            "t/a",          // t/a/# only (# matches zero levels)
+            "t/a/x/hum",    // t/a/# only
+            "t/b/temp",     // t/#/temp only
+            "t/temp",       // t/#/temp only
+            "t/b/x",        // nobody
+            "t/a/x/temp/x", // t/a/# only
+        ];
+        for (i, t) in topics.iter().enumerate() {
+            let mut s = producer.sender(&format!("s{i}"), t).await;
+            send_all_accepted(&mut s, [format!("to {t}")]).await;
+            s.close().await.expect("close sender");
+        }
+        let want: [&[&str]; 3] = [
+            &["t/a/x/temp"],
+            &[
+                "t/a/x/temp",
+                "t/a/x/y/temp",
+                "t/a/temp",
+                "t/a",
+                "t/a/x/hum",
+                "t/a/x/temp/x",
+            ],
+            &[
+                "t/a/x/temp",
+                "t/a/x/y/temp",
+                "t/a/temp",
+                "t/b/temp",
+                "t/temp",
+            ],
+        ];
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            let got = collect(rx, want[i].len()).await;
+            let bodies: Vec<String> = got.into_iter().map(|g| g.body).collect();
+            let expected: Vec<String> = want[i].iter().map(|t| format!("to {t}")).collect();
+            assert_eq!(bodies, expected, "subscriber {}", filters[i]);
+        }
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            assert_quiet(rx, 300, filters[i]).await;
+        }
+        for t in tasks {
+            t.abort();
+        }
+        producer.close().await;
+        for c in subscribers {
+            c.close().await;
+        }
+    })
+    .await;
+}
+
+/// Three producers send 200 numbered messages each to one queue at the same time; one
+/// consumer receives all 600 and, per producer, the numbers strictly increase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_per_producer_order_with_one_consumer() {
+    const PER: usize = 200;
+    let router = Router::start_with_config(STORE_CONFIG);
+    within(SCENARIO_LIMIT, "per-producer order", async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut consumer = Client::connect(&router, "order-consumer").await;
+        let r = consumer
+            .prefetch_receiver("r", Source::from("work/ordered"), 100)
+            .await;
+        let mut task = spawn_acking_consumer(0, r, tx);
+        consumers_ready(&router, "work/ordered", 1).await;
+
+        let mut producers = Vec::new();
+        for p in 0..3 {
+            let mut c = Client::connect(&router, &format!("order-producer-{p}")).await;
+            let s = c.sender("s", "work/ordered").await;
+            producers.push((c, s));
+        }
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(3));
+        let mut sending = Vec::new();
+        for (p, (c, mut s)) in producers.into_iter().enumerate() {
+            let start = start.clone();
+            sending.push(tokio::spawn(async move {
+                start.wait().await;
+                let mut futs = Vec::with_capacity(PER);
+                for i in 0..PER {
+                    futs.push(s.send_batchable(format!("{p}:{i}")).await.expect("send"));
+                    if i % 10 == 9 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                for (i, f) in futs.into_iter().enumerate() {
+                    let o = f.await.expect("outcome");
+                    assert!(matches!(o, Outcome::Accepted(_)), "{p}:{i}: {o:?}");
+                }
+                s.close().await.expect("close sender");
+                c.close().await;
+            }));
+        }
+        let got = alongside(collect(&mut rx, 3 * PER), &mut task).await;
+        for s in sending {
+            s.await.expect("producer task");
+        }
+        let mut last: [Option<usize>; 3] = [None; 3];
+        let mut seen = BTreeSet::new();
+        let mut switches = 0;
+        let mut prev_producer = None;
+        for g in &got {
+            let (p, i) = g.body.split_once(':').expect("p:i body");
+            let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
+            assert!(seen.insert((p, i)), "duplicate {p}:{i}");
+            if let Some(prev) = last[p] {
+                assert!(i > prev, "producer {p}: {i} arrived after {prev}");
+            }
+            last[p] = Some(i);
+            if prev_producer.is_some_and(|q| q != p) {
+                switches += 1;
+            }
+            prev_producer = Some(p);
+        }
+        assert_eq!(seen.len(), 3 * PER);
+        println!("per-producer order: {switches} producer switches in the consumer's stream");
+        assert!(
+            switches >= 2,
+            "the producers were not concurrent at the consumer ({switches} switches)"
+        );
+        assert_quiet(&mut rx, 300, "after all 600").await;
+        task.abort();
+        consumer.close().await;
+    })
+    .await;
+}
+
+/// A durable source with expiry-policy never: a JMS-style durable subscription, identified by
+/// the container id and the link name.
+fn durable_source(address: &str) -> Source {
+    Source::builder()
+        .address(address)
+        .durable(TerminusDurability::UnsettledState)
+        .expiry_policy(TerminusExpiryPolicy::Never)
+        .build()
+}
+
+/// A durable topic subscription outlives its subscriber and two router crashes: the subscriber
+/// (fixed container id and link name) proves it is subscribed, detaches without closing the
+/// link and disconnects; 10 messages published meanwhile survive a SIGKILL and restart over the
+/// same data directory and arrive once, in order, when it reattaches. Once accepted they are
+/// gone for good: after a second SIGKILL (this time with the subscriber attached) and restart
+/// nothing comes back, while a new message still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_durable_subscription_survives_client_and_broker_restart() {
+    const CONFIG: &str = "addresses:\n  - prefix: t/\n    type: topic\n";
+    const TOPIC: &str = "t/news/x";
+    const CONTAINER: &str = "durable-subscriber";
+    const LINK: &str = "news-subscription";
+    // The broker queue behind the subscription (GET /api/v1/queues lists it as `$sub:NAME`).
+    let queue = format!("$sub:{CONTAINER}:{LINK}");
+    let data = DataDir::new();
+    // Outside the timed body, so a timeout still prints the (current) router's stderr.
+    let mut router = Router::start_with_data(Some(CONFIG), data.path());
+    within(Duration::from_secs(15), "durable subscription", async {
+        // Subscribe, and prove it with one message.
+        let mut subscriber = Client::connect(&router, CONTAINER).await;
+        let mut r = subscriber
+            .prefetch_receiver(LINK, durable_source(TOPIC), 20)
+            .await;
+        consumers_ready(&router, TOPIC, 1).await;
+        let mut publisher = Client::connect(&router, "durable-publisher").await;
+        let mut sender = publisher.sender("s", TOPIC).await;
+        send_all_accepted(&mut sender, ["hello".to_string()]).await;
+        let d = recv_within(&mut r, "the first message on the new subscription").await;
+        assert_eq!(text(&d), "hello");
+        r.accept(&d).await.expect("accept hello");
+        wait_queue(&router, &queue, "hello acknowledged", |q| {
+            q["depth"] == 0 && q["acknowledged"] == 1
+        })
+        .await;
+        // Leave without unsubscribing: detach with closed=false (dropping the receiver would
+        // close the link), then close the connection.
+        if let Err((_, e)) = r.detach().await {
+            panic!("detach the subscriber's link: {e:?}");
+        }
+        subscriber.close().await;
+
+        // Publish while the subscriber is away; `accepted` means stored.
+        let want: Vec<String> = (0..10).map(|i| format!("n{i:02}")).collect();
+        send_all_accepted(&mut sender, want.clone()).await;
+        wait_queue(
+            &router,
+            &queue,
+            "10 messages kept for the absent subscriber",
+            |q| q["depth"] == 10 && q["consumers"] == 0,
+        )
+        .await;
+        sender.close().await.expect("close sender");
+        publisher.close().await;
+
+        // Crash and restart over the same data.
+        router.kill();
+        router = Router::start_with_data(Some(CONFIG), data.path());
+        wait_queue(&router, &queue, "the 10 messages recovered", |q| {
+            q["depth"] == 10
+        })
+        .await;
+
+        // Reattach: all 10, once, in order, never delivered before.
+        let mut subscriber = Client::connect(&router, CONTAINER).await;
+        let mut r = subscriber
+            .prefetch_receiver(LINK, durable_source(TOPIC), 20)
+            .await;
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let d = recv_within(&mut r, "the messages kept across the restart").await;
+            assert_eq!(delivery_count(&d), 0, "{} was delivered before", text(&d));
+            got.push(text(&d).to_string());
+            r.accept(&d).await.expect("accept");
+        }
+        assert_eq!(got, want, "kept messages, in order");
+        assert_nothing(&mut r, 300, "after the 10 kept messages").await;
+        wait_queue(&router, &queue, "the 10 acknowledged", |q| q["depth"] == 0).await;
+
+        // Crash again, this time with the subscriber attached.
+        router.kill();
+        subscriber.kill();
+        drop(r);
+        router = Router::start_with_data(Some(CONFIG), data.path());
+        wait_queue(&router, &queue, "the subscription recovered, empty", |q| {
+            q["depth"] == 0
+        })
+        .await;
+        let mut subscriber = Client::connect(&router, CONTAINER).await;
+        let mut r = subscriber
+            .prefetch_receiver(LINK, durable_source(TOPIC), 20)
+            .await;
+        assert_nothing(
+            &mut r,
+            1500,
+            "acknowledged messages after the second restart",
+        )
+        .await;
+
+        // The subscription still collects new messages.
+        let mut publisher = Client::connect(&router, "durable-publisher").await;
+        let mut sender = publisher.sender("s", TOPIC).await;
+        send_all_accepted(&mut sender, ["fresh".to_string()]).await;
+        let d = recv_within(&mut r, "a message published after the second restart").await;
+        assert_eq!(text(&d), "fresh");
+        r.accept(&d).await.expect("accept fresh");
+        assert_nothing(&mut r, 300, "after the fresh message").await;
+        sender.close().await.expect("close sender");
+        publisher.close().await;
+        if let Err((_, e)) = r.detach().await {
+            panic!("detach the subscriber's link: {e:?}");
+        }
+        subscriber.close().await;
     })
     .await;
 }

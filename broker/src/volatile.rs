@@ -1,0 +1,313 @@
+//! In-memory (non-durable) queues: the same deterministic [`Shard`] logic as durable queues,
+//! applied directly instead of through the Raft log, with bodies held in memory. A producer's
+//! message is accepted as soon as it is queued; everything is gone after a restart. Memory is
+//! bounded: past [`Limits`] an enqueue is refused ([`StoreError::Full`]) rather than queued.
+//!
+//! Owned by the service task, which routes to it every request for an address declared
+//! non-durable (and for the consumers attached to one). The dead-letter and expiry addresses of
+//! an in-memory queue are in memory too.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::queue::{ConsumerId, Seq};
+use crate::service::{Delivery, Request, StoreError, Tag};
+use crate::shard::{Cmd, QueueInfo, Shard, ShardEffect};
+
+/// Bounds of the in-memory store (all non-durable queues of a shard together).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_messages: 1_000_000,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// What handling one request produced.
+#[derive(Debug, Default)]
+pub struct Out {
+    pub deliveries: Vec<Delivery>,
+    pub done: Option<(Tag, Result<(), StoreError>)>,
+}
+
+#[derive(Default)]
+pub struct Volatile {
+    shard: Shard,
+    bodies: HashMap<Seq, Vec<u8>>,
+    bytes: usize,
+    next: Seq,
+    queues: HashSet<String>,
+    consumers: HashSet<ConsumerId>,
+    limits: Limits,
+}
+
+impl Volatile {
+    pub fn new(limits: Limits) -> Volatile {
+        Volatile {
+            limits,
+            next: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Handles `r` if it concerns an in-memory queue; otherwise hands it back.
+    pub fn handle(&mut self, r: Request, now: u64) -> Result<Out, Request> {
+        let mut out = Out::default();
+        let cmd = match r {
+            Request::Declare {
+                address,
+                durable: false,
+                max_delivery_attempts,
+                max_ttl_ms,
+                dead_letter,
+                expiry_address,
+            } => {
+                self.queues.insert(address.clone());
+                self.queues.extend(dead_letter.iter().cloned());
+                self.queues.extend(expiry_address.iter().cloned());
+                Cmd::Declare {
+                    address,
+                    max_delivery_attempts,
+                    max_ttl_ms,
+                    dead_letter,
+                    expiry_address,
+                }
+            }
+            Request::Enqueue {
+                address,
+                ttl_ms,
+                absolute_expiry,
+                body,
+                done,
+            } if self.queues.contains(&address) => {
+                let len = body.len();
+                if self.bodies.len() >= self.limits.max_messages
+                    || self.bytes + len > self.limits.max_bytes
+                {
+                    out.done = done.map(|t| (t, Err(StoreError::Full(address))));
+                    return Ok(out);
+                }
+                let seq = self.next;
+                self.next += 1;
+                self.bodies.insert(seq, body);
+                self.bytes += len;
+                out.done = done.map(|t| (t, Ok(())));
+                self.apply(
+                    seq,
+                    Cmd::Enqueue {
+                        address,
+                        now,
+                        ttl_ms,
+                        absolute_expiry,
+                        body: Vec::new(),
+                    },
+                    &mut out,
+                );
+                return Ok(out);
+            }
+            Request::Attach {
+                consumer,
+                address,
+                credit,
+            } if self.queues.contains(&address) => {
+                self.consumers.insert(consumer);
+                Cmd::Attach {
+                    consumer,
+                    address,
+                    credit,
+                    now,
+                }
+            }
+            Request::Credit { consumer, credit } if self.consumers.contains(&consumer) => {
+                Cmd::Credit {
+                    consumer,
+                    credit,
+                    now,
+                }
+            }
+            Request::Settle {
+                consumer,
+                seq,
+                outcome,
+                done,
+            } if self.consumers.contains(&consumer) => {
+                out.done = done.map(|t| (t, Ok(())));
+                Cmd::Settle {
+                    consumer,
+                    seq,
+                    outcome,
+                    now,
+                }
+            }
+            Request::Detach { consumer } if self.consumers.remove(&consumer) => {
+                Cmd::Detach { consumer, now }
+            }
+            Request::Purge { address } if self.queues.contains(&address) => Cmd::Purge { address },
+            other => return Err(other),
+        };
+        self.apply(0, cmd, &mut out);
+        Ok(out)
+    }
+
+    /// Time passes: expiry.
+    pub fn tick(&mut self, now: u64) -> Vec<Delivery> {
+        let mut out = Out::default();
+        if !self.queues.is_empty() {
+            self.apply(0, Cmd::Tick { now }, &mut out);
+        }
+        out.deliveries
+    }
+
+    pub fn info(&self) -> Vec<QueueInfo> {
+        self.shard.info()
+    }
+
+    /// Messages and body bytes held.
+    pub fn held(&self) -> (usize, usize) {
+        (self.bodies.len(), self.bytes)
+    }
+
+    fn apply(&mut self, seq: Seq, cmd: Cmd, out: &mut Out) {
+        for e in self.shard.apply(seq, cmd) {
+            match e {
+                ShardEffect::Deliver {
+                    consumer,
+                    seq,
+                    delivery_count,
+                } => {
+                    if let Some(body) = self.bodies.get(&seq) {
+                        out.deliveries.push(Delivery {
+                            consumer,
+                            seq,
+                            delivery_count,
+                            body: body.clone(),
+                        });
+                    }
+                }
+                ShardEffect::Forget { seq } => {
+                    if let Some(b) = self.bodies.remove(&seq) {
+                        self.bytes -= b.len();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Outcome;
+
+    fn enqueue(address: &str, body: &[u8], tag: Tag) -> Request {
+        Request::Enqueue {
+            address: address.into(),
+            ttl_ms: None,
+            absolute_expiry: None,
+            body: body.to_vec(),
+            done: Some(tag),
+        }
+    }
+
+    #[test]
+    fn only_declared_queues_and_their_consumers_are_handled_here() {
+        let mut v = Volatile::new(Limits::default());
+        assert!(v.handle(enqueue("q", b"x", 1), 0).is_err());
+        let declare = Request::Declare {
+            address: "q".into(),
+            durable: false,
+            max_delivery_attempts: 3,
+            max_ttl_ms: None,
+            dead_letter: None,
+            expiry_address: None,
+        };
+        assert!(v.handle(declare, 0).is_ok());
+        let out = v.handle(enqueue("q", b"hello", 7), 0).unwrap();
+        assert!(matches!(out.done, Some((7, Ok(())))));
+        let out = v
+            .handle(
+                Request::Attach {
+                    consumer: 5,
+                    address: "q".into(),
+                    credit: 10,
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(out.deliveries.len(), 1);
+        assert_eq!(out.deliveries[0].body, b"hello");
+        let seq = out.deliveries[0].seq;
+        // Another consumer id is not ours.
+        assert!(v.handle(Request::Detach { consumer: 6 }, 0).is_err());
+        v.handle(
+            Request::Settle {
+                consumer: 5,
+                seq,
+                outcome: Outcome::Accepted,
+                done: None,
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(v.held(), (0, 0));
+    }
+
+    #[test]
+    fn full_store_refuses_and_frees_on_ack() {
+        let mut v = Volatile::new(Limits {
+            max_messages: 2,
+            max_bytes: 1 << 20,
+        });
+        v.handle(
+            Request::Declare {
+                address: "q".into(),
+                durable: false,
+                max_delivery_attempts: 3,
+                max_ttl_ms: None,
+                dead_letter: None,
+                expiry_address: None,
+            },
+            0,
+        )
+        .unwrap();
+        for t in 1..=2 {
+            assert!(matches!(
+                v.handle(enqueue("q", b"m", t), 0).unwrap().done,
+                Some((_, Ok(())))
+            ));
+        }
+        let out = v.handle(enqueue("q", b"m", 3), 0).unwrap();
+        assert!(matches!(out.done, Some((3, Err(StoreError::Full(_))))));
+        let out = v
+            .handle(
+                Request::Attach {
+                    consumer: 1,
+                    address: "q".into(),
+                    credit: 1,
+                },
+                0,
+            )
+            .unwrap();
+        let seq = out.deliveries[0].seq;
+        v.handle(
+            Request::Settle {
+                consumer: 1,
+                seq,
+                outcome: Outcome::Accepted,
+                done: None,
+            },
+            0,
+        )
+        .unwrap();
+        assert!(matches!(
+            v.handle(enqueue("q", b"m", 4), 0).unwrap().done,
+            Some((4, Ok(())))
+        ));
+    }
+}
