@@ -195,13 +195,43 @@ pub struct BrokerSection {
     pub data_dir: Option<std::path::PathBuf>,
     /// This node's id in the shard's Raft group.
     pub node_id: u64,
+    /// Log entries between snapshots of the shard state (a restart replays at most this many).
+    pub snapshot_every: u64,
+    /// Log segment size in bytes (compaction deletes whole segments).
+    pub segment_bytes: u64,
 }
 
 impl Default for BrokerSection {
     fn default() -> Self {
+        let node = broker::node::NodeOptions::default();
         BrokerSection {
             data_dir: None,
             node_id: 1,
+            snapshot_every: node.snapshot_every,
+            segment_bytes: node.segment_bytes,
+        }
+    }
+}
+
+impl BrokerSection {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.snapshot_every == 0 {
+            return Err(ConfigError::Invalid(
+                "broker.snapshot_every must be at least 1".into(),
+            ));
+        }
+        if !(4096..=1 << 32).contains(&self.segment_bytes) {
+            return Err(ConfigError::Invalid(
+                "broker.segment_bytes must be between 4096 and 4294967296".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn node_options(&self) -> broker::node::NodeOptions {
+        broker::node::NodeOptions {
+            segment_bytes: self.segment_bytes,
+            snapshot_every: self.snapshot_every,
         }
     }
 }
@@ -245,6 +275,7 @@ impl Config {
         for a in &self.addresses {
             a.validate()?;
         }
+        self.broker.validate()?;
         let l = &self.router.limits;
         if l.max_frame_size < 512 {
             return Err(ConfigError::Invalid("max_frame_size must be >= 512".into()));

@@ -29,12 +29,17 @@ use crate::core::{Core, Mgmt, ToCore};
 /// forwarded to the core.
 async fn start_store(
     dir: &std::path::Path,
-    node_id: u64,
+    section: &crate::config::BrokerSection,
     core: mpsc::Sender<Vec<ToCore>>,
 ) -> std::io::Result<mpsc::UnboundedSender<broker::service::Request>> {
-    let node = broker::node::ShardNode::open(dir, node_id, broker::service::now_ms())
-        .await
-        .map_err(std::io::Error::other)?;
+    let node = broker::node::ShardNode::open_with(
+        dir,
+        section.node_id,
+        broker::service::now_ms(),
+        section.node_options(),
+    )
+    .await
+    .map_err(std::io::Error::other)?;
     let (req_tx, req_rx) = mpsc::unbounded_channel();
     let (dl_tx, mut dl_rx) = mpsc::unbounded_channel();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -69,7 +74,7 @@ pub async fn run(
     // Bounded: connection tasks wait (and stop reading) when the core is behind.
     let (core_tx, core_rx) = mpsc::channel(1024);
     let store = match &config.broker.data_dir {
-        Some(dir) => Some(start_store(dir, config.broker.node_id, core_tx.clone()).await?),
+        Some(dir) => Some(start_store(dir, &config.broker, core_tx.clone()).await?),
         None => None,
     };
     let core = Core::new(config.router.limits.clone(), rules, store);

@@ -22,7 +22,11 @@ from proton.reactor import LinkOption
 from conftest import Router
 from helpers import available, close_quietly, connect, pump, send_async, take
 
+# Frequent snapshots and small segments: restarts load snapshots and compaction runs under load.
 CONFIG = """\
+broker:
+  snapshot_every: 500
+  segment_bytes: 65536
 addresses:
   - prefix: "q/"
     type: queue
