@@ -12,6 +12,7 @@ pub mod log;
 pub mod node;
 pub mod queue;
 pub mod raft;
+pub mod remote;
 pub mod seqset;
 pub mod service;
 pub mod shard;

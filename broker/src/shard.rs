@@ -99,7 +99,33 @@ fn bad(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
-fn put_opt_str(out: &mut Vec<u8>, v: Option<&str>) {
+/// An outcome as one byte (log and wire).
+pub(crate) fn outcome_byte(o: Outcome) -> u8 {
+    match o {
+        Outcome::Accepted => 0,
+        Outcome::Released => 1,
+        Outcome::Modified {
+            delivery_failed,
+            undeliverable_here,
+        } => 2 | (delivery_failed as u8) << 2 | (undeliverable_here as u8) << 3,
+        Outcome::Rejected => 3,
+    }
+}
+
+pub(crate) fn outcome_from(b: u8) -> io::Result<Outcome> {
+    Ok(match b {
+        0 => Outcome::Accepted,
+        1 => Outcome::Released,
+        3 => Outcome::Rejected,
+        m if m & 3 == 2 => Outcome::Modified {
+            delivery_failed: m & 4 != 0,
+            undeliverable_here: m & 8 != 0,
+        },
+        _ => return Err(bad("bad outcome")),
+    })
+}
+
+pub(crate) fn put_opt_str(out: &mut Vec<u8>, v: Option<&str>) {
     match v {
         Some(v) => {
             out.push(1);
@@ -109,7 +135,7 @@ fn put_opt_str(out: &mut Vec<u8>, v: Option<&str>) {
     }
 }
 
-fn get_opt_str(r: &mut Reader) -> io::Result<Option<String>> {
+pub(crate) fn get_opt_str(r: &mut Reader) -> io::Result<Option<String>> {
     Ok(if r.u8()? != 0 {
         Some(r.string()?)
     } else {
@@ -192,15 +218,7 @@ impl Cmd {
                 o.push(5);
                 put_u64(&mut o, *consumer);
                 put_u64(&mut o, *seq);
-                o.push(match outcome {
-                    Outcome::Accepted => 0,
-                    Outcome::Released => 1,
-                    Outcome::Modified {
-                        delivery_failed,
-                        undeliverable_here,
-                    } => 2 | (*delivery_failed as u8) << 2 | (*undeliverable_here as u8) << 3,
-                    Outcome::Rejected => 3,
-                });
+                o.push(outcome_byte(*outcome));
                 put_u64(&mut o, *now);
             }
             Cmd::Detach { consumer, now } => {
@@ -290,16 +308,7 @@ impl Cmd {
             5 => Cmd::Settle {
                 consumer: r.u64()?,
                 seq: r.u64()?,
-                outcome: match r.u8()? {
-                    0 => Outcome::Accepted,
-                    1 => Outcome::Released,
-                    3 => Outcome::Rejected,
-                    m if m & 3 == 2 => Outcome::Modified {
-                        delivery_failed: m & 4 != 0,
-                        undeliverable_here: m & 8 != 0,
-                    },
-                    _ => return Err(bad("bad outcome")),
-                },
+                outcome: outcome_from(r.u8()?)?,
                 now: r.u64()?,
             },
             6 => Cmd::Detach {

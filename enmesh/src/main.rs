@@ -30,8 +30,12 @@ enum Cmd {
     /// Everything in one process with local data: the router and one broker shard (data in
     /// `--data`, default ./enmesh-data).
     Standalone(ServerArgs),
-    /// An AMQP 1.0 router (with a broker shard only if the config names a data directory).
+    /// An AMQP 1.0 router (with a broker shard only if the config names a data directory;
+    /// with `broker.url` it forwards brokered addresses to a remote `enmesh broker`).
     Router(ServerArgs),
+    /// A broker shard as its own process, serving routers (`broker.url`) on `--listen`
+    /// (default 127.0.0.1:5800); data in `--data` (default ./enmesh-data).
+    Broker(ServerArgs),
     /// Send messages to an address.
     Send {
         #[arg(long, default_value = "amqp://127.0.0.1:5672")]
@@ -179,6 +183,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Standalone(a) => serve(a, true).await,
             Cmd::Router(a) => serve(a, false).await,
+            Cmd::Broker(a) => serve_broker(a).await,
             Cmd::Send {
                 url,
                 address,
@@ -255,6 +260,44 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
     });
     // Announced only once the broker shard is open and connections are being accepted.
     router::run(config, listener, http, rx, move || println!("{ready_line}")).await?;
+    Ok(())
+}
+
+/// `enmesh broker`: one shard, served to routers over the broker protocol.
+async fn serve_broker(a: ServerArgs) -> anyhow::Result<()> {
+    let mut config = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(l) = a.listen {
+        config.broker.listen = l;
+    }
+    let dir = a
+        .data
+        .or(config.broker.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("enmesh-data"));
+    let listener = tokio::net::TcpListener::bind(config.broker.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.broker.listen))?;
+    let node = broker::node::ShardNode::open_with(
+        &dir,
+        config.broker.node_id,
+        broker::service::now_ms(),
+        config.broker.node_options(),
+    )
+    .await
+    .with_context(|| format!("cannot open the shard in {}", dir.display()))?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = tx.send(true);
+    });
+    println!("enmesh broker ready listen={}", listener.local_addr()?);
+    broker::remote::serve(node, listener, rx).await?;
     Ok(())
 }
 

@@ -193,6 +193,11 @@ pub struct BrokerSection {
     /// Where the shard keeps its log. None: no broker (queue, topic and subscription addresses
     /// are refused).
     pub data_dir: Option<std::path::PathBuf>,
+    /// A remote broker (`enmesh broker`) this router forwards brokered addresses to, as
+    /// host:port; instead of `data_dir`.
+    pub url: Option<String>,
+    /// Where `enmesh broker` listens for routers.
+    pub listen: SocketAddr,
     /// This node's id in the shard's Raft group.
     pub node_id: u64,
     /// Log entries between snapshots of the shard state (a restart replays at most this many).
@@ -206,6 +211,8 @@ impl Default for BrokerSection {
         let node = broker::node::NodeOptions::default();
         BrokerSection {
             data_dir: None,
+            url: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 5800)),
             node_id: 1,
             snapshot_every: node.snapshot_every,
             segment_bytes: node.segment_bytes,
@@ -215,6 +222,12 @@ impl Default for BrokerSection {
 
 impl BrokerSection {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.url.is_some() && self.data_dir.is_some() {
+            return Err(ConfigError::Invalid(
+                "broker.url and broker.data_dir exclude each other (a remote broker or a local shard)"
+                    .into(),
+            ));
+        }
         if self.snapshot_every == 0 {
             return Err(ConfigError::Invalid(
                 "broker.snapshot_every must be at least 1".into(),

@@ -480,6 +480,13 @@ impl Task<'_> {
                     self.links.remove(&link);
                     self.engine.refuse_attach(link, error);
                 }
+                ToConn::Detach { link, error } => {
+                    if self.links.remove(&link).is_some() {
+                        self.unsettled.retain(|_, (_, lk)| *lk != link);
+                        self.confirming.retain(|_, (lk, _, _)| *lk != link);
+                        self.engine.detach(link, Some(error), true);
+                    }
+                }
                 ToConn::AddCredit { link, n } => {
                     let c = self.engine.receiver_credit(link).saturating_add(n);
                     self.engine.set_credit(link, c, false);

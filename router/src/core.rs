@@ -85,6 +85,11 @@ pub enum ToCore {
     StoreDeliveries(Vec<StoreDelivery>),
     /// Store requests that became durable (or failed).
     Stored(Vec<(Tag, Result<(), StoreError>)>),
+    /// The broker connection is gone (or was when these consumers attached): their links are
+    /// detached with an error that tells the client to reattach.
+    StoreLost {
+        consumers: Vec<u64>,
+    },
     /// A consumer's credit: it accepts deliveries up to sequence number `limit`.
     ConsumerCredit {
         link: LinkRef,
@@ -150,6 +155,11 @@ pub enum ToConn {
         dlv: u64,
     },
     Close {
+        error: ErrorCondition,
+    },
+    /// Detach a link from the router's side (closed, with this error).
+    Detach {
+        link: LinkId,
         error: ErrorCondition,
     },
 }
@@ -504,6 +514,7 @@ impl Core {
             ),
             ToCore::StoreDeliveries(list) => self.store_deliveries(list),
             ToCore::Stored(list) => self.stored(list),
+            ToCore::StoreLost { consumers } => self.store_lost(consumers),
             ToCore::Detach { link, closed } => self.detach(link, closed),
             ToCore::ConsumerCredit { link, limit, drain } => {
                 if let Some(id) = self.consumers.get(&link).and_then(|c| c.store_id) {
@@ -1305,6 +1316,25 @@ impl Core {
             }
         };
         self.to_store(r);
+    }
+
+    fn store_lost(&mut self, consumers: Vec<u64>) {
+        for id in consumers {
+            let Some(link) = self.store_consumers.get(&id).copied() else {
+                continue;
+            };
+            self.detach(link, false);
+            self.send(
+                link.conn,
+                ToConn::Detach {
+                    link: link.link,
+                    error: ErrorCondition::new(
+                        condition::DETACH_FORCED,
+                        "the broker serving this address is unavailable; reattach to retry",
+                    ),
+                },
+            );
+        }
     }
 
     fn stored(&mut self, list: Vec<(Tag, Result<(), StoreError>)>) {

@@ -12,9 +12,11 @@ pub mod config;
 pub mod conn;
 pub mod core;
 pub mod http;
+pub mod remote_store;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use amqp::{ErrorCondition, condition};
 use tokio::net::TcpListener;
@@ -73,9 +75,12 @@ pub async fn run(
     let rules = Rules::new(&config.addresses, config.router.default_address_type);
     // Bounded: connection tasks wait (and stop reading) when the core is behind.
     let (core_tx, core_rx) = mpsc::channel(1024);
-    let store = match &config.broker.data_dir {
-        Some(dir) => Some(start_store(dir, &config.broker, core_tx.clone()).await?),
-        None => None,
+    let store = match (&config.broker.data_dir, &config.broker.url) {
+        (Some(dir), _) => Some(start_store(dir, &config.broker, core_tx.clone()).await?),
+        (None, Some(url)) => Some(
+            remote_store::connect(url.clone(), core_tx.clone(), Duration::from_secs(10)).await?,
+        ),
+        (None, None) => None,
     };
     let core = Core::new(config.router.limits.clone(), rules, store);
     let core_task = tokio::spawn(core.run(core_rx));

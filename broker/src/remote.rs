@@ -1,0 +1,772 @@
+//! The router↔broker link: how a router that runs no shard itself reaches `enmesh broker`.
+//!
+//! The protocol carries exactly the [`service`](crate::service) interface over TCP: requests
+//! one way, deliveries, completions and management answers the other. Frames are
+//! `[u32 length][u8 kind][body]` in the broker's own binary encoding ([`crate::wire`]); every
+//! decode is bounds-checked and a bad frame closes that connection only.
+//!
+//! Several routers may connect to one broker. Consumer ids and completion tags are chosen by
+//! each router, so the server puts the connection's number in their top bits on the way in and
+//! takes it off on the way out; when a router's connection ends, its consumers are detached
+//! (their unacknowledged messages return to the queue, as for any consumer that goes away).
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::node::ShardNode;
+use crate::queue::ConsumerId;
+use crate::service::{Delivery, Request, StoreError, Tag};
+use crate::shard::{QueueInfo, get_opt_str, outcome_byte, outcome_from, put_opt_str};
+use crate::wire::{Reader, put_bytes, put_opt_u64, put_varint};
+
+/// Largest frame accepted: a message of the router's largest size plus headroom.
+pub const MAX_FRAME: usize = 256 * 1024 * 1024;
+/// Deliveries are batched into frames of about this many bytes.
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Consumer ids and tags a router may use: the bits above carry the connection number.
+const LOCAL_BITS: u32 = 40;
+const LOCAL_MASK: u64 = (1 << LOCAL_BITS) - 1;
+
+/// A store request's outcome, by tag.
+pub type Completion = (Tag, Result<(), StoreError>);
+
+/// Router → broker.
+#[derive(Debug)]
+pub enum ToBroker {
+    /// Any request but `Info`.
+    Request(Request),
+    /// Queue counters, answered with [`ToRouter::Info`] carrying the same id.
+    Info { id: u64 },
+}
+
+/// Broker → router.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ToRouter {
+    Deliveries(Vec<Delivery>),
+    Done(Vec<Completion>),
+    Info { id: u64, queues: Vec<QueueInfo> },
+}
+
+fn bad(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+fn put_opt_tag(o: &mut Vec<u8>, t: Option<Tag>) {
+    put_opt_u64(o, t);
+}
+
+fn get_u32v(r: &mut Reader) -> io::Result<u32> {
+    u32::try_from(r.varint()?).map_err(|_| bad("value out of range"))
+}
+
+impl ToBroker {
+    /// Encodes the frame body (kind byte first).
+    pub fn encode(&self, o: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            ToBroker::Info { id } => {
+                o.push(100);
+                put_varint(o, *id);
+            }
+            ToBroker::Request(r) => encode_request(r, o)?,
+        }
+        Ok(())
+    }
+
+    pub fn decode(b: &[u8]) -> io::Result<ToBroker> {
+        let mut r = Reader(b);
+        let kind = r.u8()?;
+        let m = match kind {
+            100 => ToBroker::Info { id: r.varint()? },
+            k => ToBroker::Request(decode_request(k, &mut r)?),
+        };
+        if !r.is_empty() {
+            return Err(bad("trailing bytes in frame"));
+        }
+        Ok(m)
+    }
+}
+
+fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
+    match r {
+        Request::Enqueue {
+            address,
+            ttl_ms,
+            absolute_expiry,
+            body,
+            done,
+        } => {
+            o.push(1);
+            put_bytes(o, address.as_bytes());
+            put_opt_u64(o, *ttl_ms);
+            put_opt_u64(o, *absolute_expiry);
+            put_bytes(o, body);
+            put_opt_tag(o, *done);
+        }
+        Request::Publish {
+            topic,
+            ttl_ms,
+            absolute_expiry,
+            body,
+            done,
+        } => {
+            o.push(2);
+            put_bytes(o, topic.as_bytes());
+            put_opt_u64(o, *ttl_ms);
+            put_opt_u64(o, *absolute_expiry);
+            put_bytes(o, body);
+            put_opt_tag(o, *done);
+        }
+        Request::Declare {
+            address,
+            durable,
+            max_delivery_attempts,
+            max_ttl_ms,
+            dead_letter,
+            expiry_address,
+        } => {
+            o.push(3);
+            put_bytes(o, address.as_bytes());
+            o.push(u8::from(*durable));
+            put_varint(o, u64::from(*max_delivery_attempts));
+            put_opt_u64(o, *max_ttl_ms);
+            put_opt_str(o, dead_letter.as_deref());
+            put_opt_str(o, expiry_address.as_deref());
+        }
+        Request::Bind { name, filter } => {
+            o.push(4);
+            put_bytes(o, name.as_bytes());
+            put_bytes(o, filter.as_bytes());
+        }
+        Request::Unsubscribe { name } => {
+            o.push(5);
+            put_bytes(o, name.as_bytes());
+        }
+        Request::Attach {
+            consumer,
+            address,
+            credit,
+        } => {
+            o.push(6);
+            put_varint(o, *consumer);
+            put_bytes(o, address.as_bytes());
+            put_varint(o, u64::from(*credit));
+        }
+        Request::Subscribe {
+            consumer,
+            name,
+            filter,
+            durable,
+            credit,
+        } => {
+            o.push(7);
+            put_varint(o, *consumer);
+            put_bytes(o, name.as_bytes());
+            put_bytes(o, filter.as_bytes());
+            o.push(u8::from(*durable));
+            put_varint(o, u64::from(*credit));
+        }
+        Request::Credit { consumer, credit } => {
+            o.push(8);
+            put_varint(o, *consumer);
+            put_varint(o, u64::from(*credit));
+        }
+        Request::Settle {
+            consumer,
+            seq,
+            outcome,
+            done,
+        } => {
+            o.push(9);
+            put_varint(o, *consumer);
+            put_varint(o, *seq);
+            o.push(outcome_byte(*outcome));
+            put_opt_tag(o, *done);
+        }
+        Request::Detach { consumer } => {
+            o.push(10);
+            put_varint(o, *consumer);
+        }
+        Request::Purge { address } => {
+            o.push(11);
+            put_bytes(o, address.as_bytes());
+        }
+        Request::Info { .. } => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "Info travels as ToBroker::Info",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn decode_request(kind: u8, r: &mut Reader) -> io::Result<Request> {
+    Ok(match kind {
+        1 => Request::Enqueue {
+            address: r.string()?,
+            ttl_ms: r.opt_u64()?,
+            absolute_expiry: r.opt_u64()?,
+            body: r.bytes()?,
+            done: r.opt_u64()?,
+        },
+        2 => Request::Publish {
+            topic: r.string()?,
+            ttl_ms: r.opt_u64()?,
+            absolute_expiry: r.opt_u64()?,
+            body: r.bytes()?,
+            done: r.opt_u64()?,
+        },
+        3 => Request::Declare {
+            address: r.string()?,
+            durable: r.u8()? != 0,
+            max_delivery_attempts: get_u32v(r)?,
+            max_ttl_ms: r.opt_u64()?,
+            dead_letter: get_opt_str(r)?,
+            expiry_address: get_opt_str(r)?,
+        },
+        4 => Request::Bind {
+            name: r.string()?,
+            filter: r.string()?,
+        },
+        5 => Request::Unsubscribe { name: r.string()? },
+        6 => Request::Attach {
+            consumer: r.varint()?,
+            address: r.string()?,
+            credit: get_u32v(r)?,
+        },
+        7 => Request::Subscribe {
+            consumer: r.varint()?,
+            name: r.string()?,
+            filter: r.string()?,
+            durable: r.u8()? != 0,
+            credit: get_u32v(r)?,
+        },
+        8 => Request::Credit {
+            consumer: r.varint()?,
+            credit: get_u32v(r)?,
+        },
+        9 => Request::Settle {
+            consumer: r.varint()?,
+            seq: r.varint()?,
+            outcome: outcome_from(r.u8()?)?,
+            done: r.opt_u64()?,
+        },
+        10 => Request::Detach {
+            consumer: r.varint()?,
+        },
+        11 => Request::Purge {
+            address: r.string()?,
+        },
+        _ => return Err(bad("unknown request kind")),
+    })
+}
+
+impl ToRouter {
+    pub fn encode(&self, o: &mut Vec<u8>) {
+        match self {
+            ToRouter::Deliveries(ds) => {
+                o.push(1);
+                put_varint(o, ds.len() as u64);
+                for d in ds {
+                    put_varint(o, d.consumer);
+                    put_varint(o, d.seq);
+                    put_varint(o, u64::from(d.delivery_count));
+                    put_bytes(o, &d.body);
+                }
+            }
+            ToRouter::Done(list) => {
+                o.push(2);
+                put_varint(o, list.len() as u64);
+                for (tag, r) in list {
+                    put_varint(o, *tag);
+                    match r {
+                        Ok(()) => o.push(0),
+                        Err(StoreError::Full(a)) => {
+                            o.push(1);
+                            put_bytes(o, a.as_bytes());
+                        }
+                        Err(StoreError::Failed(why)) => {
+                            o.push(2);
+                            put_bytes(o, why.as_bytes());
+                        }
+                    }
+                }
+            }
+            ToRouter::Info { id, queues } => {
+                o.push(3);
+                put_varint(o, *id);
+                put_varint(o, queues.len() as u64);
+                for q in queues {
+                    put_bytes(o, q.address.as_bytes());
+                    for v in [q.depth as u64, q.ready as u64, q.consumers as u64] {
+                        put_varint(o, v);
+                    }
+                    for v in [
+                        q.enqueued,
+                        q.acknowledged,
+                        q.expired,
+                        q.dead_lettered,
+                        q.redelivered,
+                    ] {
+                        put_varint(o, v);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn decode(b: &[u8]) -> io::Result<ToRouter> {
+        let mut r = Reader(b);
+        let usize_v =
+            |r: &mut Reader| usize::try_from(r.varint()?).map_err(|_| bad("value out of range"));
+        let m = match r.u8()? {
+            1 => {
+                let n = r.count(4)?;
+                let mut ds = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ds.push(Delivery {
+                        consumer: r.varint()?,
+                        seq: r.varint()?,
+                        delivery_count: get_u32v(&mut r)?,
+                        body: r.bytes()?,
+                    });
+                }
+                ToRouter::Deliveries(ds)
+            }
+            2 => {
+                let n = r.count(2)?;
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let tag = r.varint()?;
+                    let res = match r.u8()? {
+                        0 => Ok(()),
+                        1 => Err(StoreError::Full(r.string()?)),
+                        2 => Err(StoreError::Failed(r.string()?)),
+                        _ => return Err(bad("bad completion")),
+                    };
+                    list.push((tag, res));
+                }
+                ToRouter::Done(list)
+            }
+            3 => {
+                let id = r.varint()?;
+                let n = r.count(12)?;
+                let mut queues = Vec::with_capacity(n);
+                for _ in 0..n {
+                    queues.push(QueueInfo {
+                        address: r.string()?,
+                        depth: usize_v(&mut r)?,
+                        ready: usize_v(&mut r)?,
+                        consumers: usize_v(&mut r)?,
+                        enqueued: r.varint()?,
+                        acknowledged: r.varint()?,
+                        expired: r.varint()?,
+                        dead_lettered: r.varint()?,
+                        redelivered: r.varint()?,
+                    });
+                }
+                ToRouter::Info { id, queues }
+            }
+            _ => return Err(bad("unknown frame kind")),
+        };
+        if !r.is_empty() {
+            return Err(bad("trailing bytes in frame"));
+        }
+        Ok(m)
+    }
+}
+
+/// Reads one frame body; `None` at a clean end of stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if n == 0 || n > MAX_FRAME {
+        return Err(bad("frame length out of range"));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+/// Writes one frame whose body `encode` appends.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    encode: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+) -> io::Result<()> {
+    buf.clear();
+    buf.extend_from_slice(&[0; 4]);
+    encode(buf)?;
+    let n = buf.len() - 4;
+    if n > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame too large",
+        ));
+    }
+    buf[..4].copy_from_slice(&(n as u32).to_be_bytes());
+    w.write_all(buf).await
+}
+
+/// Splits deliveries into frames of about [`BATCH_BYTES`].
+fn batches(ds: Vec<Delivery>) -> Vec<Vec<Delivery>> {
+    let mut out = Vec::new();
+    let (mut cur, mut bytes) = (Vec::new(), 0);
+    for d in ds {
+        bytes += d.body.len() + 16;
+        cur.push(d);
+        if bytes >= BATCH_BYTES {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+// --- server -------------------------------------------------------------------------------
+
+/// What the demultiplexer knows about each router connection.
+type Conns = std::sync::Arc<std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<ToRouter>>>>;
+
+fn conns_send(conns: &Conns, conn: u64, m: ToRouter) {
+    if let Some(tx) = conns.lock().ok().and_then(|g| g.get(&conn).cloned()) {
+        let _ = tx.send(m);
+    }
+}
+
+/// Serves the shard in `node` to routers connecting on `listener` until `shutdown` is set.
+pub async fn serve(
+    node: ShardNode,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let (req_tx, req_rx) = mpsc::unbounded_channel();
+    let (dl_tx, mut dl_rx) = mpsc::unbounded_channel::<Vec<Delivery>>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let service = tokio::spawn(crate::service::run(node, req_rx, dl_tx, done_tx));
+    let conns: Conns = Default::default();
+    // Deliveries and completions go back to the connection whose number is in their top bits.
+    let demux = {
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(ds) = dl_rx.recv() => {
+                        let mut by: HashMap<u64, Vec<Delivery>> = HashMap::new();
+                        for mut d in ds {
+                            let conn = d.consumer >> LOCAL_BITS;
+                            d.consumer &= LOCAL_MASK;
+                            by.entry(conn).or_default().push(d);
+                        }
+                        for (conn, ds) in by {
+                            for b in batches(ds) {
+                                conns_send(&conns, conn, ToRouter::Deliveries(b));
+                            }
+                        }
+                    }
+                    Some(list) = done_rx.recv() => {
+                        let mut by: HashMap<u64, Vec<Completion>> = HashMap::new();
+                        for (tag, r) in list {
+                            by.entry(tag >> LOCAL_BITS).or_default().push((tag & LOCAL_MASK, r));
+                        }
+                        for (conn, list) in by {
+                            conns_send(&conns, conn, ToRouter::Done(list));
+                        }
+                    }
+                    else => break,
+                }
+            }
+        })
+    };
+    let mut next_conn = 1u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => {
+                let (sock, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                let conn = next_conn;
+                next_conn += 1;
+                let (tx, rx) = mpsc::unbounded_channel();
+                if let Ok(mut g) = conns.lock() {
+                    g.insert(conn, tx.clone());
+                }
+                tracing::info!("router {peer} connected (connection {conn})");
+                tokio::spawn(serve_conn(sock, conn, tx, rx, req_tx.clone(), conns.clone()));
+            }
+        }
+    }
+    drop(req_tx);
+    if let Ok(mut g) = conns.lock() {
+        g.clear();
+    }
+    let _ = service.await;
+    demux.abort();
+    Ok(())
+}
+
+async fn serve_conn(
+    sock: tokio::net::TcpStream,
+    conn: u64,
+    tx: mpsc::UnboundedSender<ToRouter>,
+    mut rx: mpsc::UnboundedReceiver<ToRouter>,
+    requests: mpsc::UnboundedSender<Request>,
+    conns: Conns,
+) {
+    let (mut rd, mut wr) = sock.into_split();
+    let writer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(m) = rx.recv().await {
+            if write_frame(&mut wr, &mut buf, |o| {
+                m.encode(o);
+                Ok(())
+            })
+            .await
+            .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let high = conn << LOCAL_BITS;
+    let mut consumers: HashSet<ConsumerId> = HashSet::new();
+    let result: io::Result<()> = async {
+        while let Some(frame) = read_frame(&mut rd).await? {
+            let req = match ToBroker::decode(&frame)? {
+                ToBroker::Info { id } => {
+                    let (reply, answer) = oneshot::channel();
+                    let _ = requests.send(Request::Info { reply });
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        if let Ok(queues) = answer.await {
+                            let _ = tx.send(ToRouter::Info { id, queues });
+                        }
+                    });
+                    continue;
+                }
+                ToBroker::Request(r) => r,
+            };
+            let req = namespace(req, high, &mut consumers)?;
+            if requests.send(req).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!("router connection {conn}: {e}");
+    }
+    // The router is gone: so are its consumers (what they held goes back to the queues).
+    for c in consumers {
+        let _ = requests.send(Request::Detach { consumer: c });
+    }
+    if let Ok(mut g) = conns.lock() {
+        g.remove(&conn);
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Puts the connection number into a request's consumer id and tag; refuses ids that would
+/// collide with it.
+fn namespace(
+    mut r: Request,
+    high: u64,
+    consumers: &mut HashSet<ConsumerId>,
+) -> io::Result<Request> {
+    let global = |id: u64| {
+        if id > LOCAL_MASK {
+            Err(bad("consumer id or tag out of range"))
+        } else {
+            Ok(id | high)
+        }
+    };
+    match &mut r {
+        Request::Enqueue { done, .. }
+        | Request::Publish { done, .. }
+        | Request::Settle { done, .. } => {
+            if let Some(t) = done {
+                *t = global(*t)?;
+            }
+        }
+        _ => {}
+    }
+    match &mut r {
+        Request::Attach { consumer, .. } | Request::Subscribe { consumer, .. } => {
+            *consumer = global(*consumer)?;
+            consumers.insert(*consumer);
+        }
+        Request::Detach { consumer } => {
+            *consumer = global(*consumer)?;
+            consumers.remove(consumer);
+        }
+        Request::Credit { consumer, .. } | Request::Settle { consumer, .. } => {
+            *consumer = global(*consumer)?;
+        }
+        _ => {}
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Outcome;
+
+    fn requests() -> Vec<Request> {
+        vec![
+            Request::Enqueue {
+                address: "q".into(),
+                ttl_ms: Some(5),
+                absolute_expiry: None,
+                body: b"hello".to_vec(),
+                done: Some(9),
+            },
+            Request::Publish {
+                topic: "t/a".into(),
+                ttl_ms: None,
+                absolute_expiry: Some(7),
+                body: vec![],
+                done: None,
+            },
+            Request::Declare {
+                address: "q".into(),
+                durable: false,
+                max_delivery_attempts: 3,
+                max_ttl_ms: Some(1),
+                dead_letter: Some("dlq".into()),
+                expiry_address: None,
+            },
+            Request::Bind {
+                name: "n".into(),
+                filter: "t/#".into(),
+            },
+            Request::Unsubscribe { name: "n".into() },
+            Request::Attach {
+                consumer: 4,
+                address: "q".into(),
+                credit: 10,
+            },
+            Request::Subscribe {
+                consumer: 5,
+                name: "c:l".into(),
+                filter: "t/*".into(),
+                durable: true,
+                credit: 0,
+            },
+            Request::Credit {
+                consumer: 4,
+                credit: u32::MAX,
+            },
+            Request::Settle {
+                consumer: 4,
+                seq: 123_456,
+                outcome: Outcome::Modified {
+                    delivery_failed: true,
+                    undeliverable_here: false,
+                },
+                done: Some(1),
+            },
+            Request::Detach { consumer: 4 },
+            Request::Purge {
+                address: "q".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip_and_truncations_fail() {
+        for r in requests() {
+            let mut o = Vec::new();
+            ToBroker::Request(r).encode(&mut o).unwrap();
+            let back = ToBroker::decode(&o).unwrap();
+            let mut again = Vec::new();
+            back.encode(&mut again).unwrap();
+            assert_eq!(o, again);
+            for n in 0..o.len() {
+                assert!(ToBroker::decode(&o[..n]).is_err());
+            }
+        }
+        let msgs = vec![
+            ToRouter::Deliveries(vec![Delivery {
+                consumer: 3,
+                seq: 99,
+                delivery_count: 2,
+                body: b"x".to_vec(),
+            }]),
+            ToRouter::Done(vec![
+                (1, Ok(())),
+                (2, Err(StoreError::Full("q".into()))),
+                (3, Err(StoreError::Failed("disk".into()))),
+            ]),
+            ToRouter::Info {
+                id: 7,
+                queues: vec![QueueInfo {
+                    address: "q".into(),
+                    depth: 3,
+                    ready: 2,
+                    consumers: 1,
+                    enqueued: 10,
+                    acknowledged: 7,
+                    expired: 0,
+                    dead_lettered: 0,
+                    redelivered: 1,
+                }],
+            },
+        ];
+        for m in msgs {
+            let mut o = Vec::new();
+            m.encode(&mut o);
+            assert_eq!(ToRouter::decode(&o).unwrap(), m);
+            for n in 0..o.len() {
+                assert!(ToRouter::decode(&o[..n]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn namespacing_keeps_routers_apart() {
+        let mut seen = HashSet::new();
+        let r = namespace(
+            Request::Attach {
+                consumer: 4,
+                address: "q".into(),
+                credit: 1,
+            },
+            2 << LOCAL_BITS,
+            &mut seen,
+        )
+        .unwrap();
+        assert!(matches!(r, Request::Attach { consumer, .. } if consumer == (2 << LOCAL_BITS) | 4));
+        assert!(seen.contains(&((2 << LOCAL_BITS) | 4)));
+        assert!(
+            namespace(
+                Request::Detach {
+                    consumer: 1 << LOCAL_BITS
+                },
+                1 << LOCAL_BITS,
+                &mut seen
+            )
+            .is_err()
+        );
+    }
+}
