@@ -359,6 +359,7 @@ impl ToRouter {
                 for _ in 0..n {
                     queues.push(QueueInfo {
                         address: r.string()?,
+                        shard: 0,
                         depth: usize_v(&mut r)?,
                         ready: usize_v(&mut r)?,
                         consumers: usize_v(&mut r)?,
@@ -722,6 +723,7 @@ mod tests {
                 id: 7,
                 queues: vec![QueueInfo {
                     address: "q".into(),
+                    shard: 0,
                     depth: 3,
                     ready: 2,
                     consumers: 1,

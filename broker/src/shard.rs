@@ -371,6 +371,8 @@ struct QueueEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueInfo {
     pub address: String,
+    /// The shard serving it (set by whoever gathers from several shards; 0 here).
+    pub shard: u32,
     pub depth: usize,
     pub ready: usize,
     pub consumers: usize,
@@ -793,6 +795,7 @@ impl Shard {
             .iter()
             .map(|(a, q)| QueueInfo {
                 address: a.clone(),
+                shard: 0,
                 depth: q.queue.depth(),
                 ready: q.queue.ready(),
                 consumers: q.queue.consumers(),

@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use broker::queue::Outcome as StoreOutcome;
 use broker::service::{Delivery as StoreDelivery, Request as StoreRequest, StoreError, Tag};
 
+use crate::placement::Placement;
+
 use crate::addresses::{Origin, Rule, Rules};
 use crate::config::{AddressDecl, AddressType, Limits};
 
@@ -340,7 +342,7 @@ pub struct Core {
     /// Addresses declared by config or API keep their statistics while idle.
     declared: std::collections::HashSet<String>,
     /// The broker shard serving queue and topic addresses, when there is one.
-    store: Option<mpsc::UnboundedSender<StoreRequest>>,
+    store: Option<Placement>,
     storing: HashMap<Tag, Storing>,
     next_tag: Tag,
     store_consumers: HashMap<u64, LinkRef>,
@@ -368,11 +370,7 @@ fn failed() -> DeliveryState {
 }
 
 impl Core {
-    pub fn new(
-        limits: Limits,
-        rules: Rules,
-        store: Option<mpsc::UnboundedSender<StoreRequest>>,
-    ) -> Self {
+    pub fn new(limits: Limits, rules: Rules, store: Option<Placement>) -> Self {
         let declared = rules
             .list()
             .into_iter()
@@ -399,7 +397,7 @@ impl Core {
     }
 
     /// Creates the broker subscriptions that the configuration declares.
-    fn bind_declared_subscriptions(&self) {
+    fn bind_declared_subscriptions(&mut self) {
         for r in self.rules.list() {
             self.bind_subscription(&r.decl);
         }
@@ -715,9 +713,9 @@ impl Core {
             // The broker takes back what it held (one more attempt counted).
             self.store_consumers.remove(&id);
             self.inflight.retain(|_, f| f.consumer != link);
-            self.to_store(StoreRequest::Detach { consumer: id });
+            self.send_store(StoreRequest::Detach { consumer: id });
             if let (true, Some(name)) = (closed, c.durable_sub) {
-                self.to_store(StoreRequest::Unsubscribe { name });
+                self.send_store(StoreRequest::Unsubscribe { name });
             }
             if let Some(addr) = self.addresses.get_mut(c.address.as_str()) {
                 addr.stats.consumers = addr.stats.consumers.saturating_sub(1);
@@ -1169,7 +1167,7 @@ impl Core {
                     self.confirming.insert(tag, (c, dlv));
                     tag
                 });
-                self.to_store(StoreRequest::Settle {
+                self.send_store(StoreRequest::Settle {
                     consumer,
                     seq,
                     outcome,
@@ -1214,20 +1212,20 @@ impl Core {
 
     /// Asks the broker to create the named subscription of a `subscription` declaration, so
     /// it collects from its topic before any consumer attaches.
-    fn bind_subscription(&self, decl: &crate::config::AddressDecl) {
+    fn bind_subscription(&mut self, decl: &crate::config::AddressDecl) {
         if let (AddressType::Subscription, Some(name), Some(topic)) =
             (decl.kind, &decl.name, &decl.topic)
         {
-            self.to_store(StoreRequest::Bind {
+            self.send_store(StoreRequest::Bind {
                 name: declared_subscription(name),
                 filter: topic.clone(),
             });
         }
     }
 
-    fn to_store(&self, r: StoreRequest) {
-        if let Some(s) = &self.store {
-            let _ = s.send(r);
+    fn send_store(&mut self, r: StoreRequest) {
+        if let Some(p) = &mut self.store {
+            p.send(r);
         }
     }
 
@@ -1254,7 +1252,7 @@ impl Core {
         {
             return;
         }
-        self.to_store(StoreRequest::Declare {
+        self.send_store(StoreRequest::Declare {
             address: address.to_owned(),
             durable: d.durable.unwrap_or(true),
             max_delivery_attempts: d
@@ -1315,7 +1313,7 @@ impl Core {
                 done: Some(tag),
             }
         };
-        self.to_store(r);
+        self.send_store(r);
     }
 
     fn store_lost(&mut self, consumers: Vec<u64>) {
@@ -1447,7 +1445,7 @@ impl Core {
         );
         self.store_consumers.insert(id, link);
         self.address_mut(address).stats.consumers += 1;
-        self.to_store(request);
+        self.send_store(request);
     }
 
     /// Tells the broker the consumer's credit limit (absolute, in the broker's count of
@@ -1470,7 +1468,7 @@ impl Core {
             return;
         };
         let credit = c.limit.wrapping_sub(c.store_offset);
-        self.to_store(StoreRequest::Credit {
+        self.send_store(StoreRequest::Credit {
             consumer: id,
             credit,
         });
@@ -1504,7 +1502,7 @@ impl Core {
             let len = body.len();
             let dlv = if presettled {
                 // At most once: the router settles for the consumer.
-                self.to_store(StoreRequest::Settle {
+                self.send_store(StoreRequest::Settle {
                     consumer: d.consumer,
                     seq: d.seq,
                     outcome: StoreOutcome::Accepted,
@@ -1572,7 +1570,7 @@ impl Core {
             Mgmt::RemoveAddress(key, tx) => {
                 // Deleting a subscription address deletes the subscription and what it holds.
                 if self.subscription_topic(&key).is_some() {
-                    self.to_store(StoreRequest::Unsubscribe {
+                    self.send_store(StoreRequest::Unsubscribe {
                         name: declared_subscription(&key),
                     });
                 }
@@ -1581,18 +1579,17 @@ impl Core {
                 self.gc_address(&key);
                 let _ = tx.send(found);
             }
-            Mgmt::Queues(reply) => match &self.store {
-                Some(s) => {
-                    // The broker answers directly; the core only passes the request on.
-                    let _ = s.send(StoreRequest::Info { reply });
-                }
-                None => {
+            Mgmt::Queues(reply) => {
+                if self.store.is_some() {
+                    // The shards answer directly; the core only passes the request on.
+                    self.send_store(StoreRequest::Info { reply });
+                } else {
                     let _ = reply.send(Vec::new());
                 }
-            },
+            }
             Mgmt::Purge(address, reply) => {
                 let ok = self.store.is_some();
-                self.to_store(StoreRequest::Purge { address });
+                self.send_store(StoreRequest::Purge { address });
                 let _ = reply.send(ok);
             }
             Mgmt::Shutdown(error) => {

@@ -94,6 +94,7 @@ async fn address_stats(State(api): State<Api>) -> Result<Response, StatusCode> {
 fn queue_json(q: &broker::shard::QueueInfo) -> serde_json::Value {
     serde_json::json!({
         "address": q.address,
+        "shard": q.shard,
         "depth": q.depth,
         "ready": q.ready,
         "consumers": q.consumers,

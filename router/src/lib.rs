@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod core;
 pub mod http;
+pub mod placement;
 pub mod remote_store;
 
 use std::sync::Arc;
@@ -82,6 +83,8 @@ pub async fn run(
         ),
         (None, None) => None,
     };
+    // One shard today (local or remote); the placement map routes for many.
+    let store = store.map(|tx| placement::Placement::new(vec![tx], Default::default()));
     let core = Core::new(config.router.limits.clone(), rules, store);
     let core_task = tokio::spawn(core.run(core_rx));
     let users = (!config.router.users.is_empty())
