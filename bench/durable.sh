@@ -11,6 +11,8 @@ root=$(pwd)
 RUNS=${RUNS:-3}
 COUNT=${COUNT:-100000}
 PEER_COUNT=${PEER_COUNT:-30000}
+LAT_RATE=${LAT_RATE:-200}
+LAT_COUNT=${LAT_COUNT:-2000}
 out=${OUT:-$root/bench-data/durable-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 cargo build --release --locked -p enmesh -p enmesh-bench >&2
@@ -37,6 +39,13 @@ taskset -c 0 "$root/target/release/enmesh" standalone --config "$out/enmesh.yaml
 EPID=$!
 for _ in $(seq 100); do grep -q "enmesh ready" "$out/enmesh.log" && break; sleep 0.05; done
 E=$(median enmesh q/bench --url 127.0.0.1:5693 --server-pid $EPID --count "$COUNT" --warmup $((COUNT / 10)))
+# Latency with one message in flight: a fixed rate whose interval is far above the latency.
+latency() {  # label address args...
+  local label=$1 addr=$2; shift 2
+  taskset -c 1 "$bench" amqp --label "$label" --address "$addr" --durable --rate "$LAT_RATE" \
+    --count "$LAT_COUNT" --warmup $((LAT_COUNT / 10)) "$@" 2>&1 | tail -1
+}
+EL=$(latency enmesh-latency q/latency --url 127.0.0.1:5693 --server-pid $EPID)
 kill $EPID; wait $EPID 2>/dev/null || true
 
 echo "== rabbitmq" >&2
@@ -47,12 +56,16 @@ for i in $(seq "$RUNS"); do
 done
 C=$(median rabbitmq-classic /amq/queue/dq --url 127.0.0.1:$RPORT --server-pid "$RPID" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
 Q=$(median rabbitmq-quorum /amq/queue/qq --url 127.0.0.1:$RPORT --server-pid "$RPID" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
+bash bench/peers/rabbitmq.sh declare $RPORT dlat durable >&2
+bash bench/peers/rabbitmq.sh declare $RPORT qlat quorum >&2
+CL=$(latency rabbitmq-classic-latency /amq/queue/dlat --url 127.0.0.1:$RPORT --server-pid "$RPID")
+QL=$(latency rabbitmq-quorum-latency /amq/queue/qlat --url 127.0.0.1:$RPORT --server-pid "$RPID")
 bash bench/peers/rabbitmq.sh stop $RPORT >&2
 
 rate() { grep -o 'rate=[0-9]*' <<<"$1" | head -1 | cut -d= -f2; }
 {
   echo "# bench/durable.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) RUNS=$RUNS"
-  printf '%s\n%s\n%s\n' "$E" "$C" "$Q"
+  printf '%s\n%s\n%s\n%s\n%s\n%s\n' "$E" "$C" "$Q" "$EL" "$CL" "$QL"
   awk -v e="$(rate "$E")" -v c="$(rate "$C")" -v q="$(rate "$Q")" 'BEGIN {
     if (c > 0) printf "ratio enmesh/rabbitmq-classic-durable: %.1fx\n", e / c;
     if (q > 0) printf "ratio enmesh/rabbitmq-quorum: %.1fx\n", e / q }'
