@@ -12,7 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
-from proton import Delivery, Endpoint, Message
+from proton import Delivery, Endpoint, Link, Message
+from proton.reactor import LinkOption
 from proton.utils import BlockingConnection
 
 DEFAULT_TIMEOUT = 10.0
@@ -149,3 +150,27 @@ def remote_active(endpoint) -> bool:
 
 def remote_closed(endpoint) -> bool:
     return bool(endpoint.state & Endpoint.REMOTE_CLOSED)
+
+
+class SettleSecond(LinkOption):
+    """A receiver in rcv-settle-mode second: the router settles a delivery only once the
+    consumer's outcome took effect (for queues: once the acknowledgement is durable)."""
+
+    def apply(self, link):
+        link.rcv_settle_mode = Link.RCV_SECOND
+
+
+def drop(*conns):
+    """Lets blocking connections go without close handshakes (their peer is dead)."""
+    for x in conns:
+        if x is None:
+            continue
+        try:
+            x.conn.transport.close_head()
+            x.conn.transport.close_tail()
+        except Exception:
+            pass
+        try:
+            x.container.stop()
+        except Exception:
+            pass

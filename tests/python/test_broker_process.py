@@ -4,7 +4,6 @@ broker, two routers sharing one broker's queue, the broker SIGKILLed under a run
 (consumers detached with amqp:link:detach-forced, producers refused, anycast unaffected) and
 restarted on its data (nothing acknowledged lost or redelivered)."""
 
-import os
 import re
 import socket
 import subprocess

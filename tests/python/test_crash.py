@@ -16,11 +16,10 @@ import time
 
 import pytest
 
-from proton import Delivery, Link, Message
-from proton.reactor import LinkOption
+from proton import Delivery, Message
 
 from conftest import Router
-from helpers import available, close_quietly, connect, pump, send_async, take
+from helpers import SettleSecond, available, close_quietly, connect, drop, pump, send_async, take
 
 # Frequent snapshots and small segments: restarts load snapshots and compaction runs under load.
 CONFIG = """\
@@ -31,27 +30,6 @@ addresses:
   - prefix: "q/"
     type: queue
 """
-
-
-class SettleSecond(LinkOption):
-    def apply(self, link):
-        link.rcv_settle_mode = Link.RCV_SECOND
-
-
-def _drop(*conns):
-    # The router is dead: do not wait for close handshakes, just let the sockets go.
-    for x in conns:
-        if x is None:
-            continue
-        try:
-            x.conn.transport.close_head()
-            x.conn.transport.close_tail()
-        except Exception:
-            pass
-        try:
-            x.container.stop()
-        except Exception:
-            pass
 
 
 @pytest.mark.timeout(240)
@@ -110,7 +88,7 @@ def test_kill_9_under_load_loses_nothing_and_never_redelivers_confirmed_acks(tmp
             consume(c, rcv, acking)
         finally:
             r.kill()  # SIGKILL in the middle of traffic
-            _drop(p, c)
+            drop(p, c)
             print("cycle %d: %.2fs sent=%d accepted=%d confirmed=%d"
                   % (cycle, time.monotonic() - t0, seq, len(accepted), len(confirmed)), flush=True)
 

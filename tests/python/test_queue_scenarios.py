@@ -12,11 +12,11 @@ Receivers that test prefetch are created with credit 0 and flowed by hand: a pro
 BlockingReceiver created with credit N tops its credit back up to N on every delivery.
 """
 
-from proton import Data, Delivery, Link, Message
-from proton.reactor import DurableSubscription, LinkOption, ReceiverOption
+from proton import Data, Delivery, Message
+from proton.reactor import DurableSubscription, ReceiverOption
 
 from conftest import Router
-from helpers import (available, close_quietly, connect, pump, receive_n, remote_active, run_for,
+from helpers import (SettleSecond, available, close_quietly, connect, drop, pump, receive_n, remote_active, run_for,
                      send_async, settle, take, wait_outcomes)
 
 CONFIG = """\
@@ -37,11 +37,6 @@ class SharedSubscription(ReceiverOption):
         caps.enter()
         caps.put_symbol("shared")
         caps.exit()
-
-
-class SettleSecond(LinkOption):
-    def apply(self, link):
-        link.rcv_settle_mode = Link.RCV_SECOND
 
 
 def _send(conn, address, bodies, properties=None):
@@ -266,22 +261,6 @@ def test_per_producer_order_with_interleaved_producers(configured_router):
 
 # ------------------------------- e) durable subscription across client + broker restart --
 
-def _drop(*conns):
-    # The router is dead: do not wait for close handshakes, just let the sockets go.
-    for x in conns:
-        if x is None:
-            continue
-        try:
-            x.conn.transport.close_head()
-            x.conn.transport.close_tail()
-        except Exception:
-            pass
-        try:
-            x.container.stop()
-        except Exception:
-            pass
-
-
 def _durable_receiver(conn):
     return conn.create_receiver("t/alerts/#", credit=50, name="alerts-sub",
                                 options=[DurableSubscription(), SettleSecond()])
@@ -327,7 +306,7 @@ def test_durable_subscription_survives_client_and_broker_restart(tmp_path):
         run_for([sub], 0.1)
     finally:
         r2.kill()  # SIGKILL again, right after the acknowledgements were confirmed
-        _drop(sub)
+        drop(sub)
 
     # 4. After another restart nothing comes again, but the subscription still exists.
     r3 = Router(config=CONFIG, tmpdir=tmp_path, name="dsub")
