@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod log;
+pub mod net;
 pub mod node;
 pub mod queue;
 pub mod raft;

@@ -128,6 +128,70 @@ impl ShardNode {
         now_ms: u64,
         opts: NodeOptions,
     ) -> Result<ShardNode, NodeError> {
+        let node = ShardNode::start(dir, id, opts, NoPeers).await?;
+        let raft = &node.handle.raft;
+        if !raft.is_initialized().await.map_err(raft_err)? {
+            let members = BTreeMap::from([(id, NodeAddr::default())]);
+            raft.initialize(members).await.map_err(raft_err)?;
+        }
+        raft.wait(Some(Duration::from_secs(10)))
+            .state(ServerState::Leader, "shard leader")
+            .await
+            .map_err(raft_err)?;
+        // Wait until the replayed log is applied, then detach the consumers of the previous
+        // run: their connections are gone, their messages go back with one more attempt.
+        node.propose(&Cmd::Tick { now: now_ms }).await?;
+        let stale = node.sm.with_shard(|s| s.consumer_ids())?;
+        for consumer in stale {
+            node.propose(&Cmd::Detach {
+                consumer,
+                now: now_ms,
+            })
+            .await?;
+        }
+        // Effects of the replay belong to the previous run (its consumers are gone); the new
+        // run's consumer ids start again and must not receive them.
+        let mut node = node;
+        while node.effects.try_recv().is_ok() {}
+        Ok(node)
+    }
+
+    /// Opens one replica of a replicated shard: node `id` of the group `members` (node id →
+    /// address of its broker), reaching its peers through `net`. The member with the lowest id
+    /// initializes a new group; the others learn the membership from the leader. Returns at
+    /// once: register [`ShardHandle::raft`] with the network server, then
+    /// [`ShardHandle::wait_leader`].
+    pub async fn open_replica<N>(
+        dir: &Path,
+        id: u64,
+        members: BTreeMap<u64, NodeAddr>,
+        net: N,
+        opts: NodeOptions,
+    ) -> Result<ShardNode, NodeError>
+    where
+        N: RaftNetworkFactory<C>,
+        N::Network: openraft::network::NetSnapshot<C, SnapshotData = SnapshotData>,
+    {
+        let node = ShardNode::start(dir, id, opts, net).await?;
+        let raft = &node.handle.raft;
+        let first = members.keys().next().copied();
+        if first == Some(id) && !raft.is_initialized().await.map_err(raft_err)? {
+            raft.initialize(members).await.map_err(raft_err)?;
+        }
+        Ok(node)
+    }
+
+    /// Opens storage and starts the Raft node (not yet initialized or elected).
+    async fn start<N>(
+        dir: &Path,
+        id: u64,
+        opts: NodeOptions,
+        net: N,
+    ) -> Result<ShardNode, NodeError>
+    where
+        N: RaftNetworkFactory<C>,
+        N::Network: openraft::network::NetSnapshot<C, SnapshotData = SnapshotData>,
+    {
         std::fs::create_dir_all(dir)?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -156,18 +220,10 @@ impl ShardNode {
         }
         .validate()
         .map_err(raft_err)?;
-        let raft = openraft::Raft::new(id, Arc::new(config), NoPeers, store.clone(), sm.clone())
+        let raft = openraft::Raft::new(id, Arc::new(config), net, store.clone(), sm.clone())
             .await
             .map_err(raft_err)?;
-        if !raft.is_initialized().await.map_err(raft_err)? {
-            let members = BTreeMap::from([(id, NodeAddr::default())]);
-            raft.initialize(members).await.map_err(raft_err)?;
-        }
-        raft.wait(Some(Duration::from_secs(10)))
-            .state(ServerState::Leader, "shard leader")
-            .await
-            .map_err(raft_err)?;
-        let node = ShardNode {
+        Ok(ShardNode {
             handle: ShardHandle {
                 raft,
                 store,
@@ -176,23 +232,7 @@ impl ShardNode {
             },
             sm,
             effects,
-        };
-        // Wait until the replayed log is applied, then detach the consumers of the previous
-        // run: their connections are gone, their messages go back with one more attempt.
-        node.propose(&Cmd::Tick { now: now_ms }).await?;
-        let stale = node.sm.with_shard(|s| s.consumer_ids())?;
-        for consumer in stale {
-            node.propose(&Cmd::Detach {
-                consumer,
-                now: now_ms,
-            })
-            .await?;
-        }
-        // Effects of the replay belong to the previous run (its consumers are gone); the new
-        // run's consumer ids start again and must not receive them.
-        let mut node = node;
-        while node.effects.try_recv().is_ok() {}
-        Ok(node)
+        })
     }
 
     /// A handle for proposing and reading concurrently.
@@ -221,6 +261,37 @@ impl ShardNode {
 }
 
 impl ShardHandle {
+    /// The Raft node (to register with the network server, read metrics, change membership).
+    pub fn raft(&self) -> openraft::Raft<C, StateMachine> {
+        self.raft.clone()
+    }
+
+    /// Waits until the group has a leader and returns its node id.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<u64, NodeError> {
+        let m = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a shard leader")
+            .await
+            .map_err(raft_err)?;
+        m.current_leader
+            .ok_or_else(|| NodeError::Raft("no leader".into()))
+    }
+
+    /// Whether this node is the leader now (its own state, not a rumour).
+    pub async fn is_leader(&self) -> bool {
+        self.raft
+            .wait(Some(Duration::from_millis(1)))
+            .state(ServerState::Leader, "leader")
+            .await
+            .is_ok()
+    }
+
+    /// The current leader's node id, if one is known.
+    pub async fn leader(&self) -> Option<u64> {
+        self.raft.current_leader().await
+    }
+
     /// Counters of every queue (subscriptions included), as applied so far.
     pub fn queues(&self) -> Vec<crate::shard::QueueInfo> {
         self.sm.with_shard(|s| s.info()).unwrap_or_default()

@@ -191,6 +191,47 @@ pub fn decode_entry(b: &[u8]) -> io::Result<Entry> {
     Ok(Entry::new(log_id, payload))
 }
 
+/// Encodings of openraft's types, shared by the log store, snapshots and the Raft network.
+pub mod codec {
+    use super::{LogId, NodeAddr, Vote};
+    use crate::wire::Reader;
+    use openraft::Membership;
+    use std::io;
+
+    pub fn put_vote(out: &mut Vec<u8>, v: &Vote) {
+        out.extend_from_slice(&v.leader_id.term.to_be_bytes());
+        out.extend_from_slice(&v.leader_id.node_id.to_be_bytes());
+        out.push(v.committed as u8);
+    }
+
+    pub fn get_vote(r: &mut Reader) -> io::Result<Vote> {
+        let term = r.u64()?;
+        let node = r.u64()?;
+        let committed = r.u8()? != 0;
+        Ok(if committed {
+            Vote::new_committed(term, node)
+        } else {
+            Vote::new(term, node)
+        })
+    }
+
+    pub fn put_opt_log_id(out: &mut Vec<u8>, id: Option<&LogId>) {
+        super::put_opt_log_id(out, id)
+    }
+
+    pub fn get_opt_log_id(r: &mut Reader) -> io::Result<Option<LogId>> {
+        super::get_opt_log_id(r)
+    }
+
+    pub fn put_membership(out: &mut Vec<u8>, m: &Membership<u64, NodeAddr>) {
+        super::put_membership(out, m)
+    }
+
+    pub fn get_membership(r: &mut Reader) -> io::Result<Membership<u64, NodeAddr>> {
+        super::get_membership(r)
+    }
+}
+
 // --- metadata file ------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -206,9 +247,7 @@ impl Meta {
         match &self.vote {
             Some(v) => {
                 out.push(1);
-                out.extend_from_slice(&v.leader_id.term.to_be_bytes());
-                out.extend_from_slice(&v.leader_id.node_id.to_be_bytes());
-                out.push(v.committed as u8);
+                codec::put_vote(&mut out, v);
             }
             None => out.push(0),
         }
@@ -234,16 +273,7 @@ impl Meta {
         let mut r = Reader(body);
         let vote = match r.u8()? {
             0 => None,
-            _ => {
-                let term = r.u64()?;
-                let node = r.u64()?;
-                let committed = r.u8()? != 0;
-                Some(if committed {
-                    Vote::new_committed(term, node)
-                } else {
-                    Vote::new(term, node)
-                })
-            }
+            _ => Some(codec::get_vote(&mut r)?),
         };
         let committed = get_opt_log_id(&mut r)?;
         let last_purged = get_opt_log_id(&mut r)?;

@@ -76,6 +76,21 @@ fn valid_samples() -> Vec<Vec<u8>> {
 }
 
 fn exercise(b: &[u8]) {
+    {
+        use broker::net::*;
+        use broker::wire::Reader;
+        if let Ok(r) = decode_append(&mut Reader(b)) {
+            let mut once = Vec::new();
+            encode_append(&r, &mut once);
+            let mut twice = Vec::new();
+            encode_append(&decode_append(&mut Reader(&once)).unwrap(), &mut twice);
+            assert_eq!(once, twice);
+        }
+        let _ = decode_append_response(&mut Reader(b));
+        let _ = decode_vote(&mut Reader(b));
+        let _ = decode_vote_response(&mut Reader(b));
+        let _ = decode_snapshot(&mut Reader(b));
+    }
     if let Ok(c) = Cmd::decode(b) {
         assert_eq!(Cmd::decode(&c.encode()).ok(), Some(c));
     }

@@ -38,11 +38,15 @@ pub fn store_decoders(data: &[u8]) {
     }
 }
 
-/// Frames of the router↔broker protocol, both directions.
+/// Frames of the router↔broker protocol (both directions) and Raft RPCs between brokers.
 pub fn broker_protocol(data: &[u8]) {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
+    if which % 4 == 2 {
+        raft_rpcs(rest);
+        return;
+    }
     if which % 2 == 0 {
         if let Ok(m) = ToBroker::decode(rest) {
             let mut once = Vec::new();
@@ -60,4 +64,23 @@ pub fn broker_protocol(data: &[u8]) {
         m.encode(&mut once);
         assert_eq!(ToRouter::decode(&once).ok(), Some(m));
     }
+}
+
+/// The Raft RPC decoders of `broker::net`: no panic; accepted requests re-encode stably.
+fn raft_rpcs(b: &[u8]) {
+    use broker::net::*;
+    use broker::wire::Reader;
+    if let Ok(r) = decode_append(&mut Reader(b)) {
+        let mut once = Vec::new();
+        encode_append(&r, &mut once);
+        let mut twice = Vec::new();
+        if let Ok(r2) = decode_append(&mut Reader(&once)) {
+            encode_append(&r2, &mut twice);
+        }
+        assert_eq!(once, twice);
+    }
+    let _ = decode_append_response(&mut Reader(b));
+    let _ = decode_vote(&mut Reader(b));
+    let _ = decode_vote_response(&mut Reader(b));
+    let _ = decode_snapshot(&mut Reader(b));
 }
