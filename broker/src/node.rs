@@ -210,6 +210,7 @@ impl ShardNode {
         let store = LogStore::open(dir, opts.segment_bytes)?;
         let (tx, effects) = mpsc::unbounded_channel();
         let sm = StateMachine::open(dir, Some(tx), store.retention())?;
+        sm.attach_log(store.clone());
         let config = openraft::Config {
             cluster_name: "enmesh-shard".into(),
             // A restart loads the latest snapshot and replays at most this many entries; the
@@ -360,7 +361,11 @@ impl ShardHandle {
     /// The body of message `seq` (from its enqueue or publish entry in the log, which is kept
     /// for as long as the message lives, snapshots or not).
     pub async fn body(&self, seq: u64) -> Result<Vec<u8>, NodeError> {
-        let e = self.store.read_retained(seq)?;
+        let e = match self.store.read_retained(seq) {
+            Ok(e) => e,
+            // Not in this replica's log: it may have come with an installed snapshot.
+            Err(e) => return self.sm.snapshot_body(seq)?.ok_or(NodeError::Io(e)),
+        };
         match e.payload {
             EntryPayload::Normal(c) => match Cmd::decode(&c.0)? {
                 Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Ok(body),

@@ -27,7 +27,7 @@ use openraft::{EntryPayload, Membership, OptionalSend};
 
 use crate::log::{LogError, SegmentLog};
 use crate::shard::{Cmd, Shard, ShardEffect};
-use crate::wire::{Reader, put_bytes};
+use crate::wire::{Reader, put_bytes, put_varint};
 
 /// A command in a shard's log (the state machine's input), opaque at this layer.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -560,9 +560,128 @@ pub struct Applied {
     pub body: Option<(u64, Vec<u8>)>,
 }
 
-/// Snapshot contents: `[applied count: u64][shard state]` (see [`Shard::encode`]). Message
-/// bodies are not in it: they stay in the log, which keeps every segment holding a live one.
+/// Snapshot contents: `[applied count: u64][u32 length][shard state][bodies]` (see
+/// [`Shard::encode`]). Snapshots kept on disk carry no bodies: they stay in the log, which
+/// keeps every segment holding a live one. A snapshot sent to another replica carries the
+/// bodies of the live messages it covers (`[varint n][n × (varint seq, bytes)]`), since that
+/// replica never saw their log entries; it keeps them in its [`BodyStore`].
 pub type SnapshotData = Vec<u8>;
+
+/// Bodies of live messages that arrived with an installed snapshot (their log entries are not
+/// on this replica's disk). One file, `snapshot-bodies`, records `[seq][len][crc32c][body]`,
+/// replaced atomically; the index is in memory. Rewritten without dead messages at each local
+/// snapshot.
+#[derive(Default)]
+struct BodyStore {
+    path: Option<PathBuf>,
+    index: BTreeMap<u64, (u64, u32)>,
+    file: Option<fs::File>,
+    mem: BTreeMap<u64, Vec<u8>>,
+}
+
+impl BodyStore {
+    fn open(path: PathBuf) -> io::Result<BodyStore> {
+        let mut store = BodyStore {
+            path: Some(path.clone()),
+            ..Default::default()
+        };
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(store),
+            Err(e) => return Err(e),
+        };
+        let mut at = 0usize;
+        while at + 16 <= data.len() {
+            let mut r = Reader(&data[at..]);
+            let seq = r.u64()?;
+            let len = r.u32()?;
+            let crc = r.u32()?;
+            let body = r.take(len as usize)?;
+            if crc32c::crc32c(body) != crc {
+                return Err(invalid("snapshot body checksum mismatch"));
+            }
+            store.index.insert(seq, ((at + 16) as u64, len));
+            at += 16 + len as usize;
+        }
+        if at != data.len() {
+            return Err(invalid("truncated snapshot body file"));
+        }
+        store.file = Some(fs::File::open(&path)?);
+        Ok(store)
+    }
+
+    fn get(&self, seq: u64) -> io::Result<Option<Vec<u8>>> {
+        if let Some(b) = self.mem.get(&seq) {
+            return Ok(Some(b.clone()));
+        }
+        let (Some(&(off, len)), Some(f)) = (self.index.get(&seq), self.file.as_ref()) else {
+            return Ok(None);
+        };
+        let mut b = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(f, &mut b, off)?;
+        Ok(Some(b))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.index.is_empty() && self.mem.is_empty()
+    }
+
+    /// Replaces the contents with `bodies`.
+    fn replace(&mut self, bodies: Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+        let Some(path) = self.path.clone() else {
+            self.mem = bodies.into_iter().collect();
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        let mut index = BTreeMap::new();
+        for (seq, b) in &bodies {
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            out.extend_from_slice(&crc32c::crc32c(b).to_be_bytes());
+            index.insert(*seq, ((out.len()) as u64, b.len() as u32));
+            out.extend_from_slice(b);
+        }
+        replace_file(&path, &out)?;
+        self.index = index;
+        self.file = Some(fs::File::open(&path)?);
+        Ok(())
+    }
+
+    /// Keeps only the bodies of `live` messages.
+    fn retain(&mut self, live: &std::collections::BTreeSet<u64>) -> io::Result<()> {
+        if self.is_empty()
+            || self
+                .index
+                .keys()
+                .chain(self.mem.keys())
+                .all(|s| live.contains(s))
+        {
+            return Ok(());
+        }
+        let mut keep = Vec::new();
+        let seqs: Vec<u64> = self.index.keys().chain(self.mem.keys()).copied().collect();
+        for seq in seqs {
+            if !live.contains(&seq) {
+                continue;
+            }
+            if let Some(b) = self.get(seq)? {
+                keep.push((seq, b));
+            }
+        }
+        self.replace(keep)
+    }
+}
+
+/// The message body carried by log entry `e`, if it carries one.
+fn entry_body(e: Entry) -> Option<Vec<u8>> {
+    match e.payload {
+        EntryPayload::Normal(c) => match Cmd::decode(&c.0) {
+            Ok(Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. }) => Some(body),
+            _ => None,
+        },
+        _ => None,
+    }
+}
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"ENSNAP01";
 
@@ -582,6 +701,9 @@ struct SmInner {
     mem_snapshot: Option<SnapshotData>,
     /// The log store's retention bound, moved forward with each snapshot.
     keep_from: Option<Arc<AtomicU64>>,
+    /// The log (for the bodies a snapshot sent to another replica must carry).
+    log: Option<LogStore>,
+    bodies: BodyStore,
 }
 
 /// The Raft-facing side of a shard: applies committed commands to the [`Shard`] and hands
@@ -634,11 +756,41 @@ fn decode_snapshot_file(b: &[u8]) -> io::Result<(SnapshotMetaOf<C>, SnapshotData
     Ok((meta, r.0.to_vec()))
 }
 
-/// Splits snapshot data into the applied count and the shard state.
-fn decode_snapshot_data(data: &[u8]) -> io::Result<(u64, Shard)> {
+/// Message bodies by sequence number, as a snapshot carries them.
+pub type Bodies = Vec<(u64, Vec<u8>)>;
+
+/// Snapshot data: the applied count, the shard state and the bodies it carries.
+pub fn encode_snapshot_data(applied: u64, shard: &Shard, bodies: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(64);
+    data.extend_from_slice(&applied.to_be_bytes());
+    data.extend_from_slice(&[0; 4]);
+    shard.encode(&mut data);
+    let n = (data.len() - 12) as u32;
+    data[8..12].copy_from_slice(&n.to_be_bytes());
+    put_varint(&mut data, bodies.len() as u64);
+    for (seq, b) in bodies {
+        put_varint(&mut data, *seq);
+        put_bytes(&mut data, b);
+    }
+    data
+}
+
+/// Splits snapshot data into the applied count, the shard state and the bodies it carries.
+pub fn decode_snapshot_data(data: &[u8]) -> io::Result<(u64, Shard, Bodies)> {
     let mut r = Reader(data);
     let applied = r.u64()?;
-    Ok((applied, Shard::decode(r.0)?))
+    let n = r.u32()? as usize;
+    let shard = Shard::decode(r.take(n)?)?;
+    let count = r.count(5)?;
+    let mut bodies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let seq = r.varint()?;
+        bodies.push((seq, r.bytes()?));
+    }
+    if !r.is_empty() {
+        return Err(invalid("trailing bytes after snapshot"));
+    }
+    Ok((applied, shard, bodies))
 }
 
 impl StateMachine {
@@ -667,7 +819,7 @@ impl StateMachine {
         match fs::read(&path) {
             Ok(b) => {
                 let (meta, data) = decode_snapshot_file(&b)?;
-                let (applied, shard) = decode_snapshot_data(&data)?;
+                let (applied, shard, _) = decode_snapshot_data(&data)?;
                 keep_from.store(retention_of(&shard, &meta), Ordering::Release);
                 inner.applied = applied;
                 inner.shard = shard;
@@ -679,6 +831,7 @@ impl StateMachine {
             Err(e) => return Err(e),
         }
         inner.keep_from = Some(keep_from);
+        inner.bodies = BodyStore::open(dir.join("snapshot-bodies"))?;
         Ok(StateMachine {
             inner: Arc::new(Mutex::new(inner)),
         })
@@ -687,6 +840,30 @@ impl StateMachine {
     /// Index of the last applied log entry.
     pub fn last_applied_index(&self) -> io::Result<Option<u64>> {
         Ok(sm_lock(&self.inner)?.last_applied.map(|l| l.index))
+    }
+
+    /// Gives the state machine the log, so a snapshot it sends to another replica can carry
+    /// the bodies of the live messages it covers.
+    pub fn attach_log(&self, log: LogStore) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.log = Some(log);
+        }
+    }
+
+    /// The body of `seq` if it came with an installed snapshot.
+    pub fn snapshot_body(&self, seq: u64) -> io::Result<Option<Vec<u8>>> {
+        sm_lock(&self.inner)?.bodies.get(seq)
+    }
+
+    /// The body of live message `seq`: from the log if this replica has its entry, else from
+    /// the bodies that came with an installed snapshot.
+    fn body_for_transfer(g: &SmInner, seq: u64) -> Option<Vec<u8>> {
+        let from_log = g
+            .log
+            .as_ref()
+            .and_then(|l| l.read_retained(seq).ok())
+            .and_then(entry_body);
+        from_log.or_else(|| g.bodies.get(seq).ok().flatten())
     }
 
     /// Normal commands applied so far.
@@ -759,12 +936,18 @@ impl RaftSnapshotBuilder<C> for StateMachine {
                 last_log_id: g.last_applied,
                 last_membership: g.membership.clone(),
             };
-            let mut data = Vec::with_capacity(64);
-            data.extend_from_slice(&g.applied.to_be_bytes());
-            g.shard.encode(&mut data);
+            let data = encode_snapshot_data(g.applied, &g.shard, &[]);
             let retention = retention_of(&g.shard, &meta);
             (meta, data, retention)
         };
+        // Bodies that came with an installed snapshot are kept only while their message lives.
+        {
+            let mut g = sm_lock(&self.inner)?;
+            if !g.bodies.is_empty() {
+                let live = g.shard.live_seqs();
+                g.bodies.retain(&live)?;
+            }
+        }
         self.keep_snapshot(&meta, &data, retention)?;
         Ok(SnapshotOf::<C, SnapshotData> {
             meta,
@@ -833,9 +1016,11 @@ impl RaftStateMachine<C> for StateMachine {
         meta: &SnapshotMetaOf<C>,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let (applied, shard) = decode_snapshot_data(&snapshot)?;
+        let (applied, shard, bodies) = decode_snapshot_data(&snapshot)?;
         let retention = retention_of(&shard, meta);
-        self.keep_snapshot(meta, &snapshot, retention)?;
+        // Bodies first: once the snapshot is current, its messages must be deliverable.
+        sm_lock(&self.inner)?.bodies.replace(bodies)?;
+        self.keep_snapshot(meta, &encode_snapshot_data(applied, &shard, &[]), retention)?;
         let mut g = sm_lock(&self.inner)?;
         g.applied = applied;
         g.shard = shard;
@@ -864,9 +1049,23 @@ impl RaftStateMachine<C> for StateMachine {
             (None, Some(path)) => decode_snapshot_file(&fs::read(path)?)?,
             (None, None) => return Ok(None),
         };
+        // This is what goes to another replica: add the bodies of the live messages it covers.
+        let (applied, shard, _) = decode_snapshot_data(&data)?;
+        let upto = meta.last_log_id.as_ref().map_or(0, |l| l.index);
+        let bodies = {
+            let g = sm_lock(&self.inner)?;
+            let mut out = Vec::new();
+            for seq in shard.live_seqs().into_iter().filter(|s| *s <= upto) {
+                match StateMachine::body_for_transfer(&g, seq) {
+                    Some(b) => out.push((seq, b)),
+                    None => tracing::error!("snapshot: body of live message {seq} not found"),
+                }
+            }
+            out
+        };
         Ok(Some(SnapshotOf::<C, SnapshotData> {
             meta,
-            snapshot: data,
+            snapshot: encode_snapshot_data(applied, &shard, &bodies),
         }))
     }
 }

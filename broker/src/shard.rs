@@ -710,6 +710,11 @@ impl Shard {
         self.consumers.keys().copied().collect()
     }
 
+    /// Every message some queue holds (ready or unacknowledged), once each.
+    pub fn live_seqs(&self) -> std::collections::BTreeSet<Seq> {
+        self.queues.values().flat_map(|q| q.queue.seqs()).collect()
+    }
+
     /// The oldest message any queue still holds: log entries before it hold no live message.
     pub fn oldest_live(&self) -> Option<Seq> {
         self.queues.values().filter_map(|q| q.queue.min_seq()).min()

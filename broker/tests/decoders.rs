@@ -99,6 +99,11 @@ fn exercise(b: &[u8]) {
         let back = broker::raft::decode_entry(&once).unwrap();
         assert_eq!(broker::raft::encode_entry(&back), once);
     }
+    if let Ok((applied, shard, bodies)) = broker::raft::decode_snapshot_data(b) {
+        let once = broker::raft::encode_snapshot_data(applied, &shard, &bodies);
+        let (a2, s2, b2) = broker::raft::decode_snapshot_data(&once).unwrap();
+        assert_eq!(broker::raft::encode_snapshot_data(a2, &s2, &b2), once);
+    }
     if let Ok(s) = Shard::decode(b) {
         let mut once = Vec::new();
         s.encode(&mut once);

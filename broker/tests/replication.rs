@@ -197,3 +197,99 @@ async fn three_replicas_elect_replicate_fail_over_and_catch_up() {
         b.server.abort();
     }
 }
+
+/// A replica that joins after the log was compacted gets a snapshot, and with it the bodies of
+/// the live messages it covers (it never saw their log entries): it can deliver them, also
+/// after its own restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_replica_gets_a_snapshot_with_the_bodies_of_live_messages() {
+    let dirs = [TempDir::new(), TempDir::new(), TempDir::new()];
+    let mut brokers = Vec::new();
+    for _ in 0..3 {
+        brokers.push(broker(TcpListener::bind("127.0.0.1:0").await.unwrap()).await);
+    }
+    let members: BTreeMap<u64, NodeAddr> = (1..=3u64)
+        .map(|id| {
+            let addr = brokers[id as usize - 1].addr.clone();
+            (id, NodeAddr { addr })
+        })
+        .collect();
+    let opts = NodeOptions {
+        segment_bytes: 4096,
+        snapshot_every: 1_000_000,
+    };
+    let open3 = |i: usize| {
+        let members = members.clone();
+        let dir = dirs[i].0.clone();
+        let registry = brokers[i].registry.clone();
+        async move {
+            let net = NetFactory {
+                shard: SHARD,
+                peers: Peers::default(),
+            };
+            let node = ShardNode::open_replica(&dir, i as u64 + 1, members, net, opts)
+                .await
+                .expect("open replica");
+            registry.insert(SHARD, node.handle().raft());
+            node
+        }
+    };
+    // Replica 3 is away while 1 and 2 (a majority) take 300 messages and compact their logs.
+    let mut nodes = vec![Some(open3(0).await), Some(open3(1).await), None];
+    let leader = find_leader(&nodes).await as usize - 1;
+    let mut seqs = Vec::new();
+    for i in 0..300 {
+        seqs.push(propose_seq(nodes[leader].as_ref().unwrap(), &enqueue(i)).await);
+    }
+    nodes[leader]
+        .as_ref()
+        .unwrap()
+        .handle()
+        .snapshot()
+        .await
+        .expect("snapshot");
+    // Replica 3 joins: Raft must send it the snapshot (the entries are purged from Raft's view).
+    nodes[2] = Some(open3(2).await);
+    let third = nodes[2].as_ref().unwrap();
+    eventually("replica 3 applies the snapshot", || depth(third) == 300).await;
+    for (i, seq) in seqs.iter().enumerate().step_by(37) {
+        assert_eq!(
+            third.body(*seq).await.expect("body on the late replica"),
+            format!("m{i}").into_bytes()
+        );
+    }
+    // The bodies came with the snapshot, not through log replication.
+    let carried = std::fs::metadata(dirs[2].0.join("snapshot-bodies")).map_or(0, |m| m.len());
+    assert!(
+        carried >= 300 * 18,
+        "snapshot carried {carried} bytes of bodies"
+    );
+    // After its own restart, from its disk.
+    let third = nodes[2].take().unwrap();
+    brokers[2].registry.remove(SHARD);
+    third.shutdown().await.unwrap();
+    let third = open3(2).await;
+    eventually("replica 3 back", || depth(&third) == 300).await;
+    assert_eq!(third.body(seqs[299]).await.unwrap(), b"m299".to_vec());
+    assert_eq!(third.body(seqs[0]).await.unwrap(), b"m0".to_vec());
+    third.shutdown().await.unwrap();
+    for n in nodes.into_iter().flatten() {
+        n.shutdown().await.unwrap();
+    }
+    for b in brokers {
+        b.server.abort();
+    }
+}
+
+async fn propose_seq(node: &ShardNode, cmd: &Cmd) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match node.propose(cmd).await {
+            Ok(seq) => return seq,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("not committed: {e}"),
+        }
+    }
+}

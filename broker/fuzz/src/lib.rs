@@ -25,6 +25,12 @@ pub fn store_decoders(data: &[u8]) {
             }
         }
         _ => {
+            if let Ok((a, sh, b)) = broker::raft::decode_snapshot_data(rest) {
+                let once = broker::raft::encode_snapshot_data(a, &sh, &b);
+                let back = broker::raft::decode_snapshot_data(&once).ok();
+                let twice = back.map(|(a, sh, b)| broker::raft::encode_snapshot_data(a, &sh, &b));
+                assert_eq!(twice, Some(once));
+            }
             if let Ok(s) = Shard::decode(rest) {
                 let mut once = Vec::new();
                 s.encode(&mut once);
