@@ -279,6 +279,11 @@ impl ShardHandle {
             .ok_or_else(|| NodeError::Raft("no leader".into()))
     }
 
+    /// Index of the last log entry this replica applied.
+    pub fn raft_applied(&self) -> u64 {
+        self.sm.last_applied_index().ok().flatten().unwrap_or(0)
+    }
+
     /// Whether this node is the leader now (its own state, not a rumour).
     pub async fn is_leader(&self) -> bool {
         self.raft

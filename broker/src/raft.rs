@@ -501,8 +501,13 @@ impl RaftLogStorage<C> for LogStore {
             let mut g = lock(&self.inner)?;
             for e in entries {
                 let index = e.index();
-                if g.log.last_index().is_none() && g.log.next_index() != index {
-                    // First entry of an empty log (fresh, or everything purged).
+                let next = g.log.next_index();
+                // The first entry after an installed snapshot may leave a gap above entries
+                // kept only for their bodies (which the snapshot brought along): start the
+                // log again there, as for the first entry of an empty log.
+                let after_snapshot =
+                    index > next && g.meta.last_purged.is_some_and(|p| p.index + 1 == index);
+                if (g.log.last_index().is_none() && next != index) || after_snapshot {
                     g.log.reset(index)?;
                 }
                 g.log.append(index, &encode_entry(&e))?;
