@@ -41,6 +41,9 @@ pub enum ToBroker {
     Request(Request),
     /// Queue counters, answered with [`ToRouter::Info`] carrying the same id.
     Info { id: u64 },
+    /// The first frame of a connection: which shard it is for. Answered by
+    /// [`ToRouter::NotLeader`] (and the connection closed) when this broker does not lead it.
+    Hello { shard: u32 },
 }
 
 /// Broker → router.
@@ -48,7 +51,17 @@ pub enum ToBroker {
 pub enum ToRouter {
     Deliveries(Vec<Delivery>),
     Done(Vec<Completion>),
-    Info { id: u64, queues: Vec<QueueInfo> },
+    Info {
+        id: u64,
+        queues: Vec<QueueInfo>,
+    },
+    /// This broker does not lead the shard; `leader` is the router-facing address of the one
+    /// that does, if known.
+    NotLeader {
+        leader: Option<String>,
+    },
+    /// The broker serves this connection's shard: requests may follow.
+    Welcome,
 }
 
 fn bad(why: &'static str) -> io::Error {
@@ -71,6 +84,10 @@ impl ToBroker {
                 o.push(100);
                 put_varint(o, *id);
             }
+            ToBroker::Hello { shard } => {
+                o.push(101);
+                put_varint(o, u64::from(*shard));
+            }
             ToBroker::Request(r) => encode_request(r, o)?,
         }
         Ok(())
@@ -81,6 +98,9 @@ impl ToBroker {
         let kind = r.u8()?;
         let m = match kind {
             100 => ToBroker::Info { id: r.varint()? },
+            101 => ToBroker::Hello {
+                shard: get_u32v(&mut r)?,
+            },
             k => ToBroker::Request(decode_request(k, &mut r)?),
         };
         if !r.is_empty() {
@@ -296,6 +316,11 @@ impl ToRouter {
                     }
                 }
             }
+            ToRouter::NotLeader { leader } => {
+                o.push(4);
+                put_opt_str(o, leader.as_deref());
+            }
+            ToRouter::Welcome => o.push(5),
             ToRouter::Info { id, queues } => {
                 o.push(3);
                 put_varint(o, *id);
@@ -372,6 +397,10 @@ impl ToRouter {
                 }
                 ToRouter::Info { id, queues }
             }
+            4 => ToRouter::NotLeader {
+                leader: get_opt_str(&mut r)?,
+            },
+            5 => ToRouter::Welcome,
             _ => return Err(bad("unknown frame kind")),
         };
         if !r.is_empty() {
@@ -447,56 +476,138 @@ fn conns_send(conns: &Conns, conn: u64, m: ToRouter) {
     }
 }
 
-/// Serves the shard in `node` to routers connecting on `listener` until `shutdown` is set.
+/// One shard's service as routers reach it: the service task, the demultiplexer of its
+/// deliveries and completions, and the router connections attached to it.
+pub struct ShardService {
+    requests: mpsc::UnboundedSender<Request>,
+    conns: Conns,
+    next_conn: std::sync::atomic::AtomicU64,
+    /// Bumped to make every attached router connection close (leadership lost).
+    kick: watch::Sender<u64>,
+    service: tokio::task::JoinHandle<()>,
+    demux: tokio::task::JoinHandle<()>,
+}
+
+impl ShardService {
+    /// Starts the service for `node`.
+    pub fn start(node: ShardNode) -> ShardService {
+        let (req_tx, req_rx) = mpsc::unbounded_channel();
+        let (dl_tx, mut dl_rx) = mpsc::unbounded_channel::<Vec<Delivery>>();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let service = tokio::spawn(crate::service::run(node, req_rx, dl_tx, done_tx));
+        let conns: Conns = Default::default();
+        // Deliveries and completions go back to the connection whose number is in their top
+        // bits.
+        let demux = {
+            let conns = conns.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        Some(ds) = dl_rx.recv() => {
+                            let mut by: HashMap<u64, Vec<Delivery>> = HashMap::new();
+                            for mut d in ds {
+                                let conn = d.consumer >> LOCAL_BITS;
+                                d.consumer &= LOCAL_MASK;
+                                by.entry(conn).or_default().push(d);
+                            }
+                            for (conn, ds) in by {
+                                for b in batches(ds) {
+                                    conns_send(&conns, conn, ToRouter::Deliveries(b));
+                                }
+                            }
+                        }
+                        Some(list) = done_rx.recv() => {
+                            let mut by: HashMap<u64, Vec<Completion>> = HashMap::new();
+                            for (tag, r) in list {
+                                by.entry(tag >> LOCAL_BITS).or_default().push((tag & LOCAL_MASK, r));
+                            }
+                            for (conn, list) in by {
+                                conns_send(&conns, conn, ToRouter::Done(list));
+                            }
+                        }
+                        else => break,
+                    }
+                }
+            })
+        };
+        ShardService {
+            requests: req_tx,
+            conns,
+            next_conn: std::sync::atomic::AtomicU64::new(1),
+            kick: watch::channel(0).0,
+            service,
+            demux,
+        }
+    }
+
+    /// Sends a request to the shard directly (the broker's own housekeeping).
+    pub fn request(&self, r: Request) {
+        let _ = self.requests.send(r);
+    }
+
+    /// Numbers the next connections from `base` up (a new leader starts above anything a
+    /// previous one may have used, so stale consumer ids cannot collide with new ones).
+    pub fn renumber(&self, base: u64) {
+        self.next_conn
+            .store(base.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Closes every router connection (leadership moved elsewhere).
+    pub fn kick_all(&self) {
+        self.kick.send_modify(|n| *n += 1);
+    }
+
+    /// Serves a router connection whose `Hello` (if any) has been read.
+    pub fn attach<S>(&self, sock: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let conn = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            & ((1 << (64 - LOCAL_BITS)) - 1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(ToRouter::Welcome);
+        if let Ok(mut g) = self.conns.lock() {
+            g.insert(conn, tx.clone());
+        }
+        tracing::info!("router {peer} connected (connection {conn})");
+        tokio::spawn(serve_conn(
+            sock,
+            conn,
+            tx,
+            rx,
+            self.requests.clone(),
+            self.conns.clone(),
+            self.kick.subscribe(),
+        ));
+    }
+
+    /// Stops the service (after its connections are gone).
+    pub async fn stop(self) {
+        self.kick_all();
+        drop(self.requests);
+        if let Ok(mut g) = self.conns.lock() {
+            g.clear();
+        }
+        let _ = self.service.await;
+        self.demux.abort();
+    }
+}
+
+/// Serves the shard in `node` to routers connecting on `listener` until `shutdown` is set (one
+/// shard, no cluster: the shard number in `Hello` must be 0).
 pub async fn serve(
     node: ShardNode,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let (req_tx, req_rx) = mpsc::unbounded_channel();
-    let (dl_tx, mut dl_rx) = mpsc::unbounded_channel::<Vec<Delivery>>();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let service = tokio::spawn(crate::service::run(node, req_rx, dl_tx, done_tx));
-    let conns: Conns = Default::default();
-    // Deliveries and completions go back to the connection whose number is in their top bits.
-    let demux = {
-        let conns = conns.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    Some(ds) = dl_rx.recv() => {
-                        let mut by: HashMap<u64, Vec<Delivery>> = HashMap::new();
-                        for mut d in ds {
-                            let conn = d.consumer >> LOCAL_BITS;
-                            d.consumer &= LOCAL_MASK;
-                            by.entry(conn).or_default().push(d);
-                        }
-                        for (conn, ds) in by {
-                            for b in batches(ds) {
-                                conns_send(&conns, conn, ToRouter::Deliveries(b));
-                            }
-                        }
-                    }
-                    Some(list) = done_rx.recv() => {
-                        let mut by: HashMap<u64, Vec<Completion>> = HashMap::new();
-                        for (tag, r) in list {
-                            by.entry(tag >> LOCAL_BITS).or_default().push((tag & LOCAL_MASK, r));
-                        }
-                        for (conn, list) in by {
-                            conns_send(&conns, conn, ToRouter::Done(list));
-                        }
-                    }
-                    else => break,
-                }
-            }
-        })
-    };
-    let mut next_conn = 1u64;
+    let svc = ShardService::start(node);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => {
-                let (sock, peer) = match accepted {
+                let (mut sock, peer) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!("accept: {e}");
@@ -504,35 +615,52 @@ pub async fn serve(
                     }
                 };
                 let _ = sock.set_nodelay(true);
-                let conn = next_conn;
-                next_conn += 1;
-                let (tx, rx) = mpsc::unbounded_channel();
-                if let Ok(mut g) = conns.lock() {
-                    g.insert(conn, tx.clone());
+                match read_hello(&mut sock).await {
+                    Ok(0) => svc.attach(sock, peer.to_string()),
+                    Ok(_) => refuse(sock, None).await,
+                    Err(e) => tracing::warn!("router {peer}: {e}"),
                 }
-                tracing::info!("router {peer} connected (connection {conn})");
-                tokio::spawn(serve_conn(sock, conn, tx, rx, req_tx.clone(), conns.clone()));
             }
         }
     }
-    drop(req_tx);
-    if let Ok(mut g) = conns.lock() {
-        g.clear();
-    }
-    let _ = service.await;
-    demux.abort();
+    svc.stop().await;
     Ok(())
 }
 
-async fn serve_conn(
-    sock: tokio::net::TcpStream,
+/// Reads a connection's first frame, which must be `Hello`.
+pub async fn read_hello<S: AsyncRead + Unpin>(sock: &mut S) -> io::Result<u32> {
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(sock))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no hello"))??
+        .ok_or_else(|| bad("closed before hello"))?;
+    match ToBroker::decode(&frame)? {
+        ToBroker::Hello { shard } => Ok(shard),
+        _ => Err(bad("the first frame must be hello")),
+    }
+}
+
+/// Tells a router this broker does not lead the shard it asked for, then closes.
+pub async fn refuse<S: AsyncWrite + Unpin>(mut sock: S, leader: Option<String>) {
+    let mut buf = Vec::new();
+    let m = ToRouter::NotLeader { leader };
+    let _ = write_frame(&mut sock, &mut buf, |o| {
+        m.encode(o);
+        Ok(())
+    })
+    .await;
+    let _ = sock.shutdown().await;
+}
+
+async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
+    sock: S,
     conn: u64,
     tx: mpsc::UnboundedSender<ToRouter>,
     mut rx: mpsc::UnboundedReceiver<ToRouter>,
     requests: mpsc::UnboundedSender<Request>,
     conns: Conns,
+    mut kick: watch::Receiver<u64>,
 ) {
-    let (mut rd, mut wr) = sock.into_split();
+    let (mut rd, mut wr) = tokio::io::split(sock);
     let writer = tokio::spawn(async move {
         let mut buf = Vec::new();
         while let Some(m) = rx.recv().await {
@@ -546,10 +674,11 @@ async fn serve_conn(
                 break;
             }
         }
+        let _ = wr.shutdown().await;
     });
     let high = conn << LOCAL_BITS;
     let mut consumers: HashSet<ConsumerId> = HashSet::new();
-    let result: io::Result<()> = async {
+    let reading = async {
         while let Some(frame) = read_frame(&mut rd).await? {
             let req = match ToBroker::decode(&frame)? {
                 ToBroker::Info { id } => {
@@ -563,6 +692,7 @@ async fn serve_conn(
                     });
                     continue;
                 }
+                ToBroker::Hello { .. } => return Err(bad("hello twice")),
                 ToBroker::Request(r) => r,
             };
             let req = namespace(req, high, &mut consumers)?;
@@ -570,9 +700,12 @@ async fn serve_conn(
                 return Ok(());
             }
         }
-        Ok(())
-    }
-    .await;
+        Ok::<(), io::Error>(())
+    };
+    let result = tokio::select! {
+        r = reading => r,
+        _ = kick.changed() => Ok(()),
+    };
     if let Err(e) = result {
         tracing::warn!("router connection {conn}: {e}");
     }

@@ -79,7 +79,13 @@ pub async fn run(
     let store = match (&config.broker.data_dir, &config.broker.url) {
         (Some(dir), _) => Some(start_store(dir, &config.broker, core_tx.clone()).await?),
         (None, Some(url)) => Some(
-            remote_store::connect(url.clone(), core_tx.clone(), Duration::from_secs(10)).await?,
+            remote_store::connect(
+                vec![url.clone()],
+                0,
+                core_tx.clone(),
+                Duration::from_secs(10),
+            )
+            .await?,
         ),
         (None, None) => None,
     };

@@ -17,29 +17,92 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::core::ToCore;
 
-/// Connects to the broker at `addr` (waiting up to `wait` for it to come up) and returns the
+/// Connects to the broker serving shard `shard`, trying `addrs` in turn and following
+/// "not leader" answers (waiting up to `wait` for a first broker to answer), and returns the
 /// request channel; answers go to `core`.
 pub async fn connect(
-    addr: String,
+    addrs: Vec<String>,
+    shard: u32,
     core: mpsc::Sender<Vec<ToCore>>,
     wait: Duration,
 ) -> std::io::Result<mpsc::UnboundedSender<Request>> {
+    if addrs.is_empty() {
+        return Err(std::io::Error::other("no broker address"));
+    }
     let deadline = tokio::time::Instant::now() + wait;
+    let mut dialer = Dialer::new(addrs, shard);
     let sock = loop {
-        match TcpStream::connect(&addr).await {
+        match dialer.dial().await {
             Ok(s) => break s,
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(std::io::Error::new(
                     e.kind(),
-                    format!("cannot reach broker {addr}: {e}"),
+                    format!("no broker serves shard {shard}: {e}"),
                 ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(addr, Some(sock), rx, core));
+    tokio::spawn(run(dialer, Some(sock), rx, core));
     Ok(tx)
+}
+
+/// Finds the broker that serves a shard: a hint from the last "not leader" answer first, else
+/// the configured addresses in turn.
+struct Dialer {
+    addrs: Vec<String>,
+    next: usize,
+    hint: Option<String>,
+    shard: u32,
+}
+
+impl Dialer {
+    fn new(addrs: Vec<String>, shard: u32) -> Dialer {
+        Dialer {
+            addrs,
+            next: 0,
+            hint: None,
+            shard,
+        }
+    }
+
+    /// One attempt: connect, say hello, and get welcomed (or redirected: then the hint is kept
+    /// for the next attempt and this one fails).
+    async fn dial(&mut self) -> std::io::Result<TcpStream> {
+        let addr = match self.hint.take() {
+            Some(h) => h,
+            None => {
+                let a = self.addrs[self.next % self.addrs.len()].clone();
+                self.next += 1;
+                a
+            }
+        };
+        let mut sock = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        let _ = sock.set_nodelay(true);
+        let mut buf = Vec::new();
+        let hello = ToBroker::Hello { shard: self.shard };
+        write_frame(&mut sock, &mut buf, |o| hello.encode(o)).await?;
+        let frame = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut sock))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no welcome"))??
+            .ok_or_else(|| std::io::Error::other("closed before welcome"))?;
+        match ToRouter::decode(&frame)? {
+            ToRouter::Welcome => Ok(sock),
+            ToRouter::NotLeader { leader } => {
+                self.hint = leader;
+                Err(std::io::Error::other(format!(
+                    "{addr} does not lead shard {}",
+                    self.shard
+                )))
+            }
+            _ => Err(std::io::Error::other("unexpected answer to hello")),
+        }
+    }
 }
 
 /// What is waiting for the broker on the current connection.
@@ -52,15 +115,18 @@ struct Pending {
 }
 
 async fn run(
-    addr: String,
+    mut dialer: Dialer,
     mut sock: Option<TcpStream>,
     mut requests: mpsc::UnboundedReceiver<Request>,
     core: mpsc::Sender<Vec<ToCore>>,
 ) {
+    let mut failures = 0u32;
     loop {
         let Some(s) = sock.take() else {
-            // Unreachable: refuse what needs an answer, retry in a second.
-            let retry = tokio::time::sleep(Duration::from_secs(1));
+            // No broker serves the shard right now: refuse what needs an answer while
+            // retrying (quickly at first: a new leader is usually elected within a second).
+            let pause = Duration::from_millis(if failures < 10 { 100 } else { 1000 });
+            let retry = tokio::time::sleep(pause);
             tokio::pin!(retry);
             loop {
                 tokio::select! {
@@ -71,24 +137,28 @@ async fn run(
                     },
                 }
             }
-            match TcpStream::connect(&addr).await {
+            match dialer.dial().await {
                 Ok(s) => {
-                    tracing::info!("broker {addr} reachable again");
+                    tracing::info!("broker for shard {} reachable again", dialer.shard);
+                    failures = 0;
                     sock = Some(s);
                 }
-                Err(_) => continue,
+                Err(_) => failures += 1,
             }
             continue;
         };
-        let _ = s.set_nodelay(true);
         let mut pending = Pending::default();
         let gone = serve(s, &mut requests, &core, &mut pending).await;
         match gone {
             Ok(false) => return,
-            Ok(true) => tracing::warn!("broker {addr} closed the connection"),
-            Err(e) => tracing::warn!("broker {addr}: {e}"),
+            Ok(true) => tracing::warn!("broker of shard {} closed the connection", dialer.shard),
+            Err(e) => tracing::warn!("broker of shard {}: {e}", dialer.shard),
         }
         fail_pending(pending, &core).await;
+        // Reconnect at once (the same broker may still lead, or tell us who does).
+        if let Ok(s) = dialer.dial().await {
+            sock = Some(s);
+        }
     }
 }
 
@@ -142,6 +212,8 @@ async fn serve(
                     Err(e) => break Err(e),
                 };
                 let to_core = match m {
+                    // Leadership moved while connected: reconnect (to the leader if named).
+                    ToRouter::NotLeader { .. } | ToRouter::Welcome => break Ok(true),
                     ToRouter::Deliveries(d) => ToCore::StoreDeliveries(d),
                     ToRouter::Done(list) => {
                         for (t, _) in &list {
