@@ -8,6 +8,7 @@
 //! the router talks to. To come: `enmesh broker` as a process of its own, replication (issue 4).
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod log;
 pub mod net;
 pub mod node;

@@ -279,6 +279,11 @@ impl ShardHandle {
             .ok_or_else(|| NodeError::Raft("no leader".into()))
     }
 
+    /// Consumers attached in the replicated state.
+    pub fn consumer_ids(&self) -> Vec<u64> {
+        self.sm.with_shard(|s| s.consumer_ids()).unwrap_or_default()
+    }
+
     /// Index of the last log entry this replica applied.
     pub fn raft_applied(&self) -> u64 {
         self.sm.last_applied_index().ok().flatten().unwrap_or(0)

@@ -276,6 +276,9 @@ async fn serve_broker(a: ServerArgs) -> anyhow::Result<()> {
         .data
         .or(config.broker.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from("enmesh-data"));
+    if let Some(cluster) = config.broker.cluster.clone() {
+        return serve_cluster_broker(cluster, a.listen, &dir, config.broker.node_options()).await;
+    }
     let listener = tokio::net::TcpListener::bind(config.broker.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.broker.listen))?;
@@ -298,6 +301,61 @@ async fn serve_broker(a: ServerArgs) -> anyhow::Result<()> {
     });
     println!("enmesh broker ready listen={}", listener.local_addr()?);
     broker::remote::serve(node, listener, rx).await?;
+    Ok(())
+}
+
+/// `enmesh broker` in a cluster: the replicas placed on this broker, Raft with its peers,
+/// routers served for the shards it leads.
+async fn serve_cluster_broker(
+    cluster: router::config::ClusterSection,
+    listen: Option<SocketAddr>,
+    dir: &std::path::Path,
+    opts: broker::node::NodeOptions,
+) -> anyhow::Result<()> {
+    let me = cluster
+        .node_id
+        .context("broker.cluster.node_id is required for `enmesh broker`")?;
+    let spec = cluster.spec();
+    let mine = spec
+        .brokers
+        .get(&me)
+        .cloned()
+        .context("broker.cluster.node_id is not one of the brokers")?;
+    let raft = tokio::net::TcpListener::bind(&mine.raft)
+        .await
+        .with_context(|| format!("cannot listen on {}", mine.raft))?;
+    let client_addr = listen.map_or(mine.client.clone(), |l| l.to_string());
+    let client = tokio::net::TcpListener::bind(&client_addr)
+        .await
+        .with_context(|| format!("cannot listen on {client_addr}"))?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = tx.send(true);
+    });
+    let hosted: Vec<u32> = (0..spec.shards)
+        .filter(|s| spec.replicas_of(*s).contains(&me))
+        .collect();
+    let line = format!(
+        "enmesh broker ready listen={} raft={} node={me} shards={hosted:?}",
+        client.local_addr()?,
+        raft.local_addr()?
+    );
+    let listeners = broker::cluster::Listeners { raft, client };
+    broker::cluster::run(
+        spec,
+        me,
+        dir,
+        opts,
+        listeners,
+        move || println!("{line}"),
+        rx,
+    )
+    .await?;
     Ok(())
 }
 

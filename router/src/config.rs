@@ -186,6 +186,82 @@ impl Default for RouterSection {
     }
 }
 
+/// One broker of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterBroker {
+    /// host:port where its peers reach it for Raft.
+    pub raft: String,
+    /// host:port where routers reach it.
+    pub client: String,
+}
+
+/// Brokers with replicated shards. Every broker and router of a cluster gets the same
+/// `shards`, `replicas` and `brokers`; a broker also gets its own `node_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This broker's id (`enmesh broker` only; a key of `brokers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    pub shards: u32,
+    /// Replicas per shard (1, 3 or 5).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    pub brokers: std::collections::BTreeMap<u64, ClusterBroker>,
+}
+
+fn default_replicas() -> usize {
+    3
+}
+
+impl ClusterSection {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.is_empty() {
+            return Err(ConfigError::Invalid(
+                "broker.cluster.brokers is empty".into(),
+            ));
+        }
+        if !(1..=1024).contains(&self.shards) {
+            return Err(ConfigError::Invalid(
+                "broker.cluster.shards must be 1 to 1024".into(),
+            ));
+        }
+        if ![1, 3, 5].contains(&self.replicas) || self.replicas > self.brokers.len() {
+            return Err(ConfigError::Invalid(
+                "broker.cluster.replicas must be 1, 3 or 5 and at most the number of brokers"
+                    .into(),
+            ));
+        }
+        if let Some(id) = self.node_id.filter(|id| !self.brokers.contains_key(id)) {
+            return Err(ConfigError::Invalid(format!(
+                "broker.cluster.node_id {id} is not one of the brokers"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn spec(&self) -> broker::cluster::ClusterSpec {
+        broker::cluster::ClusterSpec {
+            brokers: self
+                .brokers
+                .iter()
+                .map(|(id, b)| {
+                    (
+                        *id,
+                        broker::cluster::BrokerAddrs {
+                            raft: b.raft.clone(),
+                            client: b.client.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            shards: self.shards,
+            replicas: self.replicas,
+        }
+    }
+}
+
 /// The broker shard a standalone process runs beside its router.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -198,6 +274,8 @@ pub struct BrokerSection {
     pub url: Option<String>,
     /// Where `enmesh broker` listens for routers.
     pub listen: SocketAddr,
+    /// A cluster of brokers with replicated shards (routers and brokers both read it).
+    pub cluster: Option<ClusterSection>,
     /// This node's id in the shard's Raft group.
     pub node_id: u64,
     /// Log entries between snapshots of the shard state (a restart replays at most this many).
@@ -213,6 +291,7 @@ impl Default for BrokerSection {
             data_dir: None,
             url: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 5800)),
+            cluster: None,
             node_id: 1,
             snapshot_every: node.snapshot_every,
             segment_bytes: node.segment_bytes,
@@ -222,6 +301,14 @@ impl Default for BrokerSection {
 
 impl BrokerSection {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+            if self.url.is_some() {
+                return Err(ConfigError::Invalid(
+                    "broker.url and broker.cluster exclude each other".into(),
+                ));
+            }
+        }
         if self.url.is_some() && self.data_dir.is_some() {
             return Err(ConfigError::Invalid(
                 "broker.url and broker.data_dir exclude each other (a remote broker or a local shard)"

@@ -76,9 +76,13 @@ pub async fn run(
     let rules = Rules::new(&config.addresses, config.router.default_address_type);
     // Bounded: connection tasks wait (and stop reading) when the core is behind.
     let (core_tx, core_rx) = mpsc::channel(1024);
-    let store = match (&config.broker.data_dir, &config.broker.url) {
-        (Some(dir), _) => Some(start_store(dir, &config.broker, core_tx.clone()).await?),
-        (None, Some(url)) => Some(
+    let shards = match (
+        &config.broker.data_dir,
+        &config.broker.url,
+        &config.broker.cluster,
+    ) {
+        (Some(dir), _, _) => vec![start_store(dir, &config.broker, core_tx.clone()).await?],
+        (None, Some(url), _) => vec![
             remote_store::connect(
                 vec![url.clone()],
                 0,
@@ -86,11 +90,27 @@ pub async fn run(
                 Duration::from_secs(10),
             )
             .await?,
-        ),
-        (None, None) => None,
+        ],
+        (None, None, Some(cluster)) => {
+            // One connection per shard, to its leader (followed as leadership moves).
+            let spec = cluster.spec();
+            let mut v = Vec::new();
+            for shard in 0..spec.shards {
+                v.push(
+                    remote_store::connect(
+                        spec.client_addrs(shard),
+                        shard,
+                        core_tx.clone(),
+                        Duration::from_secs(30),
+                    )
+                    .await?,
+                );
+            }
+            v
+        }
+        (None, None, None) => Vec::new(),
     };
-    // One shard today (local or remote); the placement map routes for many.
-    let store = store.map(|tx| placement::Placement::new(vec![tx], Default::default()));
+    let store = (!shards.is_empty()).then(|| placement::Placement::new(shards, Default::default()));
     let core = Core::new(config.router.limits.clone(), rules, store);
     let core_task = tokio::spawn(core.run(core_rx));
     let users = (!config.router.users.is_empty())
