@@ -77,7 +77,8 @@ impl ClusterSpec {
 struct Hosted {
     handle: ShardHandle,
     service: ShardService,
-    leading: AtomicBool,
+    /// Shared with the service: deliveries are made only while leading.
+    leading: Arc<AtomicBool>,
 }
 
 /// Where a broker listens.
@@ -131,10 +132,11 @@ pub async fn run(
                 .map_err(io::Error::other)?;
         let handle = node.handle();
         registry.insert(shard, handle.raft());
+        let leading = Arc::new(AtomicBool::new(false));
         let h = Arc::new(Hosted {
             handle,
-            service: ShardService::start(node),
-            leading: AtomicBool::new(false),
+            service: ShardService::start_replica(node, leading.clone()),
+            leading,
         });
         tokio::spawn(follow_leadership(shard, h.clone()));
         hosted.insert(shard, h);

@@ -12,6 +12,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -489,12 +491,20 @@ pub struct ShardService {
 }
 
 impl ShardService {
-    /// Starts the service for `node`.
+    /// Starts the service for `node` (always serving).
     pub fn start(node: ShardNode) -> ShardService {
+        ShardService::start_replica(node, Arc::new(AtomicBool::new(true)))
+    }
+
+    /// Starts the service for one replica; it turns effects into deliveries only while
+    /// `serving` (see [`crate::service::run_replica`]).
+    pub fn start_replica(node: ShardNode, serving: Arc<AtomicBool>) -> ShardService {
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (dl_tx, mut dl_rx) = mpsc::unbounded_channel::<Vec<Delivery>>();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        let service = tokio::spawn(crate::service::run(node, req_rx, dl_tx, done_tx));
+        let service = tokio::spawn(crate::service::run_replica(
+            node, req_rx, dl_tx, done_tx, serving,
+        ));
         let conns: Conns = Default::default();
         // Deliveries and completions go back to the connection whose number is in their top
         // bits.

@@ -245,9 +245,23 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
 /// go to `deliveries`; a periodic tick expires messages.
 pub async fn run(
     node: ShardNode,
+    requests: mpsc::UnboundedReceiver<Request>,
+    deliveries: mpsc::UnboundedSender<Vec<Delivery>>,
+    completions: Completions,
+) {
+    let always = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    run_replica(node, requests, deliveries, completions, always).await
+}
+
+/// [`run`] for one replica of a replicated shard: while `serving` is false (a follower), the
+/// effects of applied commands are dropped instead of turned into deliveries (its state's
+/// consumers belong to the leader's routers; a new leader detaches them first).
+pub async fn run_replica(
+    node: ShardNode,
     mut requests: mpsc::UnboundedReceiver<Request>,
     deliveries: mpsc::UnboundedSender<Vec<Delivery>>,
     completions: Completions,
+    serving: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     let handle = node.handle();
     let ShardNode { mut effects, .. } = node;
@@ -262,6 +276,9 @@ pub async fn run(
         let mut fresh: BTreeMap<Seq, Vec<u8>> = BTreeMap::new();
         let mut fresh_bytes = 0usize;
         while let Some(applied) = fx_rx.recv().await {
+            if !serving.load(std::sync::atomic::Ordering::Acquire) {
+                continue;
+            }
             if let Some((seq, body)) = applied.body {
                 fresh_bytes += body.len();
                 fresh.insert(seq, body);
