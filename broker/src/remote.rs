@@ -46,6 +46,9 @@ pub enum ToBroker {
     /// The first frame of a connection: which shard it is for. Answered by
     /// [`ToRouter::NotLeader`] (and the connection closed) when this broker does not lead it.
     Hello { shard: u32 },
+    /// Liveness: answered by [`ToRouter::Pong`]. Routers send one twice a second; a partition
+    /// that drops packets silently is noticed within seconds on both sides.
+    Ping,
 }
 
 /// Broker → router.
@@ -64,6 +67,7 @@ pub enum ToRouter {
     },
     /// The broker serves this connection's shard: requests may follow.
     Welcome,
+    Pong,
 }
 
 fn bad(why: &'static str) -> io::Error {
@@ -90,6 +94,7 @@ impl ToBroker {
                 o.push(101);
                 put_varint(o, u64::from(*shard));
             }
+            ToBroker::Ping => o.push(102),
             ToBroker::Request(r) => encode_request(r, o)?,
         }
         Ok(())
@@ -103,6 +108,7 @@ impl ToBroker {
             101 => ToBroker::Hello {
                 shard: get_u32v(&mut r)?,
             },
+            102 => ToBroker::Ping,
             k => ToBroker::Request(decode_request(k, &mut r)?),
         };
         if !r.is_empty() {
@@ -323,6 +329,7 @@ impl ToRouter {
                 put_opt_str(o, leader.as_deref());
             }
             ToRouter::Welcome => o.push(5),
+            ToRouter::Pong => o.push(6),
             ToRouter::Info { id, queues } => {
                 o.push(3);
                 put_varint(o, *id);
@@ -403,6 +410,7 @@ impl ToRouter {
                 leader: get_opt_str(&mut r)?,
             },
             5 => ToRouter::Welcome,
+            6 => ToRouter::Pong,
             _ => return Err(bad("unknown frame kind")),
         };
         if !r.is_empty() {
@@ -689,8 +697,17 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
     let high = conn << LOCAL_BITS;
     let mut consumers: HashSet<ConsumerId> = HashSet::new();
     let reading = async {
-        while let Some(frame) = read_frame(&mut rd).await? {
+        // A router pings twice a second: silence this long means it is gone (or cut off).
+        let silence = std::time::Duration::from_secs(10);
+        while let Some(frame) = tokio::time::timeout(silence, read_frame(&mut rd))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "router silent"))??
+        {
             let req = match ToBroker::decode(&frame)? {
+                ToBroker::Ping => {
+                    let _ = tx.send(ToRouter::Pong);
+                    continue;
+                }
                 ToBroker::Info { id } => {
                     let (reply, answer) = oneshot::channel();
                     let _ = requests.send(Request::Info { reply });
@@ -850,7 +867,24 @@ mod tests {
                 assert!(ToBroker::decode(&o[..n]).is_err());
             }
         }
+        for m in [
+            ToBroker::Ping,
+            ToBroker::Hello { shard: 7 },
+            ToBroker::Info { id: 3 },
+        ] {
+            let mut o = Vec::new();
+            m.encode(&mut o).unwrap();
+            let mut again = Vec::new();
+            ToBroker::decode(&o).unwrap().encode(&mut again).unwrap();
+            assert_eq!(o, again);
+        }
         let msgs = vec![
+            ToRouter::Pong,
+            ToRouter::Welcome,
+            ToRouter::NotLeader {
+                leader: Some("10.0.0.2:5800".into()),
+            },
+            ToRouter::NotLeader { leader: None },
             ToRouter::Deliveries(vec![Delivery {
                 consumer: 3,
                 seq: 99,

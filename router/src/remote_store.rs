@@ -182,8 +182,24 @@ async fn serve(
         }
     });
     let mut buf = Vec::new();
+    // Liveness: a ping twice a second; no frame for this long means the broker is gone or
+    // cut off (a partition drops packets silently, TCP would take minutes to notice).
+    let silence = Duration::from_millis(1500);
+    let mut ping = tokio::time::interval(Duration::from_millis(500));
+    let mut last_frame = tokio::time::Instant::now();
     let result = loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if last_frame.elapsed() > silence {
+                    break Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "broker silent",
+                    ));
+                }
+                if let Err(e) = write_frame(&mut wr, &mut buf, |o| ToBroker::Ping.encode(o)).await {
+                    break Err(e);
+                }
+            }
             r = requests.recv() => {
                 let Some(r) = r else { break Ok(false) };
                 let m = match r {
@@ -203,7 +219,10 @@ async fn serve(
             }
             f = frames.recv() => {
                 let frame = match f {
-                    Some(Ok(Some(frame))) => frame,
+                    Some(Ok(Some(frame))) => {
+                        last_frame = tokio::time::Instant::now();
+                        frame
+                    }
                     Some(Err(e)) => break Err(e),
                     _ => break Ok(true),
                 };
@@ -212,6 +231,7 @@ async fn serve(
                     Err(e) => break Err(e),
                 };
                 let to_core = match m {
+                    ToRouter::Pong => continue,
                     // Leadership moved while connected: reconnect (to the leader if named).
                     ToRouter::NotLeader { .. } | ToRouter::Welcome => break Ok(true),
                     ToRouter::Deliveries(d) => ToCore::StoreDeliveries(d),
