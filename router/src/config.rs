@@ -276,6 +276,8 @@ pub struct BrokerSection {
     pub listen: SocketAddr,
     /// A cluster of brokers with replicated shards (routers and brokers both read it).
     pub cluster: Option<ClusterSection>,
+    /// Explicit placement: address → shard number (otherwise a stable hash of the address).
+    pub placement: std::collections::BTreeMap<String, usize>,
     /// This node's id in the shard's Raft group.
     pub node_id: u64,
     /// Log entries between snapshots of the shard state (a restart replays at most this many).
@@ -292,6 +294,7 @@ impl Default for BrokerSection {
             url: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 5800)),
             cluster: None,
+            placement: Default::default(),
             node_id: 1,
             snapshot_every: node.snapshot_every,
             segment_bytes: node.segment_bytes,
@@ -301,6 +304,12 @@ impl Default for BrokerSection {
 
 impl BrokerSection {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let shards = self.cluster.as_ref().map_or(1, |c| c.shards as usize);
+        if let Some((a, s)) = self.placement.iter().find(|(_, s)| **s >= shards) {
+            return Err(ConfigError::Invalid(format!(
+                "broker.placement: {a} is placed on shard {s}, but there are {shards}"
+            )));
+        }
         if let Some(c) = &self.cluster {
             c.validate()?;
             if self.url.is_some() {

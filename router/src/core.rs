@@ -176,6 +176,8 @@ pub enum Mgmt {
     Queues(oneshot::Sender<Vec<broker::shard::QueueInfo>>),
     /// Removes a queue's ready messages; false without a broker.
     Purge(String, oneshot::Sender<bool>),
+    /// Which shard serves an address: (its type, the shard; None when not brokered).
+    Placement(String, oneshot::Sender<(AddressType, Option<usize>, usize)>),
     Shutdown(ErrorCondition),
 }
 
@@ -1586,6 +1588,21 @@ impl Core {
                 } else {
                     let _ = reply.send(Vec::new());
                 }
+            }
+            Mgmt::Placement(address, reply) => {
+                let kind = self
+                    .addresses
+                    .get(&address)
+                    .map_or_else(|| self.rules.resolve(&address), |a| a.kind);
+                let (shard, shards) = match &self.store {
+                    Some(p) if kind == AddressType::Queue => {
+                        (Some(p.queue_shard(&address)), p.shard_count())
+                    }
+                    Some(p) if kind.is_brokered() => (Some(0), p.shard_count()),
+                    Some(p) => (None, p.shard_count()),
+                    None => (None, 0),
+                };
+                let _ = reply.send((kind, shard, shards));
             }
             Mgmt::Purge(address, reply) => {
                 let ok = self.store.is_some();

@@ -56,6 +56,7 @@ pub fn app(api: Api) -> axum::Router {
         .route("/api/v1/address-stats", get(address_stats))
         .route("/api/v1/queues", get(queues))
         .route("/api/v1/purge/{*name}", post(purge))
+        .route("/api/v1/placement/{*name}", get(placement))
         .with_state(api)
 }
 
@@ -119,6 +120,20 @@ async fn purge(State(api): State<Api>, Path(name): Path<String>) -> Result<Statu
     } else {
         StatusCode::NOT_FOUND
     })
+}
+
+/// Where an address lives: its type and, for brokered addresses, the shard serving it.
+async fn placement(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, StatusCode> {
+    let (kind, shard, shards) = api.ask(|tx| Mgmt::Placement(name.clone(), tx)).await?;
+    Ok(Json(serde_json::json!({
+        "address": name,
+        "type": kind.as_str(),
+        "shard": shard,
+        "shards": shards,
+    })))
 }
 
 async fn create_address(

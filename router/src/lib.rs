@@ -110,7 +110,8 @@ pub async fn run(
         }
         (None, None, None) => Vec::new(),
     };
-    let store = (!shards.is_empty()).then(|| placement::Placement::new(shards, Default::default()));
+    let store = (!shards.is_empty())
+        .then(|| placement::Placement::new(shards, config.broker.placement.clone()));
     let core = Core::new(config.router.limits.clone(), rules, store);
     let core_task = tokio::spawn(core.run(core_rx));
     let users = (!config.router.users.is_empty())

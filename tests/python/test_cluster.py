@@ -24,7 +24,7 @@ from proton import Delivery, Message
 from proton.utils import LinkDetached
 
 from conftest import Router, enmesh_bin
-from helpers import SettleSecond, available, close_quietly, connect, pump, send_async, take
+from helpers import SettleSecond, available, close_quietly, connect, http_json, pump, send_async, take
 
 READY = re.compile(r"enmesh broker ready")
 
@@ -99,8 +99,18 @@ def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
     brokers = [ClusterBroker(tmp_path, ports, i + 1) for i in range(3)]
     for b in brokers:
         b.wait_ready()
-    router_cfg = cluster_yaml(ports) + 'addresses:\n  - prefix: "q/"\n    type: queue\n'
+    router_cfg = (cluster_yaml(ports).replace("  cluster:", "  placement:\n    q/pinned: 2\n  cluster:")
+                  + 'addresses:\n  - prefix: "q/"\n    type: queue\n  - prefix: "t/"\n    type: topic\n')
     r = Router(config=router_cfg, tmpdir=tmp_path, name="router", mode="router")
+    # Placement is visible in the management API: an override, a hashed queue, the topic home.
+    st, pinned = http_json("GET", r.http_url + "/api/v1/placement/q/pinned")
+    assert st == 200 and pinned["shard"] == 2 and pinned["shards"] == 3, pinned
+    st, audit = http_json("GET", r.http_url + "/api/v1/placement/q/audit")
+    assert audit["type"] == "queue" and audit["shard"] in (0, 1, 2), audit
+    st, topic = http_json("GET", r.http_url + "/api/v1/placement/t/x")
+    assert topic["shard"] == 0, topic
+    st, anycast = http_json("GET", r.http_url + "/api/v1/placement/plain")
+    assert anycast["type"] == "anycast" and anycast["shard"] is None, anycast
     accepted, confirmed, delivered = set(), set(), {}
     violations, resumes = [], []
     seq = 0
