@@ -5,7 +5,9 @@
 //! machine that applies committed [`shard::Cmd`]s and snapshots the shard state); [`shard`],
 //! [`queue`] and [`seqset`], the deterministic shard state and its compact backlog
 //! representation; [`node`], a shard as a running one-voter Raft group; [`service`], the task
-//! the router talks to. To come: `enmesh broker` as a process of its own, replication (issue 4).
+//! the router talks to; [`remote`], that interface over TCP for `enmesh broker`; [`net`], the
+//! Raft transport between brokers; [`cluster`], a broker process hosting replicated shards.
+//! To come (issue 4): links that survive a leader change, membership changes.
 #![forbid(unsafe_code)]
 
 pub mod cluster;
