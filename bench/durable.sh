@@ -18,18 +18,9 @@ mkdir -p "$out"
 cargo build --release --locked -p enmesh -p enmesh-bench >&2
 bash bench/peers/install.sh >&2
 bench="$root/target/release/enmesh-bench"
+. bench/lib.sh
 RPORT=5694
 
-median() {  # label addr-base args... -> median line by rate
-  local label=$1 addr=$2; shift 2
-  local lines=()
-  for i in $(seq "$RUNS"); do
-    lines+=("$(taskset -c 1 "$bench" amqp --label "$label" --address "$addr$i" --durable "$@" 2>&1 | tail -1)")
-    echo "  ${lines[-1]}" >&2
-  done
-  printf '%s\n' "${lines[@]}" | awk '{ match($0, /rate=[0-9]+/); print substr($0, RSTART+5, RLENGTH-5) "\t" $0 }' |
-    sort -n | awk -v n="$RUNS" 'NR == int((n + 1) / 2) { sub(/^[0-9]+\t/, ""); print }'
-}
 
 echo "== enmesh" >&2
 rm -rf "$out/enmesh-data"
@@ -38,14 +29,8 @@ taskset -c 0 "$root/target/release/enmesh" standalone --config "$out/enmesh.yaml
   --data "$out/enmesh-data" --listen 127.0.0.1:5693 --http 127.0.0.1:0 > "$out/enmesh.log" 2>&1 &
 EPID=$!
 for _ in $(seq 100); do grep -q "enmesh ready" "$out/enmesh.log" && break; sleep 0.05; done
-E=$(median enmesh q/bench --url 127.0.0.1:5693 --server-pid $EPID --count "$COUNT" --warmup $((COUNT / 10)))
-# Latency with one message in flight: a fixed rate whose interval is far above the latency.
-latency() {  # label address args...
-  local label=$1 addr=$2; shift 2
-  taskset -c 1 "$bench" amqp --label "$label" --address "$addr" --durable --rate "$LAT_RATE" \
-    --count "$LAT_COUNT" --warmup $((LAT_COUNT / 10)) "$@" 2>&1 | tail -1
-}
-EL=$(latency enmesh-latency q/latency --url 127.0.0.1:5693 --server-pid $EPID)
+E=$(median enmesh q/bench --durable --url 127.0.0.1:5693 --server-pid $EPID --count "$COUNT" --warmup $((COUNT / 10)))
+EL=$(latency enmesh-latency q/latency --durable --url 127.0.0.1:5693 --server-pid $EPID)
 kill $EPID; wait $EPID 2>/dev/null || true
 
 echo "== rabbitmq" >&2
@@ -54,15 +39,14 @@ for i in $(seq "$RUNS"); do
   bash bench/peers/rabbitmq.sh declare $RPORT "dq$i" durable >&2
   bash bench/peers/rabbitmq.sh declare $RPORT "qq$i" quorum >&2
 done
-C=$(median rabbitmq-classic /amq/queue/dq --url 127.0.0.1:$RPORT --server-pid "$RPID" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
-Q=$(median rabbitmq-quorum /amq/queue/qq --url 127.0.0.1:$RPORT --server-pid "$RPID" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
+C=$(median rabbitmq-classic /amq/queue/dq --durable --url 127.0.0.1:$RPORT --server-pid "$RPID" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
+Q=$(median rabbitmq-quorum /amq/queue/qq --durable --url 127.0.0.1:$RPORT --server-pid "$RPID" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
 bash bench/peers/rabbitmq.sh declare $RPORT dlat durable >&2
 bash bench/peers/rabbitmq.sh declare $RPORT qlat quorum >&2
-CL=$(latency rabbitmq-classic-latency /amq/queue/dlat --url 127.0.0.1:$RPORT --server-pid "$RPID")
-QL=$(latency rabbitmq-quorum-latency /amq/queue/qlat --url 127.0.0.1:$RPORT --server-pid "$RPID")
+CL=$(latency rabbitmq-classic-latency /amq/queue/dlat --durable --url 127.0.0.1:$RPORT --server-pid "$RPID")
+QL=$(latency rabbitmq-quorum-latency /amq/queue/qlat --durable --url 127.0.0.1:$RPORT --server-pid "$RPID")
 bash bench/peers/rabbitmq.sh stop $RPORT >&2
 
-rate() { grep -o 'rate=[0-9]*' <<<"$1" | head -1 | cut -d= -f2; }
 {
   echo "# bench/durable.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) RUNS=$RUNS"
   printf '%s\n%s\n%s\n%s\n%s\n%s\n' "$E" "$C" "$Q" "$EL" "$CL" "$QL"

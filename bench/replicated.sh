@@ -19,28 +19,14 @@ mkdir -p "$out"
 cargo build --release --locked -p enmesh -p enmesh-bench >&2
 bash bench/peers/install.sh >&2
 bench="$root/target/release/enmesh-bench"
+. bench/lib.sh
 
-median() {  # label addr-base args... -> the median line by rate
-  local label=$1 addr=$2; shift 2
-  local lines=()
-  for i in $(seq "$RUNS"); do
-    lines+=("$(taskset -c 1 "$bench" amqp --label "$label" --address "$addr$i" --durable --size 1024 "$@" 2>&1 | tail -1)")
-    echo "  ${lines[-1]}" >&2
-  done
-  printf '%s\n' "${lines[@]}" | awk '{ match($0, /rate=[0-9]+/); print substr($0, RSTART+5, RLENGTH-5) "\t" $0 }' |
-    sort -n | awk -v n="$RUNS" 'NR == int((n + 1) / 2) { sub(/^[0-9]+\t/, ""); print }'
-}
-latency() {  # label address args...
-  local label=$1 addr=$2; shift 2
-  taskset -c 1 "$bench" amqp --label "$label" --address "$addr" --durable --size 1024 \
-    --rate "$LAT_RATE" --count "$LAT_COUNT" --warmup $((LAT_COUNT / 10)) "$@" 2>&1 | tail -1
-}
 
 echo "== enmesh (3 brokers + router)" >&2
 AMQP=127.0.0.1:5795 HTTP=127.0.0.1:8795 BASE_CLIENT=5840 BASE_RAFT=5940 \
   bash scripts/local-cluster.sh start "$out/enmesh" >&2
-E=$(median enmesh-3-replicas q/bench --url 127.0.0.1:5795 --count "$COUNT" --warmup $((COUNT / 10)))
-EL=$(latency enmesh-3-replicas-latency q/latency --url 127.0.0.1:5795)
+E=$(median enmesh-3-replicas q/bench --durable --size 1024 --url 127.0.0.1:5795 --count "$COUNT" --warmup $((COUNT / 10)))
+EL=$(latency enmesh-3-replicas-latency q/latency --durable --size 1024 --url 127.0.0.1:5795)
 bash scripts/local-cluster.sh stop "$out/enmesh"
 
 echo "== rabbitmq (3-node cluster, quorum queues)" >&2
@@ -62,11 +48,10 @@ done
 bash bench/peers/rabbitmq.sh ctl "${P[0]}" cluster_status >&2 || true
 for i in $(seq "$RUNS"); do bash bench/peers/rabbitmq.sh declare "${P[0]}" "qq$i" quorum >&2; done
 bash bench/peers/rabbitmq.sh declare "${P[0]}" qlat quorum >&2
-Q=$(median rabbitmq-quorum-3-nodes /amq/queue/qq --url "127.0.0.1:${P[0]}" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
-QL=$(latency rabbitmq-quorum-3-nodes-latency /amq/queue/qlat --url "127.0.0.1:${P[0]}")
+Q=$(median rabbitmq-quorum-3-nodes /amq/queue/qq --durable --size 1024 --url "127.0.0.1:${P[0]}" --count "$PEER_COUNT" --warmup $((PEER_COUNT / 10)))
+QL=$(latency rabbitmq-quorum-3-nodes-latency /amq/queue/qlat --durable --size 1024 --url "127.0.0.1:${P[0]}")
 for p in "${P[@]}"; do bash bench/peers/rabbitmq.sh stop "$p" >&2 || true; done
 
-rate() { grep -o 'rate=[0-9]*' <<<"$1" | head -1 | cut -d= -f2; }
 {
   echo "# bench/replicated.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) RUNS=$RUNS"
   printf '%s\n%s\n%s\n%s\n' "$E" "$Q" "$EL" "$QL"
