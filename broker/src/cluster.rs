@@ -6,9 +6,10 @@
 //! every broker computes the same map from the same configuration.
 //!
 //! A shard's service takes router connections only while this replica leads: before it does,
-//! it makes sure the new term can commit, detaches the consumers recorded in the state (they
-//! belonged to connections of the previous leader; their unacknowledged messages return to
-//! the queues) and numbers its connections above any id a previous leader used. When
+//! it makes sure the new term can commit and numbers its connections above any id a previous
+//! leader used. The consumers recorded in the state belonged to connections of the previous
+//! leader: their routers resume them within [`crate::remote::RESUME_GRACE`], or they are
+//! detached (their unacknowledged messages return to the queues). When
 //! leadership moves away, its router connections are closed; routers then ask another broker,
 //! which answers with the leader's address.
 
@@ -217,8 +218,9 @@ async fn follow_leadership(shard: u32, h: Arc<Hosted>) {
     }
 }
 
-/// Readies a new leader: the term can commit, the previous leader's consumers are detached,
-/// connection numbers start above theirs. False if leadership was lost meanwhile.
+/// Readies a new leader: the term can commit, the previous leader's consumers are detached
+/// unless resumed within the grace period, connection numbers start above theirs. False if
+/// leadership was lost meanwhile.
 async fn take_over(h: &Hosted, term: u64) -> bool {
     let now = crate::service::now_ms();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -231,15 +233,27 @@ async fn take_over(h: &Hosted, term: u64) -> bool {
             Err(_) => return false,
         }
     }
+    // The previous leader's consumers stay attached for a grace period: their routers are
+    // reconnecting and resume them under new ids (keeping the messages their clients hold).
+    // Those not resumed by then are detached; what they held returns to the queues.
     let stale = h.handle.consumer_ids();
-    for consumer in stale {
-        if h.handle
-            .propose(&Cmd::Detach { consumer, now })
-            .await
-            .is_err()
-        {
-            return false;
-        }
+    if !stale.is_empty() {
+        let handle = h.handle.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::remote::RESUME_GRACE).await;
+            let now = crate::service::now_ms();
+            for consumer in stale {
+                // Resumed ones are gone already (a no-op); a lost leadership fails these,
+                // and the next leader does the same.
+                if handle
+                    .propose(&Cmd::Detach { consumer, now })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
     }
     // Connection numbers live in the top 24 bits of consumer ids: start each term's above
     // the previous terms' (stale ones were detached above in any case).

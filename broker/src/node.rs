@@ -377,9 +377,9 @@ impl ShardHandle {
             Err(e) => return self.sm.snapshot_body(seq)?.ok_or(NodeError::Io(e)),
         };
         match e.payload {
-            EntryPayload::Normal(c) => match Cmd::decode(&c.0)? {
-                Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Ok(body),
-                _ => Err(NodeError::Io(io::Error::new(
+            EntryPayload::Normal(c) => match Cmd::decode(&c.0)?.into_body() {
+                Some(body) => Ok(body),
+                None => Err(NodeError::Io(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("entry {seq} is not a message"),
                 ))),

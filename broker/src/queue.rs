@@ -270,6 +270,51 @@ impl Queue {
         fx
     }
 
+    /// Hands what `old` holds to `new` (a consumer resumed under a new id after its router
+    /// reconnected): messages in `keep` (the ones its router has) stay unacknowledged, now held
+    /// by `new`; the others return to the queue without an attempt counted (the client never
+    /// saw them). `old` is removed; `new` must be attached.
+    pub fn transfer(
+        &mut self,
+        old: ConsumerId,
+        new: ConsumerId,
+        keep: &BTreeSet<Seq>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Some(c) = self.consumers.remove(&old) else {
+            return;
+        };
+        if self.last_served == Some(old) {
+            self.last_served = None;
+        }
+        for seq in c.unacked {
+            let kept = keep.contains(&seq)
+                && self
+                    .consumers
+                    .get_mut(&new)
+                    .is_some_and(|n| n.unacked.insert(seq));
+            if !kept {
+                self.held -= 1;
+                self.requeue(seq, false, fx);
+            }
+        }
+    }
+
+    /// Gives ready message `seq` to consumer `consumer` without a delivery (its router still
+    /// has it from before a reconnection). False when the message is not ready (another
+    /// consumer has it, or it is gone).
+    pub fn claim(&mut self, consumer: ConsumerId, seq: Seq) -> bool {
+        let Some(c) = self.consumers.get_mut(&consumer) else {
+            return false;
+        };
+        if !self.ready.remove(seq) {
+            return false;
+        }
+        c.unacked.insert(seq);
+        self.held += 1;
+        true
+    }
+
     /// Time passes: expired ready messages are removed. (Unacknowledged ones are left to
     /// their consumer; if they come back they are checked again before any redelivery.)
     pub fn tick(&mut self, now: u64) -> Vec<Effect> {
@@ -397,6 +442,14 @@ pub(crate) fn put_seqs(o: &mut Vec<u8>, len: usize, seqs: impl Iterator<Item = S
         put_varint(o, s - prev);
         prev = s;
     }
+}
+
+/// [`put_seqs`] for a list in any order (sorted and deduplicated first).
+pub(crate) fn put_sorted_seqs(o: &mut Vec<u8>, seqs: &[Seq]) {
+    let mut s = seqs.to_vec();
+    s.sort_unstable();
+    s.dedup();
+    put_seqs(o, s.len(), s.into_iter());
 }
 
 /// Reads what [`put_seqs`] wrote, handing each to `f`.

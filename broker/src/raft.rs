@@ -681,8 +681,8 @@ impl BodyStore {
 fn entry_body(e: Entry) -> Option<Vec<u8>> {
     match e.payload {
         EntryPayload::Normal(c) => match Cmd::decode(&c.0) {
-            Ok(Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. }) => Some(body),
-            _ => None,
+            Ok(cmd) => cmd.into_body(),
+            Err(_) => None,
         },
         _ => None,
     }
@@ -986,12 +986,9 @@ impl RaftStateMachine<C> for StateMachine {
                         if let Ok(mut cmd) = Cmd::decode(&c.0) {
                             // The shard keeps metadata only; the body travels with the effects
                             // so the owner can deliver it without reading the log back.
-                            let body = match &mut cmd {
-                                Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => {
-                                    Some((entry.log_id.index, std::mem::take(body)))
-                                }
-                                _ => None,
-                            };
+                            let body = cmd
+                                .body_mut()
+                                .map(|b| (entry.log_id.index, std::mem::take(b)));
                             let effects = g.shard.apply(entry.log_id.index, cmd);
                             let worth = !effects.is_empty() || body.is_some();
                             if let (true, Some(tx)) = (worth, g.effects.as_ref()) {

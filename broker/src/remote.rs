@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::node::ShardNode;
 use crate::queue::ConsumerId;
 use crate::service::{Delivery, Request, StoreError, Tag};
-use crate::shard::{QueueInfo, get_opt_str, outcome_byte, outcome_from, put_opt_str};
+use crate::shard::{QueueInfo, Target, get_opt_str, outcome_byte, outcome_from, put_opt_str};
 use crate::wire::{Reader, put_bytes, put_opt_u64, put_varint};
 
 /// Largest frame accepted: a message of the router's largest size plus headroom.
@@ -32,6 +32,10 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// Consumer ids and tags a router may use: the bits above carry the connection number.
 const LOCAL_BITS: u32 = 40;
 const LOCAL_MASK: u64 = (1 << LOCAL_BITS) - 1;
+
+/// How long the consumers of a connection that broke (rather than said [`ToBroker::Bye`])
+/// stay attached, waiting for their router to resume them on a new connection.
+pub const RESUME_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A store request's outcome, by tag.
 pub type Completion = (Tag, Result<(), StoreError>);
@@ -49,6 +53,10 @@ pub enum ToBroker {
     /// Liveness: answered by [`ToRouter::Pong`]. Routers send one twice a second; a partition
     /// that drops packets silently is noticed within seconds on both sides.
     Ping,
+    /// The router is leaving for good (shutting down): its consumers are detached at once.
+    /// A connection that ends without it leaves them attached for [`RESUME_GRACE`], for the
+    /// router to resume them.
+    Bye,
 }
 
 /// Broker → router.
@@ -65,8 +73,12 @@ pub enum ToRouter {
     NotLeader {
         leader: Option<String>,
     },
-    /// The broker serves this connection's shard: requests may follow.
-    Welcome,
+    /// The broker serves this connection's shard: requests may follow. `conn` is the
+    /// connection's number, the top bits of the ids of consumers attached through it (a
+    /// router resuming consumers after a reconnection names them by it).
+    Welcome {
+        conn: u64,
+    },
     Pong,
 }
 
@@ -95,6 +107,7 @@ impl ToBroker {
                 put_varint(o, u64::from(*shard));
             }
             ToBroker::Ping => o.push(102),
+            ToBroker::Bye => o.push(103),
             ToBroker::Request(r) => encode_request(r, o)?,
         }
         Ok(())
@@ -109,6 +122,7 @@ impl ToBroker {
                 shard: get_u32v(&mut r)?,
             },
             102 => ToBroker::Ping,
+            103 => ToBroker::Bye,
             k => ToBroker::Request(decode_request(k, &mut r)?),
         };
         if !r.is_empty() {
@@ -118,7 +132,8 @@ impl ToBroker {
     }
 }
 
-fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
+/// Encodes a request as a frame body (what [`ToBroker::Request`] carries), from a reference.
+pub fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
     match r {
         Request::Enqueue {
             address,
@@ -222,6 +237,38 @@ fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
             o.push(11);
             put_bytes(o, address.as_bytes());
         }
+        Request::Once {
+            origin,
+            seq,
+            request,
+        } => {
+            o.push(12);
+            put_varint(o, *origin);
+            put_varint(o, *seq);
+            match **request {
+                Request::Enqueue { .. } | Request::Publish { .. } => encode_request(request, o)?,
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "only a message may be sent once",
+                    ));
+                }
+            }
+        }
+        Request::Resume {
+            old,
+            consumer,
+            target,
+            keep,
+            credit,
+        } => {
+            o.push(13);
+            put_varint(o, *old);
+            put_varint(o, *consumer);
+            target.put(o);
+            crate::queue::put_sorted_seqs(o, keep);
+            put_varint(o, u64::from(*credit));
+        }
         Request::Info { .. } => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -289,6 +336,33 @@ fn decode_request(kind: u8, r: &mut Reader) -> io::Result<Request> {
         11 => Request::Purge {
             address: r.string()?,
         },
+        12 => {
+            let origin = r.varint()?;
+            let seq = r.varint()?;
+            let request = match r.u8()? {
+                k @ (1 | 2) => decode_request(k, r)?,
+                _ => return Err(bad("only a message may be sent once")),
+            };
+            Request::Once {
+                origin,
+                seq,
+                request: Box::new(request),
+            }
+        }
+        13 => {
+            let old = r.varint()?;
+            let consumer = r.varint()?;
+            let target = Target::decode(r)?;
+            let mut keep = Vec::new();
+            crate::queue::get_seqs(r, |s| keep.push(s))?;
+            Request::Resume {
+                old,
+                consumer,
+                target,
+                keep,
+                credit: get_u32v(r)?,
+            }
+        }
         _ => return Err(bad("unknown request kind")),
     })
 }
@@ -328,7 +402,10 @@ impl ToRouter {
                 o.push(4);
                 put_opt_str(o, leader.as_deref());
             }
-            ToRouter::Welcome => o.push(5),
+            ToRouter::Welcome { conn } => {
+                o.push(5);
+                put_varint(o, *conn);
+            }
             ToRouter::Pong => o.push(6),
             ToRouter::Info { id, queues } => {
                 o.push(3);
@@ -409,7 +486,7 @@ impl ToRouter {
             4 => ToRouter::NotLeader {
                 leader: get_opt_str(&mut r)?,
             },
-            5 => ToRouter::Welcome,
+            5 => ToRouter::Welcome { conn: r.varint()? },
             6 => ToRouter::Pong,
             _ => return Err(bad("unknown frame kind")),
         };
@@ -585,7 +662,7 @@ impl ShardService {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             & ((1 << (64 - LOCAL_BITS)) - 1);
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(ToRouter::Welcome);
+        let _ = tx.send(ToRouter::Welcome { conn });
         if let Ok(mut g) = self.conns.lock() {
             g.insert(conn, tx.clone());
         }
@@ -708,6 +785,7 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
                     let _ = tx.send(ToRouter::Pong);
                     continue;
                 }
+                ToBroker::Bye => return Ok(true),
                 ToBroker::Info { id } => {
                     let (reply, answer) = oneshot::channel();
                     let _ = requests.send(Request::Info { reply });
@@ -724,21 +802,38 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
             };
             let req = namespace(req, high, &mut consumers)?;
             if requests.send(req).is_err() {
-                return Ok(());
+                return Ok(false);
             }
         }
-        Ok::<(), io::Error>(())
+        Ok::<bool, io::Error>(false)
     };
     let result = tokio::select! {
         r = reading => r,
-        _ = kick.changed() => Ok(()),
+        _ = kick.changed() => Ok(false),
     };
-    if let Err(e) = result {
-        tracing::warn!("router connection {conn}: {e}");
-    }
-    // The router is gone: so are its consumers (what they held goes back to the queues).
-    for c in consumers {
-        let _ = requests.send(Request::Detach { consumer: c });
+    let bye = match result {
+        Ok(bye) => bye,
+        Err(e) => {
+            tracing::warn!("router connection {conn}: {e}");
+            false
+        }
+    };
+    if bye {
+        for c in consumers {
+            let _ = requests.send(Request::Detach { consumer: c });
+        }
+    } else if !consumers.is_empty() {
+        // The router may be back in a moment and resume them under new ids (then these
+        // detaches find nothing). Weak: a stopping service does not wait for the grace.
+        let requests = requests.downgrade();
+        tokio::spawn(async move {
+            tokio::time::sleep(RESUME_GRACE).await;
+            if let Some(requests) = requests.upgrade() {
+                for c in consumers {
+                    let _ = requests.send(Request::Detach { consumer: c });
+                }
+            }
+        });
     }
     if let Ok(mut g) = conns.lock() {
         g.remove(&conn);
@@ -761,6 +856,16 @@ fn namespace(
             Ok(id | high)
         }
     };
+    if let Request::Once { request, .. } = &mut r {
+        let inner = std::mem::replace(
+            &mut **request,
+            Request::Purge {
+                address: String::new(),
+            },
+        );
+        **request = namespace(inner, high, consumers)?;
+        return Ok(r);
+    }
     match &mut r {
         Request::Enqueue { done, .. }
         | Request::Publish { done, .. }
@@ -772,7 +877,11 @@ fn namespace(
         _ => {}
     }
     match &mut r {
-        Request::Attach { consumer, .. } | Request::Subscribe { consumer, .. } => {
+        Request::Attach { consumer, .. }
+        | Request::Subscribe { consumer, .. }
+        | Request::Resume { consumer, .. } => {
+            // (A resumed consumer's `old` id is already global: it names a consumer of an
+            // earlier connection.)
             *consumer = global(*consumer)?;
             consumers.insert(*consumer);
         }
@@ -851,6 +960,28 @@ mod tests {
             Request::Purge {
                 address: "q".into(),
             },
+            Request::Once {
+                origin: u64::MAX,
+                seq: 12,
+                request: Box::new(Request::Enqueue {
+                    address: "q".into(),
+                    ttl_ms: None,
+                    absolute_expiry: None,
+                    body: b"again".to_vec(),
+                    done: Some(3),
+                }),
+            },
+            Request::Resume {
+                old: 5 << LOCAL_BITS | 4,
+                consumer: 9,
+                target: Target::Subscription {
+                    name: "c:l".into(),
+                    filter: "t/#".into(),
+                    durable: true,
+                },
+                keep: vec![7, 8, 100],
+                credit: 64,
+            },
         ]
     }
 
@@ -869,6 +1000,7 @@ mod tests {
         }
         for m in [
             ToBroker::Ping,
+            ToBroker::Bye,
             ToBroker::Hello { shard: 7 },
             ToBroker::Info { id: 3 },
         ] {
@@ -880,7 +1012,7 @@ mod tests {
         }
         let msgs = vec![
             ToRouter::Pong,
-            ToRouter::Welcome,
+            ToRouter::Welcome { conn: 3 },
             ToRouter::NotLeader {
                 leader: Some("10.0.0.2:5800".into()),
             },
@@ -937,6 +1069,44 @@ mod tests {
         .unwrap();
         assert!(matches!(r, Request::Attach { consumer, .. } if consumer == (2 << LOCAL_BITS) | 4));
         assert!(seen.contains(&((2 << LOCAL_BITS) | 4)));
+        // A resumed consumer: the new id is namespaced, the old one is kept as given; the tag
+        // of a message sent once is namespaced inside.
+        let old = (1 << LOCAL_BITS) | 4;
+        let r = namespace(
+            Request::Resume {
+                old,
+                consumer: 5,
+                target: Target::Queue {
+                    address: "q".into(),
+                },
+                keep: vec![],
+                credit: 0,
+            },
+            2 << LOCAL_BITS,
+            &mut seen,
+        )
+        .unwrap();
+        assert!(
+            matches!(r, Request::Resume { old: o, consumer, .. } if o == old && consumer == (2 << LOCAL_BITS) | 5)
+        );
+        let r = namespace(
+            Request::Once {
+                origin: 1,
+                seq: 1,
+                request: Box::new(Request::Publish {
+                    topic: "t".into(),
+                    ttl_ms: None,
+                    absolute_expiry: None,
+                    body: vec![],
+                    done: Some(6),
+                }),
+            },
+            2 << LOCAL_BITS,
+            &mut seen,
+        )
+        .unwrap();
+        assert!(matches!(r, Request::Once { request, .. }
+            if matches!(*request, Request::Publish { done: Some(t), .. } if t == (2 << LOCAL_BITS) | 6)));
         assert!(
             namespace(
                 Request::Detach {

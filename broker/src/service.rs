@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use crate::node::{ShardHandle, ShardNode};
 use crate::queue::{ConsumerId, Outcome, Seq};
 use crate::raft::Applied;
-use crate::shard::{Cmd, QueueInfo, ShardEffect};
+use crate::shard::{Cmd, QueueInfo, ShardEffect, Target};
 use crate::volatile::{Limits as VolatileLimits, Volatile};
 
 /// Ticks (of 500 ms) between snapshots taken because the shard had work and then went quiet.
@@ -106,6 +106,21 @@ pub enum Request {
     /// Removes the ready messages of a queue (unacknowledged ones stay).
     Purge {
         address: String,
+    },
+    /// An `Enqueue` or `Publish` that may arrive more than once: see [`Cmd::Once`].
+    Once {
+        origin: u64,
+        seq: u64,
+        request: Box<Request>,
+    },
+    /// A consumer continuing under a new id after its router reconnected: see
+    /// [`Cmd::Resume`].
+    Resume {
+        old: ConsumerId,
+        consumer: ConsumerId,
+        target: Target,
+        keep: Vec<Seq>,
+        credit: u32,
     },
     /// Counters of every queue, answered without going through the log.
     Info {
@@ -236,6 +251,36 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
         ),
         Request::Detach { consumer } => (Cmd::Detach { consumer, now }, None),
         Request::Purge { address } => (Cmd::Purge { address }, None),
+        Request::Once {
+            origin,
+            seq,
+            request,
+        } => {
+            let (cmd, done) = to_cmd(*request, now);
+            let cmd = Cmd::Once {
+                origin,
+                seq,
+                cmd: Box::new(cmd),
+            };
+            (cmd, done)
+        }
+        Request::Resume {
+            old,
+            consumer,
+            target,
+            keep,
+            credit,
+        } => (
+            Cmd::Resume {
+                old,
+                new: consumer,
+                target,
+                keep,
+                credit,
+                now,
+            },
+            None,
+        ),
         // Answered before proposing (see `run`).
         Request::Info { .. } => (Cmd::Tick { now }, None),
     }

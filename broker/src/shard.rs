@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 use std::io;
 
-use crate::queue::{ConsumerId, Effect, Outcome, Policy, Queue, Seq, get_seqs, put_seqs};
+use crate::queue::{
+    ConsumerId, Effect, Outcome, Policy, Queue, Seq, get_seqs, put_seqs, put_sorted_seqs,
+};
 use crate::wire::{Reader, put_bytes, put_opt_u64, put_varint};
 
 /// What a shard's log carries.
@@ -93,7 +95,86 @@ pub enum Cmd {
         name: String,
         filter: String,
     },
+    /// An `Enqueue` or `Publish` that a router may send more than once (it resends what was
+    /// in doubt when a leader changed): applied only if `seq` is above the last one applied
+    /// from `origin`. A router's requests reach the log in order, so this drops exactly the
+    /// repeats.
+    Once {
+        origin: u64,
+        seq: u64,
+        cmd: Box<Cmd>,
+    },
+    /// Consumer `old`, whose router reconnected (to a new leader, or after a network break),
+    /// continues as `new` on `target`: of what `old` held, the messages in `keep` (those its
+    /// router received and has not settled) pass to `new`, the rest return to the queue
+    /// uncounted (never seen). If `old` is gone already, `keep` messages still ready are
+    /// claimed. `new` starts with `credit` deliveries available. A new id, so that deliveries
+    /// to `old` still on their way are recognisably stale.
+    Resume {
+        old: ConsumerId,
+        new: ConsumerId,
+        target: Target,
+        keep: Vec<Seq>,
+        credit: u32,
+        now: u64,
+    },
 }
+
+/// What a consumer reads: a queue, or a subscription (created if needed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Queue {
+        address: String,
+    },
+    Subscription {
+        name: String,
+        filter: String,
+        durable: bool,
+    },
+}
+
+impl Target {
+    fn encode(&self, o: &mut Vec<u8>) {
+        match self {
+            Target::Queue { address } => {
+                o.push(0);
+                put_bytes(o, address.as_bytes());
+            }
+            Target::Subscription {
+                name,
+                filter,
+                durable,
+            } => {
+                o.push(1 | (u8::from(*durable) << 1));
+                put_bytes(o, name.as_bytes());
+                put_bytes(o, filter.as_bytes());
+            }
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> io::Result<Target> {
+        Ok(match r.u8()? {
+            0 => Target::Queue {
+                address: r.string()?,
+            },
+            k @ (1 | 3) => Target::Subscription {
+                name: r.string()?,
+                filter: r.string()?,
+                durable: k == 3,
+            },
+            _ => return Err(bad("bad consumer target")),
+        })
+    }
+
+    pub(crate) fn put(&self, o: &mut Vec<u8>) {
+        self.encode(o)
+    }
+}
+
+/// Origins (routers' resend identities) remembered for deduplication: forgotten after this
+/// long without a message, and the least recently used go first past the count limit.
+const ORIGIN_IDLE_MS: u64 = 10 * 60 * 1000;
+const MAX_ORIGINS: usize = 65_536;
 
 fn bad(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
@@ -273,8 +354,64 @@ impl Cmd {
                 put_bytes(&mut o, name.as_bytes());
                 put_bytes(&mut o, filter.as_bytes());
             }
+            Cmd::Once { origin, seq, cmd } => {
+                o.push(13);
+                put_u64(&mut o, *origin);
+                put_u64(&mut o, *seq);
+                o.extend_from_slice(&cmd.encode());
+            }
+            Cmd::Resume {
+                old,
+                new,
+                target,
+                keep,
+                credit,
+                now,
+            } => {
+                o.push(14);
+                put_u64(&mut o, *old);
+                put_u64(&mut o, *new);
+                target.encode(&mut o);
+                put_sorted_seqs(&mut o, keep);
+                put_u32(&mut o, *credit);
+                put_u64(&mut o, *now);
+            }
         }
         o
+    }
+
+    /// The message body this command carries, if any.
+    pub fn body_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Some(body),
+            Cmd::Once { cmd, .. } => cmd.body_mut(),
+            _ => None,
+        }
+    }
+
+    /// The proposer's clock carried by the command (0 for those without one).
+    pub fn now(&self) -> u64 {
+        match self {
+            Cmd::Enqueue { now, .. }
+            | Cmd::Publish { now, .. }
+            | Cmd::Attach { now, .. }
+            | Cmd::Credit { now, .. }
+            | Cmd::Settle { now, .. }
+            | Cmd::Detach { now, .. }
+            | Cmd::Tick { now }
+            | Cmd::Subscribe { now, .. }
+            | Cmd::Resume { now, .. } => *now,
+            Cmd::Once { cmd, .. } => cmd.now(),
+            Cmd::Declare { .. }
+            | Cmd::Purge { .. }
+            | Cmd::Unsubscribe { .. }
+            | Cmd::Bind { .. } => 0,
+        }
+    }
+
+    /// [`Cmd::body_mut`], by value.
+    pub fn into_body(mut self) -> Option<Vec<u8>> {
+        self.body_mut().map(std::mem::take)
     }
 
     pub fn decode(b: &[u8]) -> io::Result<Cmd> {
@@ -339,6 +476,36 @@ impl Cmd {
                 name: r.string()?,
                 filter: r.string()?,
             },
+            13 => {
+                let origin = r.u64()?;
+                let seq = r.u64()?;
+                let cmd = Cmd::decode(r.0)?;
+                r.0 = &[];
+                // Only messages are deduplicated (and no nesting: decoding stays shallow).
+                if !matches!(cmd, Cmd::Enqueue { .. } | Cmd::Publish { .. }) {
+                    return Err(bad("only a message may be sent once"));
+                }
+                Cmd::Once {
+                    origin,
+                    seq,
+                    cmd: Box::new(cmd),
+                }
+            }
+            14 => {
+                let old = r.u64()?;
+                let new = r.u64()?;
+                let target = Target::decode(&mut r)?;
+                let mut keep = Vec::new();
+                get_seq_list(&mut r, &mut keep)?;
+                Cmd::Resume {
+                    old,
+                    new,
+                    target,
+                    keep,
+                    credit: r.u32()?,
+                    now: r.u64()?,
+                }
+            }
             _ => return Err(bad("unknown command")),
         };
         if !r.is_empty() {
@@ -410,6 +577,8 @@ pub struct Shard {
     refs: BTreeMap<Seq, u32>,
     /// Deliveries made to each consumer since it attached (against its credit limit).
     delivered: BTreeMap<ConsumerId, u32>,
+    /// For [`Cmd::Once`]: the last sequence applied from each origin, and when.
+    origins: BTreeMap<u64, (u64, u64)>,
 }
 
 impl Shard {
@@ -477,13 +646,9 @@ impl Shard {
                 credit,
                 now,
             } => {
-                // A consumer id reattaching elsewhere leaves its old queue first.
-                let mut fx = self.detach(consumer, now);
-                self.consumers.insert(consumer, address.clone());
-                self.delivered.insert(consumer, 0);
-                let more = self.queue(&address).queue.attach(consumer, credit, now);
-                fx.extend(self.resolve(&address, more, now));
-                return fx;
+                return self
+                    .attach(consumer, Target::Queue { address }, credit, now)
+                    .1;
             }
             Cmd::Credit {
                 consumer,
@@ -516,6 +681,8 @@ impl Shard {
             }
             Cmd::Detach { consumer, now } => return self.detach(consumer, now),
             Cmd::Tick { now } => {
+                self.origins
+                    .retain(|_, (_, at)| now.saturating_sub(*at) < ORIGIN_IDLE_MS);
                 let addresses: Vec<String> = self.queues.keys().cloned().collect();
                 let mut out = Vec::new();
                 for a in addresses {
@@ -546,21 +713,28 @@ impl Shard {
                 credit,
                 now,
             } => {
-                let q = sub_queue(&name);
-                let mut fx = self.detach(consumer, now);
-                let b = self.bindings.entry(q.clone()).or_insert(Binding {
-                    filter: filter.clone(),
+                let target = Target::Subscription {
+                    name,
+                    filter,
                     durable,
-                });
-                // A durable subscription reattached with another filter takes the new one.
-                b.filter = filter;
-                b.durable = durable;
-                self.consumers.insert(consumer, q.clone());
-                self.delivered.insert(consumer, 0);
-                let more = self.queue(&q).queue.attach(consumer, credit, now);
-                fx.extend(self.resolve(&q, more, now));
-                return fx;
+                };
+                return self.attach(consumer, target, credit, now).1;
             }
+            Cmd::Once { origin, seq, cmd } => {
+                if self.seen(origin, seq, cmd.now()) {
+                    // A repeat: its entry holds no message anyone needs.
+                    return vec![ShardEffect::Forget { seq: index }];
+                }
+                return self.apply(index, *cmd);
+            }
+            Cmd::Resume {
+                old,
+                new,
+                target,
+                keep,
+                credit,
+                now,
+            } => return self.resume(old, new, target, keep, credit, now),
             Cmd::Publish {
                 topic,
                 now,
@@ -594,6 +768,93 @@ impl Shard {
             Cmd::Unsubscribe { name } => return self.unsubscribe(&sub_queue(&name)),
         };
         self.resolve(&address, fx, now)
+    }
+
+    /// Attaches `consumer` to `target` (leaving whatever it read before); returns the queue
+    /// it reads.
+    fn attach(
+        &mut self,
+        consumer: ConsumerId,
+        target: Target,
+        credit: u32,
+        now: u64,
+    ) -> (String, Vec<ShardEffect>) {
+        // A consumer id reattaching elsewhere leaves its old queue first.
+        let mut fx = self.detach(consumer, now);
+        let q = match target {
+            Target::Queue { address } => address,
+            Target::Subscription {
+                name,
+                filter,
+                durable,
+            } => {
+                let q = sub_queue(&name);
+                let b = self.bindings.entry(q.clone()).or_insert(Binding {
+                    filter: filter.clone(),
+                    durable,
+                });
+                // A durable subscription reattached with another filter takes the new one.
+                b.filter = filter;
+                b.durable = durable;
+                q
+            }
+        };
+        self.consumers.insert(consumer, q.clone());
+        self.delivered.insert(consumer, 0);
+        let more = self.queue(&q).queue.attach(consumer, credit, now);
+        fx.extend(self.resolve(&q, more, now));
+        (q, fx)
+    }
+
+    /// See [`Cmd::Resume`].
+    fn resume(
+        &mut self,
+        old: ConsumerId,
+        new: ConsumerId,
+        target: Target,
+        keep: Vec<Seq>,
+        credit: u32,
+        now: u64,
+    ) -> Vec<ShardEffect> {
+        let (q, mut fx) = self.attach(new, target, 0, now);
+        let keep: std::collections::BTreeSet<Seq> = keep.into_iter().collect();
+        let mut qfx = Vec::new();
+        if self.consumers.get(&old) == Some(&q) {
+            self.consumers.remove(&old);
+            self.delivered.remove(&old);
+            self.queue(&q).queue.transfer(old, new, &keep, &mut qfx);
+        } else {
+            // Gone already (or reading something else): what it held went back with an
+            // attempt counted; take back what is still there.
+            fx.extend(self.detach(old, now));
+        }
+        let queue = &mut self.queue(&q).queue;
+        for seq in &keep {
+            queue.claim(new, *seq);
+        }
+        qfx.extend(queue.credit(new, credit, now));
+        fx.extend(self.resolve(&q, qfx, now));
+        fx
+    }
+
+    /// True if `seq` from `origin` was applied already; records it otherwise.
+    fn seen(&mut self, origin: u64, seq: u64, now: u64) -> bool {
+        if let Some((last, at)) = self.origins.get_mut(&origin) {
+            if seq <= *last {
+                return true;
+            }
+            *last = seq;
+            *at = now;
+            return false;
+        }
+        if self.origins.len() >= MAX_ORIGINS {
+            let oldest = self.origins.iter().min_by_key(|(_, (_, at))| *at);
+            if let Some(&o) = oldest.map(|(o, _)| o) {
+                self.origins.remove(&o);
+            }
+        }
+        self.origins.insert(origin, (seq, now));
+        false
     }
 
     fn detach(&mut self, consumer: ConsumerId, now: u64) -> Vec<ShardEffect> {
@@ -749,6 +1010,12 @@ impl Shard {
             put_varint(o, *id);
             put_varint(o, u64::from(*n));
         }
+        put_varint(o, self.origins.len() as u64);
+        for (origin, (seq, at)) in &self.origins {
+            put_varint(o, *origin);
+            put_varint(o, *seq);
+            put_varint(o, *at);
+        }
     }
 
     /// Reads what [`Shard::encode`] wrote; damaged input is an error.
@@ -788,6 +1055,12 @@ impl Shard {
         for _ in 0..r.count(2)? {
             let id = r.varint()?;
             shard.delivered.insert(id, small(r.varint()?)?);
+        }
+        for _ in 0..r.count(3)? {
+            let origin = r.varint()?;
+            let seq = r.varint()?;
+            let at = r.varint()?;
+            shard.origins.insert(origin, (seq, at));
         }
         if !r.is_empty() {
             return Err(bad("trailing bytes after shard state"));
@@ -867,12 +1140,213 @@ mod tests {
             Cmd::Purge {
                 address: "q".into(),
             },
+            Cmd::Once {
+                origin: u64::MAX,
+                seq: 3,
+                cmd: Box::new(enqueue("q", 8)),
+            },
+            Cmd::Once {
+                origin: 1,
+                seq: 1,
+                cmd: Box::new(publish("t/a")),
+            },
+            Cmd::Resume {
+                old: 1 << 50,
+                new: 7,
+                target: Target::Queue {
+                    address: "q".into(),
+                },
+                keep: vec![3, 9, 27],
+                credit: 4,
+                now: 6,
+            },
+            Cmd::Resume {
+                old: 2,
+                new: 8,
+                target: Target::Subscription {
+                    name: "n".into(),
+                    filter: "t/#".into(),
+                    durable: true,
+                },
+                keep: vec![],
+                credit: 0,
+                now: 7,
+            },
         ];
         for c in cmds {
             assert_eq!(Cmd::decode(&c.encode()).unwrap(), c);
         }
         assert!(Cmd::decode(&[2, 0, 0]).is_err());
         assert!(Cmd::decode(&[99]).is_err());
+        // Only a message may be wrapped, once.
+        let mut nested = vec![13];
+        nested.extend_from_slice(&[0; 16]);
+        nested.extend_from_slice(&Cmd::Tick { now: 1 }.encode());
+        assert!(Cmd::decode(&nested).is_err());
+    }
+
+    fn once(origin: u64, seq: u64, address: &str) -> Cmd {
+        Cmd::Once {
+            origin,
+            seq,
+            cmd: Box::new(enqueue(address, 0)),
+        }
+    }
+
+    fn queue_depth(s: &Shard, address: &str) -> (usize, usize) {
+        s.info()
+            .iter()
+            .find(|i| i.address == address)
+            .map_or((0, 0), |i| (i.depth, i.ready))
+    }
+
+    #[test]
+    fn a_resent_message_is_applied_once() {
+        let mut s = Shard::new();
+        assert!(s.apply(1, once(7, 1, "q")).is_empty());
+        assert!(s.apply(2, once(7, 2, "q")).is_empty());
+        // The router resends 2 and 3 after a leader change: 2 is a repeat.
+        assert_eq!(
+            s.apply(3, once(7, 2, "q")),
+            vec![ShardEffect::Forget { seq: 3 }]
+        );
+        assert!(s.apply(4, once(7, 3, "q")).is_empty());
+        // Another origin counts on its own.
+        assert!(s.apply(5, once(8, 1, "q")).is_empty());
+        assert_eq!(queue_depth(&s, "q"), (4, 4));
+        // Remembered across a snapshot.
+        let mut snap = Vec::new();
+        s.encode(&mut snap);
+        let mut b = Shard::decode(&snap).unwrap();
+        assert_eq!(
+            b.apply(6, once(7, 3, "q")),
+            vec![ShardEffect::Forget { seq: 6 }]
+        );
+        // Forgotten after a long silence (a new router process uses a new origin anyway).
+        b.apply(
+            7,
+            Cmd::Tick {
+                now: ORIGIN_IDLE_MS + 1,
+            },
+        );
+        assert!(b.apply(8, once(7, 3, "q")).is_empty());
+    }
+
+    fn attach(consumer: u64, address: &str, credit: u32) -> Cmd {
+        Cmd::Attach {
+            consumer,
+            address: address.into(),
+            credit,
+            now: 0,
+        }
+    }
+
+    fn resume(old: u64, new: u64, keep: Vec<u64>, credit: u32) -> Cmd {
+        Cmd::Resume {
+            old,
+            new,
+            target: Target::Queue {
+                address: "q".into(),
+            },
+            keep,
+            credit,
+            now: 0,
+        }
+    }
+
+    #[test]
+    fn a_resumed_consumer_keeps_what_its_client_holds() {
+        let mut s = Shard::new();
+        s.apply(1, attach(1, "q", 3));
+        for i in 2..=4 {
+            assert_eq!(s.apply(i, enqueue("q", 0)), vec![deliver(1, i)]);
+        }
+        // Its router got 2 and 3; 4 was lost with the old leader's connection.
+        assert!(s.apply(5, resume(1, 2, vec![2, 3], 0)).is_empty());
+        assert_eq!(queue_depth(&s, "q"), (3, 1));
+        // The old id is gone: its late settlement does nothing; the new id's works.
+        assert!(s.apply(6, settle(1, 3)).is_empty());
+        assert_eq!(
+            s.apply(7, settle(2, 3)),
+            vec![ShardEffect::Forget { seq: 3 }]
+        );
+        // 4 comes again, as a first delivery (the client never saw it).
+        assert_eq!(
+            s.apply(
+                8,
+                Cmd::Credit {
+                    consumer: 2,
+                    credit: 1,
+                    now: 0
+                }
+            ),
+            vec![deliver(2, 4)]
+        );
+        assert_eq!(s.consumer_ids(), vec![2]);
+    }
+
+    #[test]
+    fn a_consumer_resumed_after_its_detach_claims_what_is_still_there() {
+        let mut s = Shard::new();
+        s.apply(1, attach(1, "q", 2));
+        s.apply(2, enqueue("q", 0));
+        s.apply(3, enqueue("q", 0));
+        // Detached after the grace period; 2 and 3 are ready again.
+        assert!(
+            s.apply(
+                4,
+                Cmd::Detach {
+                    consumer: 1,
+                    now: 0
+                }
+            )
+            .is_empty()
+        );
+        assert_eq!(queue_depth(&s, "q"), (2, 2));
+        // The router comes back holding 2 (3 was settled in the meantime, say, and is not
+        // kept): 2 is claimed without a delivery, 3 is delivered.
+        let fx = s.apply(5, resume(1, 2, vec![2], 5));
+        assert_eq!(
+            fx,
+            vec![ShardEffect::Deliver {
+                consumer: 2,
+                seq: 3,
+                delivery_count: 1
+            }]
+        );
+        assert_eq!(queue_depth(&s, "q"), (2, 0));
+        assert_eq!(
+            s.apply(6, settle(2, 2)),
+            vec![ShardEffect::Forget { seq: 2 }]
+        );
+    }
+
+    #[test]
+    fn resuming_the_only_consumer_of_a_temporary_subscription_keeps_it() {
+        let mut s = Shard::new();
+        s.apply(1, subscribe(1, "link:1", "t/#", false));
+        assert_eq!(s.apply(2, publish("t/a")), vec![deliver(1, 2)]);
+        let fx = s.apply(
+            3,
+            Cmd::Resume {
+                old: 1,
+                new: 2,
+                target: Target::Subscription {
+                    name: "link:1".into(),
+                    filter: "t/#".into(),
+                    durable: false,
+                },
+                keep: vec![2],
+                credit: 10,
+                now: 0,
+            },
+        );
+        assert!(fx.is_empty());
+        assert_eq!(s.apply(4, publish("t/b")), vec![deliver(2, 4)]);
+        assert_eq!(
+            s.apply(5, settle(2, 2)),
+            vec![ShardEffect::Forget { seq: 2 }]
+        );
     }
 
     #[test]
@@ -1117,6 +1591,19 @@ mod tests {
                 outcome: Outcome::Rejected,
                 now: 9,
             },
+            once(3, 1, "q"),
+            Cmd::Resume {
+                old: 9,
+                new: 10,
+                target: Target::Queue {
+                    address: "q".into(),
+                },
+                keep: vec![1],
+                credit: 2,
+                now: 21,
+            },
+            once(3, 1, "q"),
+            once(3, 2, "q"),
         ];
         for cut in 0..=script.len() {
             let mut a = Shard::new();

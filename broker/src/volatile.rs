@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::queue::{ConsumerId, Seq};
 use crate::service::{Delivery, Request, StoreError, Tag};
-use crate::shard::{Cmd, QueueInfo, Shard, ShardEffect};
+use crate::shard::{Cmd, QueueInfo, Shard, ShardEffect, Target};
 
 /// Bounds of the in-memory store (all non-durable queues of a shard together).
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +149,37 @@ impl Volatile {
                 Cmd::Detach { consumer, now }
             }
             Request::Purge { address } if self.queues.contains(&address) => Cmd::Purge { address },
+            // In memory, nothing is replicated: a repeat after a leader change cannot meet the
+            // original (it died with the old leader).
+            Request::Once {
+                origin,
+                seq,
+                request,
+            } => {
+                return self.handle(*request, now).map_err(|r| Request::Once {
+                    origin,
+                    seq,
+                    request: Box::new(r),
+                });
+            }
+            Request::Resume {
+                old,
+                consumer,
+                target: Target::Queue { address },
+                keep,
+                credit,
+            } if self.queues.contains(&address) => {
+                self.consumers.remove(&old);
+                self.consumers.insert(consumer);
+                Cmd::Resume {
+                    old,
+                    new: consumer,
+                    target: Target::Queue { address },
+                    keep,
+                    credit,
+                    now,
+                }
+            }
             other => return Err(other),
         };
         self.apply(0, cmd, &mut out);

@@ -88,7 +88,12 @@ impl Placement {
                 self.consumers.insert(*consumer, 0);
                 0
             }
-            Request::Publish { .. } | Request::Bind { .. } | Request::Unsubscribe { .. } => 0,
+            // (Once and Resume are made by the broker link itself, never by the core.)
+            Request::Publish { .. }
+            | Request::Bind { .. }
+            | Request::Unsubscribe { .. }
+            | Request::Once { .. }
+            | Request::Resume { .. } => 0,
             Request::Credit { consumer, .. } | Request::Settle { consumer, .. } => {
                 self.consumers.get(consumer).copied().unwrap_or(0)
             }

@@ -1,8 +1,9 @@
 """`enmesh broker` as its own process, with routers (`enmesh router`, `broker.url`) forwarding
 queue addresses to it, driven by python-qpid-proton: store-and-forward through the remote
 broker, two routers sharing one broker's queue, the broker SIGKILLed under a running router
-(consumers detached with amqp:link:detach-forced, producers refused, anycast unaffected) and
-restarted on its data (nothing acknowledged lost or redelivered)."""
+and restarted on its data: within the router's resume window clients notice nothing; past it,
+consumers are detached with amqp:link:detach-forced and producers refused while anycast goes
+on; nothing acknowledged is lost or redelivered."""
 
 import re
 import socket
@@ -117,7 +118,10 @@ def test_two_routers_share_a_remote_brokers_queue(tmp_path):
         b.close()
 
 
-def test_broker_killed_under_a_running_router_then_restarted(tmp_path):
+def test_broker_restarted_within_the_window_goes_unnoticed(tmp_path):
+    """SIGKILL the broker and start it again at once: the router resumes its consumer (the
+    messages its client holds stay the client's) and sends what was waiting; the client sees
+    no detach, no refusal, no duplicate."""
     port = free_port()
     b = Broker(tmp_path, port)
     r = Router(config=router_config(port), tmpdir=tmp_path, name="r", mode="router")
@@ -134,9 +138,54 @@ def test_broker_killed_under_a_running_router_then_restarted(tmp_path):
         pump([c], timeout=0.5, raise_on_timeout=False)
 
         b.kill()
-        # The consumer is told to reattach; the router itself keeps running.
+        s = p.create_sender("q/work")
+        d = send_async(s, Message(body="while-down"))
+        pump([p, c], timeout=0.3, raise_on_timeout=False)
+        b = Broker(tmp_path, port)
+        # The message sent while the broker was away is stored once it is back.
+        (state,) = wait_outcomes([p, c], [d], timeout=15)
+        assert state == d.ACCEPTED, state
+        # The held messages are still the client's: acknowledging them works ...
+        for _, dd in first[5:]:
+            settle(dd)
+        rcv.link.flow(20)
+        rest = receive_n([c, p], rcv, 11, timeout=10)
+        # ... and they do not come again; the rest does, once each.
+        assert sorted(m.body for m, _ in rest) == ["w%02d" % i for i in range(10, 20)] + ["while-down"]
+        for _, dd in rest:
+            settle(dd)
+        pump([c], lambda: available(rcv) > 0, timeout=1, raise_on_timeout=False)
+        assert not available(rcv)
+        assert not rcv.link.state & rcv.link.REMOTE_CLOSED
+        close_quietly(p, c)
+    finally:
+        r.close()
+        b.close()
+
+
+def test_broker_away_past_the_window_then_restarted(tmp_path):
+    """The broker stays away longer than the router's resume window (10 s): consumers are
+    detached with amqp:link:detach-forced and producers refused while anycast goes on; once
+    it is back, nothing acknowledged returns and everything else does."""
+    port = free_port()
+    b = Broker(tmp_path, port)
+    r = Router(config=router_config(port), tmpdir=tmp_path, name="r", mode="router")
+    try:
+        p = connect(r.amqp_url)
+        _send(p, "q/work", ["w%02d" % i for i in range(20)])
+        c = connect(r.amqp_url)
+        rcv = c.create_receiver("q/work", credit=0)
+        rcv.link.flow(10)
+        first = receive_n([c], rcv, 10)
+        assert [m.body for m, _ in first] == ["w%02d" % i for i in range(10)]
+        for _, d in first[:5]:
+            settle(d)  # w00..w04 acknowledged; w05..w09 held unacknowledged
+        pump([c], timeout=0.5, raise_on_timeout=False)
+
+        b.kill()
+        # Past the window, the consumer is told to reattach; the router itself keeps running.
         try:
-            pump([c], lambda: rcv.link.state & rcv.link.REMOTE_CLOSED, timeout=10,
+            pump([c], lambda: rcv.link.state & rcv.link.REMOTE_CLOSED, timeout=20,
                  what="detach of the consumer")
             detached = str(rcv.link.remote_condition)
         except LinkDetached as e:  # proton raises it from the pump

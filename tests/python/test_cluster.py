@@ -6,7 +6,10 @@ Audit by sequence number at the end (python-qpid-proton):
 - every message the producer saw `accepted` is delivered at least once (invariant 1);
 - no message is delivered after its acknowledgement was confirmed (invariant 2; the consumer
   settles second, so a confirmed acknowledgement is committed on a majority);
-- the time from each kill to the next accepted message is reported (writes resumed).
+- the time from each kill to the next accepted message is reported (writes resumed);
+- clients notice nothing: the consumer's link stays attached, no message is refused, and none
+  is delivered twice (the router resumes its consumers at the new leader and resends what was
+  in doubt, deduplicated by the shard).
 
 ENMESH_CHAOS_CYCLES sets the number of kills (default 6).
 """
@@ -113,6 +116,7 @@ def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
     assert anycast["type"] == "anycast" and anycast["shard"] is None, anycast
     accepted, confirmed, delivered = set(), set(), {}
     violations, resumes = [], []
+    events = {"detached": 0, "refused": 0}
     seq = 0
     p = connect(r.amqp_url)
     c = connect(r.amqp_url)
@@ -138,7 +142,8 @@ def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
         try:
             pump([p, c], timeout=0.02, raise_on_timeout=False)
         except LinkDetached:
-            state["rcv"] = None  # the shard's leader went away: reattach
+            events["detached"] += 1
+            state["rcv"] = None  # the link was detached: reattach
             acking.clear()
         for n, d in list(pending):
             if d.remote_state == Delivery.ACCEPTED:
@@ -146,7 +151,8 @@ def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
                 got += 1
                 pending.remove((n, d))
             elif d.remote_state is not None and d.remote_state != 0:
-                pending.remove((n, d))  # rejected while no leader: not accepted
+                events["refused"] += 1
+                pending.remove((n, d))  # refused: not accepted
         consume()
         return got
 
@@ -207,12 +213,17 @@ def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
         for b in brokers:
             b.close()
     missing = sorted(accepted - set(delivered))
+    twice = sorted(n for n, k in delivered.items() if k > 1)
     known = [x for x in resumes if x is not None]
     print("\nchaos audit: cycles=%d sent=%d accepted=%d delivered=%d confirmed=%d missing=%d "
-          "violations=%d resume max=%s"
+          "violations=%d duplicates=%d detaches=%d refused=%d resume max=%s"
           % (cycles, seq, len(accepted), len(delivered), len(confirmed), len(missing),
-             len(violations), "%.2fs" % max(known) if known else "n/a"))
+             len(violations), len(twice), events["detached"], events["refused"],
+             "%.2fs" % max(known) if known else "n/a"))
     assert accepted, "nothing was accepted"
     assert not missing, "accepted messages lost: %s" % missing[:20]
     assert not violations, "delivered again after a confirmed acknowledgement: %s" % violations[:20]
     assert all(x is not None for x in resumes), "writes never resumed after a kill: %s" % resumes
+    assert events["detached"] == 0, "the consumer's link was detached %d times" % events["detached"]
+    assert events["refused"] == 0, "%d messages were refused" % events["refused"]
+    assert not twice, "delivered more than once: %s" % twice[:20]

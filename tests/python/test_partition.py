@@ -6,8 +6,11 @@ Cutting a broker off (its veth taken down: no packet in or out, addresses on thi
 - the minority side accepts no write for the shards it led (invariant 6): a producer on the
   router inside the cut-off namespace sees no `accepted` while the cut lasts;
 - the majority elects new leaders and goes on: writes through the root router resume;
-- after the heal, the old leader catches up: everything the majority accepted is delivered, and
-  nothing the minority was sent during the cut is delivered (it was never committed).
+- after the heal, the old leader catches up: everything the majority accepted is delivered,
+  exactly once. The minority leader's uncommitted entries are cut from its log; the router
+  inside still holds those messages (within its resume window) and, once it reaches the
+  majority's leader, sends them there, deduplicated: such a message may be delivered, once,
+  as if its producer had resent it.
 
 Needs root and `ip netns` (as CI has); python-qpid-proton on the client side.
 """
@@ -212,7 +215,7 @@ def test_partition_minority_accepts_nothing_majority_goes_on_old_leader_catches_
         time.sleep(3)
         c = connect(router_url(main))
         rcv = c.create_receiver("q/part", credit=200)
-        got = set()
+        got, twice = set(), []
         deadline = time.monotonic() + 20
         idle = 0
         while time.monotonic() < deadline and idle < 15:
@@ -223,15 +226,22 @@ def test_partition_minority_accepts_nothing_majority_goes_on_old_leader_catches_
             before = len(got)
             while available(rcv):
                 m, d = take(rcv)
+                if m.body in got:
+                    twice.append(m.body)
                 got.add(m.body)
                 settle(d)
             idle = idle + 1 if len(got) == before else 0
         missing = sorted(accepted - got)
         leaked = sorted(b for b in got if b.startswith("minority-"))
-        print("partition audit: accepted=%d delivered=%d missing=%d minority-delivered=%d"
-              % (len(accepted), len(got), len(missing), len(leaked)))
+        print("partition audit: accepted=%d delivered=%d missing=%d duplicates=%d "
+              "minority-resent-after-heal=%d"
+              % (len(accepted), len(got), len(missing), len(twice), len(leaked)))
         assert not missing, "accepted messages lost across the partition: %s" % missing[:10]
-        assert not leaked, "writes sent to the cut-off minority were delivered: %s" % leaked[:10]
+        assert not twice, "delivered more than once: %s" % twice[:10]
+        # (A majority write whose outcome did not come within its second may be stored too.)
+        sent = accepted | {"during-%d" % i for i in range(n)}
+        unknown = sorted(got - sent - set(leaked))
+        assert not unknown, "delivered but never sent: %s" % unknown[:10]
         close_quietly(p, c)
     finally:
         for pr in reversed(procs):
