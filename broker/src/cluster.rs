@@ -13,22 +13,23 @@
 //! leadership moves away, its router connections are closed; routers then ask another broker,
 //! which answers with the leader's address.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use openraft::ServerState;
 use openraft::rt::WatchReceiver;
+use openraft::{ChangeMembers, ServerState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::net::{NetFactory, Peers, Registry};
 use crate::node::{NodeOptions, ShardHandle, ShardNode};
 use crate::raft::NodeAddr;
-use crate::remote::{ShardService, read_hello, refuse};
+use crate::remote::{Admin, ShardService, ToBroker, ToRouter, answer, read_first, refuse};
 use crate::shard::Cmd;
 
 /// One broker's addresses.
@@ -90,10 +91,241 @@ pub struct Listeners {
     pub client: TcpListener,
 }
 
-/// Runs broker `me` of `spec` until `shutdown`; shard data under `dir/shard-N`.
+/// The shards a broker hosts, kept in `DIR/hosted` (one shard number per line) so that a
+/// replica moved away is not recreated by the initial placement on the next start.
+fn load_hosted(dir: &Path) -> io::Result<Option<BTreeSet<u32>>> {
+    match std::fs::read_to_string(dir.join("hosted")) {
+        Ok(text) => text
+            .split_whitespace()
+            .map(|w| {
+                w.parse::<u32>()
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad hosted file"))
+            })
+            .collect::<io::Result<BTreeSet<u32>>>()
+            .map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn save_hosted(dir: &Path, shards: &BTreeSet<u32>) -> io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("hosted.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    for s in shards {
+        writeln!(f, "{s}")?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join("hosted"))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// One broker process: its replicas (which change with membership) and what opening one needs.
+struct Broker {
+    me: u64,
+    spec: ClusterSpec,
+    dir: PathBuf,
+    opts: NodeOptions,
+    registry: Registry,
+    peers: Peers,
+    hosted: std::sync::Mutex<HashMap<u32, Arc<Hosted>>>,
+}
+
+impl Broker {
+    fn get(&self, shard: u32) -> Option<Arc<Hosted>> {
+        self.hosted.lock().ok().and_then(|g| g.get(&shard).cloned())
+    }
+
+    fn persist(&self) -> io::Result<()> {
+        let ids: BTreeSet<u32> = match self.hosted.lock() {
+            Ok(g) => g.keys().copied().collect(),
+            Err(_) => return Err(io::Error::other("hosted map poisoned")),
+        };
+        save_hosted(&self.dir, &ids)
+    }
+
+    /// Opens this broker's replica of `shard` (`members` initialize a new group when this
+    /// broker has the lowest id among them; empty for a replica joining an existing group).
+    async fn host(&self, shard: u32, members: BTreeMap<u64, NodeAddr>) -> io::Result<()> {
+        if self.get(shard).is_some() {
+            return Ok(());
+        }
+        let net = NetFactory {
+            shard,
+            peers: self.peers.clone(),
+        };
+        let dir = self.dir.join(format!("shard-{shard}"));
+        let node = ShardNode::open_replica(&dir, self.me, members, net, self.opts)
+            .await
+            .map_err(io::Error::other)?;
+        let handle = node.handle();
+        self.registry.insert(shard, handle.raft());
+        let leading = Arc::new(AtomicBool::new(false));
+        let h = Arc::new(Hosted {
+            handle,
+            service: ShardService::start_replica(node, leading.clone()),
+            leading,
+        });
+        tokio::spawn(follow_leadership(shard, h.clone()));
+        if let Ok(mut g) = self.hosted.lock() {
+            g.insert(shard, h);
+        }
+        self.persist()
+    }
+
+    /// Deletes this broker's replica of `shard` (the group no longer counts it).
+    async fn unhost(&self, shard: u32) -> io::Result<()> {
+        let Some(h) = self.get(shard) else {
+            return Ok(());
+        };
+        if h.leading.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "this replica leads the shard: remove it from the group first",
+            ));
+        }
+        if let Ok(mut g) = self.hosted.lock() {
+            g.remove(&shard);
+        }
+        self.registry.remove(shard);
+        h.service.abort();
+        let _ = h.handle.raft().shutdown().await;
+        self.persist()?;
+        let dir = self.dir.join(format!("shard-{shard}"));
+        // The shard's files are closed once its tasks end; retry briefly.
+        for _ in 0..50 {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        std::fs::remove_dir_all(&dir)
+    }
+
+    /// The router-facing address of broker `id`, from a shard's membership (brokers added
+    /// later are known there) or the configuration.
+    fn client_of(&self, h: &Hosted, id: u64) -> Option<String> {
+        let from_members = {
+            let m = h.handle.raft().metrics();
+            let m = m.borrow_watched();
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.client.clone())
+                .filter(|c| !c.is_empty())
+        };
+        from_members.or_else(|| self.spec.brokers.get(&id).map(|b| b.client.clone()))
+    }
+
+    async fn admin(&self, a: Admin) -> ToRouter {
+        let ok = |text: String| ToRouter::Admin {
+            ok: true,
+            text,
+            leader: None,
+        };
+        let fail = |text: String, leader: Option<String>| ToRouter::Admin {
+            ok: false,
+            text,
+            leader,
+        };
+        match a {
+            Admin::Status => ok(self.status()),
+            Admin::Host { shard } => match self.host(shard, BTreeMap::new()).await {
+                Ok(()) => ok(format!("broker {} hosts shard {shard}", self.me)),
+                Err(e) => fail(e.to_string(), None),
+            },
+            Admin::Unhost { shard } => match self.unhost(shard).await {
+                Ok(()) => ok(format!("broker {} no longer hosts shard {shard}", self.me)),
+                Err(e) => fail(e.to_string(), None),
+            },
+            Admin::AddReplica { shard, .. } | Admin::RemoveReplica { shard, .. } => {
+                let Some(h) = self.get(shard) else {
+                    return fail(format!("shard {shard} is not hosted here"), None);
+                };
+                if !h.leading.load(Ordering::Acquire) {
+                    let leader = match h.handle.leader().await {
+                        Some(id) => self.client_of(&h, id),
+                        None => None,
+                    };
+                    return fail("not the shard's leader".into(), leader);
+                }
+                let raft = h.handle.raft();
+                let r = match a {
+                    Admin::AddReplica {
+                        id,
+                        raft: r,
+                        client,
+                        ..
+                    } => {
+                        let node = NodeAddr { addr: r, client };
+                        // Blocking: returns once the learner has caught up, so that making it
+                        // a voter does not stall commits.
+                        match raft.add_learner(id, node, true).await {
+                            Ok(_) => raft
+                                .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                                .await
+                                .map(|_| format!("broker {id} is a voter of shard {shard}")),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Admin::RemoveReplica { id, .. } => raft
+                        .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                        .await
+                        .map(|_| format!("broker {id} removed from shard {shard}")),
+                    _ => return fail("unreachable".into(), None),
+                };
+                match r {
+                    Ok(text) => ok(text),
+                    Err(e) => fail(e.to_string(), None),
+                }
+            }
+        }
+    }
+
+    /// What `Admin::Status` answers: per hosted shard, its leader, voters and learners as
+    /// this replica knows them, and its last applied entry.
+    fn status(&self) -> String {
+        let mut shards: Vec<(u32, Arc<Hosted>)> = match self.hosted.lock() {
+            Ok(g) => g.iter().map(|(s, h)| (*s, h.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        shards.sort_by_key(|(s, _)| *s);
+        let list: Vec<String> = shards
+            .into_iter()
+            .map(|(shard, h)| {
+                let m = h.handle.raft().metrics();
+                let m = m.borrow_watched();
+                let mem = m.membership_config.membership();
+                let ids = |v: Vec<u64>| {
+                    v.iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                format!(
+                    "{{\"shard\":{shard},\"leading\":{},\"leader\":{},\"voters\":[{}],\"learners\":[{}],\"applied\":{}}}",
+                    h.leading.load(Ordering::Acquire),
+                    m.current_leader
+                        .map_or_else(|| "null".to_string(), |l| l.to_string()),
+                    ids(mem.voter_ids().collect()),
+                    ids(mem.learner_ids().collect()),
+                    m.last_applied.as_ref().map_or(0, |l| l.index),
+                )
+            })
+            .collect();
+        format!("{{\"broker\":{},\"shards\":[{}]}}", self.me, list.join(","))
+    }
+}
+
+/// Runs broker `me` of `spec` until `shutdown`; shard data under `dir/shard-N`. On its first
+/// start a broker hosts the replicas the initial placement gives it, or none if `join` (a
+/// broker added to a running cluster: `enmesh cluster move|drain` gives it replicas).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     spec: ClusterSpec,
     me: u64,
+    join: bool,
     dir: &Path,
     opts: NodeOptions,
     listeners: Listeners,
@@ -102,52 +334,54 @@ pub async fn run(
 ) -> io::Result<()> {
     let Listeners { raft, client } = listeners;
     let registry = Registry::default();
-    let peers = Peers::default();
     let server = tokio::spawn(crate::net::serve(raft, registry.clone()));
-    let mut hosted: HashMap<u32, Arc<Hosted>> = HashMap::new();
-    for shard in 0..spec.shards {
-        let replicas = spec.replicas_of(shard);
-        if !replicas.contains(&me) {
-            continue;
-        }
-        let members: BTreeMap<u64, NodeAddr> = replicas
-            .iter()
-            .filter_map(|id| {
-                spec.brokers.get(id).map(|b| {
-                    (
-                        *id,
-                        NodeAddr {
-                            addr: b.raft.clone(),
-                        },
-                    )
+    let initial: BTreeSet<u32> = (0..spec.shards)
+        .filter(|s| spec.replicas_of(*s).contains(&me))
+        .collect();
+    let shards = match load_hosted(dir)? {
+        Some(s) => s,
+        None if join => BTreeSet::new(),
+        None => initial.clone(),
+    };
+    let broker = Arc::new(Broker {
+        me,
+        spec: spec.clone(),
+        dir: dir.to_path_buf(),
+        opts,
+        registry: registry.clone(),
+        peers: Peers::default(),
+        hosted: std::sync::Mutex::new(HashMap::new()),
+    });
+    save_hosted(dir, &shards)?;
+    for shard in shards {
+        // Only a replica of the initial placement may start a group (and only if it never
+        // has: an initialized replica ignores this).
+        let members: BTreeMap<u64, NodeAddr> = if initial.contains(&shard) {
+            spec.replicas_of(shard)
+                .iter()
+                .filter_map(|id| {
+                    spec.brokers.get(id).map(|b| {
+                        (
+                            *id,
+                            NodeAddr {
+                                addr: b.raft.clone(),
+                                client: b.client.clone(),
+                            },
+                        )
+                    })
                 })
-            })
-            .collect();
-        let net = NetFactory {
-            shard,
-            peers: peers.clone(),
+                .collect()
+        } else {
+            BTreeMap::new()
         };
-        let node =
-            ShardNode::open_replica(&dir.join(format!("shard-{shard}")), me, members, net, opts)
-                .await
-                .map_err(io::Error::other)?;
-        let handle = node.handle();
-        registry.insert(shard, handle.raft());
-        let leading = Arc::new(AtomicBool::new(false));
-        let h = Arc::new(Hosted {
-            handle,
-            service: ShardService::start_replica(node, leading.clone()),
-            leading,
-        });
-        tokio::spawn(follow_leadership(shard, h.clone()));
-        hosted.insert(shard, h);
+        broker.host(shard, members).await?;
     }
     ready();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = client.accept() => {
-                let (mut sock, peer) = match accepted {
+                let (sock, peer) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!("accept: {e}");
@@ -155,41 +389,56 @@ pub async fn run(
                     }
                 };
                 let _ = sock.set_nodelay(true);
-                let shard = match read_hello(&mut sock).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!("router {peer}: {e}");
-                        continue;
-                    }
-                };
-                match hosted.get(&shard) {
-                    Some(h) if h.leading.load(Ordering::Acquire) => {
-                        h.service.attach(sock, peer.to_string());
-                    }
-                    other => {
-                        // Point the router at the leader, if this broker knows it.
-                        let leader = match other {
-                            Some(h) => h.handle.leader().await,
-                            None => None,
-                        };
-                        let hint = leader
-                            .and_then(|id| spec.brokers.get(&id))
-                            .map(|b| b.client.clone());
-                        tokio::spawn(refuse(sock, hint));
-                    }
-                }
+                // Each connection's first frame is read on its own task: a slow peer or a
+                // long admin request (a learner catching up) holds up no one else.
+                tokio::spawn(first_frame(broker.clone(), sock, peer));
             }
         }
     }
     server.abort();
-    for (shard, h) in hosted {
+    let all: Vec<(u32, Arc<Hosted>)> = match broker.hosted.lock() {
+        Ok(mut g) => g.drain().collect(),
+        Err(_) => Vec::new(),
+    };
+    for (shard, h) in all {
         registry.remove(shard);
-        if let Ok(h) = Arc::try_unwrap(h) {
-            h.service.stop().await;
-            let _ = h.handle.raft().shutdown().await;
-        }
+        h.service.abort();
+        let _ = h.handle.raft().shutdown().await;
     }
     Ok(())
+}
+
+async fn first_frame(broker: Arc<Broker>, mut sock: tokio::net::TcpStream, peer: SocketAddr) {
+    let shard = match read_first(&mut sock).await {
+        Ok(ToBroker::Hello { shard }) => shard,
+        Ok(ToBroker::Admin(a)) => {
+            tracing::info!("admin request from {peer}: {a:?}");
+            let reply = broker.admin(a).await;
+            answer(sock, reply).await;
+            return;
+        }
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!("router {peer}: {e}");
+            return;
+        }
+    };
+    match broker.get(shard) {
+        Some(h) if h.leading.load(Ordering::Acquire) => {
+            h.service.attach(sock, peer.to_string());
+        }
+        other => {
+            // Point the router at the leader, if this broker knows it.
+            let hint = match other {
+                Some(h) => match h.handle.leader().await {
+                    Some(id) => broker.client_of(&h, id),
+                    None => None,
+                },
+                None => None,
+            };
+            refuse(sock, hint).await;
+        }
+    }
 }
 
 /// Opens and closes a shard's service to routers as this replica gains and loses leadership.

@@ -42,7 +42,11 @@ impl fmt::Display for Command {
 /// A broker node as Raft membership records it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeAddr {
+    /// Where its peers reach it for Raft.
     pub addr: String,
+    /// Where routers reach it (leader hints come from the membership, so a broker added
+    /// later need not be in every configuration).
+    pub client: String,
 }
 
 openraft::declare_raft_types!(
@@ -136,6 +140,7 @@ fn put_membership(out: &mut Vec<u8>, m: &Membership<u64, NodeAddr>) {
     for (id, n) in nodes {
         out.extend_from_slice(&id.to_be_bytes());
         put_bytes(out, n.addr.as_bytes());
+        put_bytes(out, n.client.as_bytes());
     }
 }
 
@@ -155,7 +160,8 @@ fn get_membership(r: &mut Reader) -> io::Result<Membership<u64, NodeAddr>> {
     for _ in 0..n {
         let id = r.u64()?;
         let addr = String::from_utf8(r.bytes()?).map_err(io_other)?;
-        nodes.insert(id, NodeAddr { addr });
+        let client = String::from_utf8(r.bytes()?).map_err(io_other)?;
+        nodes.insert(id, NodeAddr { addr, client });
     }
     Membership::new(configs, nodes).map_err(io_other)
 }

@@ -33,6 +33,113 @@ const BATCH_BYTES: usize = 1024 * 1024;
 const LOCAL_BITS: u32 = 40;
 const LOCAL_MASK: u64 = (1 << LOCAL_BITS) - 1;
 
+/// Cluster management requests (see `broker::cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admin {
+    /// The shards this broker hosts: leader, voters, learners, last applied entry (JSON).
+    Status,
+    /// Open an empty replica of `shard` here (it receives the log or a snapshot from the
+    /// leader once added to the group).
+    Host { shard: u32 },
+    /// Delete this broker's replica of `shard` (after the group removed it; refused while
+    /// this replica leads).
+    Unhost { shard: u32 },
+    /// At the shard's leader: add broker `id` as a learner, wait until it has caught up, then
+    /// make it a voter.
+    AddReplica {
+        shard: u32,
+        id: u64,
+        raft: String,
+        client: String,
+    },
+    /// At the shard's leader: remove broker `id` from the group.
+    RemoveReplica { shard: u32, id: u64 },
+}
+
+impl Admin {
+    fn encode(&self, o: &mut Vec<u8>) {
+        match self {
+            Admin::Status => o.push(0),
+            Admin::Host { shard } => {
+                o.push(1);
+                put_varint(o, u64::from(*shard));
+            }
+            Admin::Unhost { shard } => {
+                o.push(2);
+                put_varint(o, u64::from(*shard));
+            }
+            Admin::AddReplica {
+                shard,
+                id,
+                raft,
+                client,
+            } => {
+                o.push(3);
+                put_varint(o, u64::from(*shard));
+                put_varint(o, *id);
+                put_bytes(o, raft.as_bytes());
+                put_bytes(o, client.as_bytes());
+            }
+            Admin::RemoveReplica { shard, id } => {
+                o.push(4);
+                put_varint(o, u64::from(*shard));
+                put_varint(o, *id);
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader) -> io::Result<Admin> {
+        Ok(match r.u8()? {
+            0 => Admin::Status,
+            1 => Admin::Host {
+                shard: get_u32v(r)?,
+            },
+            2 => Admin::Unhost {
+                shard: get_u32v(r)?,
+            },
+            3 => Admin::AddReplica {
+                shard: get_u32v(r)?,
+                id: r.varint()?,
+                raft: r.string()?,
+                client: r.string()?,
+            },
+            4 => Admin::RemoveReplica {
+                shard: get_u32v(r)?,
+                id: r.varint()?,
+            },
+            _ => return Err(bad("unknown admin request")),
+        })
+    }
+}
+
+/// Sends one admin request to the broker at `addr` and returns its answer.
+pub async fn admin(addr: &str, a: Admin, timeout: std::time::Duration) -> io::Result<ToRouter> {
+    let run = async {
+        let mut sock = tokio::net::TcpStream::connect(addr).await?;
+        let mut buf = Vec::new();
+        let m = ToBroker::Admin(a);
+        write_frame(&mut sock, &mut buf, |o| m.encode(o)).await?;
+        let frame = read_frame(&mut sock)
+            .await?
+            .ok_or_else(|| bad("closed before answering"))?;
+        ToRouter::decode(&frame)
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer from broker"))?
+}
+
+/// Writes one answer to an admin request and closes.
+pub async fn answer<S: AsyncWrite + Unpin>(mut sock: S, m: ToRouter) {
+    let mut buf = Vec::new();
+    let _ = write_frame(&mut sock, &mut buf, |o| {
+        m.encode(o);
+        Ok(())
+    })
+    .await;
+    let _ = sock.shutdown().await;
+}
+
 /// How long the consumers of a connection that broke (rather than said [`ToBroker::Bye`])
 /// stay attached, waiting for their router to resume them on a new connection.
 pub const RESUME_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -53,6 +160,9 @@ pub enum ToBroker {
     /// Liveness: answered by [`ToRouter::Pong`]. Routers send one twice a second; a partition
     /// that drops packets silently is noticed within seconds on both sides.
     Ping,
+    /// Cluster management instead of a `Hello` (`enmesh cluster …`): answered by one
+    /// [`ToRouter::Admin`], then the connection closes.
+    Admin(Admin),
     /// The router is leaving for good (shutting down): its consumers are detached at once.
     /// A connection that ends without it leaves them attached for [`RESUME_GRACE`], for the
     /// router to resume them.
@@ -71,6 +181,14 @@ pub enum ToRouter {
     /// This broker does not lead the shard; `leader` is the router-facing address of the one
     /// that does, if known.
     NotLeader {
+        leader: Option<String>,
+    },
+    /// The answer to [`ToBroker::Admin`]: `text` is the result (JSON for `Status`) or why it
+    /// failed; `leader` names the shard leader's router-facing address when the request must
+    /// go there.
+    Admin {
+        ok: bool,
+        text: String,
         leader: Option<String>,
     },
     /// The broker serves this connection's shard: requests may follow. `conn` is the
@@ -108,6 +226,10 @@ impl ToBroker {
             }
             ToBroker::Ping => o.push(102),
             ToBroker::Bye => o.push(103),
+            ToBroker::Admin(a) => {
+                o.push(104);
+                a.encode(o);
+            }
             ToBroker::Request(r) => encode_request(r, o)?,
         }
         Ok(())
@@ -123,6 +245,7 @@ impl ToBroker {
             },
             102 => ToBroker::Ping,
             103 => ToBroker::Bye,
+            104 => ToBroker::Admin(Admin::decode(&mut r)?),
             k => ToBroker::Request(decode_request(k, &mut r)?),
         };
         if !r.is_empty() {
@@ -406,6 +529,12 @@ impl ToRouter {
                 o.push(5);
                 put_varint(o, *conn);
             }
+            ToRouter::Admin { ok, text, leader } => {
+                o.push(7);
+                o.push(u8::from(*ok));
+                put_bytes(o, text.as_bytes());
+                put_opt_str(o, leader.as_deref());
+            }
             ToRouter::Pong => o.push(6),
             ToRouter::Info { id, queues } => {
                 o.push(3);
@@ -487,6 +616,11 @@ impl ToRouter {
                 leader: get_opt_str(&mut r)?,
             },
             5 => ToRouter::Welcome { conn: r.varint()? },
+            7 => ToRouter::Admin {
+                ok: r.u8()? != 0,
+                text: r.string()?,
+                leader: get_opt_str(&mut r)?,
+            },
             6 => ToRouter::Pong,
             _ => return Err(bad("unknown frame kind")),
         };
@@ -679,6 +813,17 @@ impl ShardService {
     }
 
     /// Stops the service (after its connections are gone).
+    /// Stops at once (the replica is being deleted): router connections close, nothing more
+    /// is proposed.
+    pub fn abort(&self) {
+        self.kick_all();
+        if let Ok(mut g) = self.conns.lock() {
+            g.clear();
+        }
+        self.service.abort();
+        self.demux.abort();
+    }
+
     pub async fn stop(self) {
         self.kick_all();
         drop(self.requests);
@@ -724,12 +869,20 @@ pub async fn serve(
 
 /// Reads a connection's first frame, which must be `Hello`.
 pub async fn read_hello<S: AsyncRead + Unpin>(sock: &mut S) -> io::Result<u32> {
+    match read_first(sock).await? {
+        ToBroker::Hello { shard } => Ok(shard),
+        _ => Err(bad("the first frame must be hello")),
+    }
+}
+
+/// The first frame of a connection: a `Hello` (a router) or an `Admin` request.
+pub async fn read_first<S: AsyncRead + Unpin>(sock: &mut S) -> io::Result<ToBroker> {
     let frame = tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(sock))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no hello"))??
         .ok_or_else(|| bad("closed before hello"))?;
     match ToBroker::decode(&frame)? {
-        ToBroker::Hello { shard } => Ok(shard),
+        m @ (ToBroker::Hello { .. } | ToBroker::Admin(_)) => Ok(m),
         _ => Err(bad("the first frame must be hello")),
     }
 }
@@ -797,7 +950,7 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
                     });
                     continue;
                 }
-                ToBroker::Hello { .. } => return Err(bad("hello twice")),
+                ToBroker::Hello { .. } | ToBroker::Admin(_) => return Err(bad("hello twice")),
                 ToBroker::Request(r) => r,
             };
             let req = namespace(req, high, &mut consumers)?;
@@ -1001,6 +1154,16 @@ mod tests {
         for m in [
             ToBroker::Ping,
             ToBroker::Bye,
+            ToBroker::Admin(Admin::Status),
+            ToBroker::Admin(Admin::Host { shard: 3 }),
+            ToBroker::Admin(Admin::Unhost { shard: 3 }),
+            ToBroker::Admin(Admin::AddReplica {
+                shard: 1,
+                id: 4,
+                raft: "r:1".into(),
+                client: "c:1".into(),
+            }),
+            ToBroker::Admin(Admin::RemoveReplica { shard: 1, id: 2 }),
             ToBroker::Hello { shard: 7 },
             ToBroker::Info { id: 3 },
         ] {
@@ -1013,6 +1176,11 @@ mod tests {
         let msgs = vec![
             ToRouter::Pong,
             ToRouter::Welcome { conn: 3 },
+            ToRouter::Admin {
+                ok: false,
+                text: "not leader".into(),
+                leader: Some("c:2".into()),
+            },
             ToRouter::NotLeader {
                 leader: Some("10.0.0.2:5800".into()),
             },

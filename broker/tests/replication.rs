@@ -123,6 +123,7 @@ async fn three_replicas_elect_replicate_fail_over_and_catch_up() {
                 id,
                 NodeAddr {
                     addr: brokers[id as usize - 1].addr.clone(),
+                    client: String::new(),
                 },
             )
         })
@@ -211,7 +212,13 @@ async fn late_replica_gets_a_snapshot_with_the_bodies_of_live_messages() {
     let members: BTreeMap<u64, NodeAddr> = (1..=3u64)
         .map(|id| {
             let addr = brokers[id as usize - 1].addr.clone();
-            (id, NodeAddr { addr })
+            (
+                id,
+                NodeAddr {
+                    addr,
+                    client: String::new(),
+                },
+            )
         })
         .collect();
     let opts = NodeOptions {

@@ -76,6 +76,37 @@ enum Cmd {
         #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
         http: String,
     },
+    /// Manage a broker cluster's membership (the brokers of `broker.cluster` in `--config`,
+    /// including any being added).
+    Cluster {
+        #[command(subcommand)]
+        op: ClusterOp,
+        /// The cluster's configuration (required).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterOp {
+    /// Every reachable broker's replicas: leader, voters, learners, last applied entry.
+    Status,
+    /// Move shard `shard`'s replica from broker `from` to broker `to` (add `to` as a learner,
+    /// wait until it has caught up, make it a voter, remove `from`, delete its copy).
+    Move {
+        #[arg(long)]
+        shard: u32,
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: u64,
+    },
+    /// Move every replica off broker `broker` (to the brokers holding the fewest), so that it
+    /// can be removed. Works with the broker down too (its copies are then left on its disk).
+    Drain {
+        #[arg(long)]
+        broker: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -199,6 +230,10 @@ fn main() -> ExitCode {
             } => receive(&url, &address, count, timeout).await,
             Cmd::Address { op, http } => address_cmd(op, &http).await,
             Cmd::Queue { op, http } => queue_cmd(op, &http).await,
+            Cmd::Cluster { op, config } => match config {
+                Some(c) => cluster_cmd(op, &c).await,
+                None => Err(anyhow::anyhow!("--config is required")),
+            },
         }
     });
     match r {
@@ -304,6 +339,176 @@ async fn serve_broker(a: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cluster_spec(config: &std::path::Path) -> anyhow::Result<broker::cluster::ClusterSpec> {
+    let cfg = Config::load(config)?;
+    Ok(cfg
+        .broker
+        .cluster
+        .context("the configuration has no broker.cluster section")?
+        .spec())
+}
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends an admin request to one broker; its answer's text, or why it failed.
+async fn admin_at(addr: &str, a: broker::remote::Admin) -> anyhow::Result<String> {
+    match broker::remote::admin(addr, a, ADMIN_TIMEOUT).await? {
+        broker::remote::ToRouter::Admin { ok: true, text, .. } => Ok(text),
+        broker::remote::ToRouter::Admin { text, .. } => bail!("{addr}: {text}"),
+        _ => bail!("{addr}: unexpected answer"),
+    }
+}
+
+/// Sends an admin request to the leader of its shard: tries every broker, follows leader
+/// hints, and retries for a while (an election may be under way).
+async fn admin_at_leader(
+    spec: &broker::cluster::ClusterSpec,
+    a: broker::remote::Admin,
+) -> anyhow::Result<String> {
+    let addrs: Vec<String> = spec.brokers.values().map(|b| b.client.clone()).collect();
+    let mut last = String::new();
+    let mut hint: Option<String> = None;
+    for round in 0..60 {
+        let mut tries: Vec<String> = hint.take().into_iter().collect();
+        tries.extend(addrs.iter().cloned());
+        for addr in tries {
+            match broker::remote::admin(&addr, a.clone(), ADMIN_TIMEOUT).await {
+                Ok(broker::remote::ToRouter::Admin { ok: true, text, .. }) => return Ok(text),
+                Ok(broker::remote::ToRouter::Admin { text, leader, .. }) => {
+                    last = format!("{addr}: {text}");
+                    if let Some(l) = leader {
+                        hint = Some(l);
+                        break;
+                    }
+                }
+                Ok(_) => last = format!("{addr}: unexpected answer"),
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        if round > 0 || hint.is_none() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    bail!("no leader took the request: {last}")
+}
+
+/// Every reachable broker's status (parsed).
+async fn cluster_status(
+    spec: &broker::cluster::ClusterSpec,
+) -> Vec<(u64, anyhow::Result<serde_json::Value>)> {
+    let mut out = Vec::new();
+    for (id, b) in &spec.brokers {
+        let r = admin_at(&b.client, broker::remote::Admin::Status)
+            .await
+            .and_then(|t| serde_json::from_str(&t).context("bad status"));
+        out.push((*id, r));
+    }
+    out
+}
+
+async fn move_replica(
+    spec: &broker::cluster::ClusterSpec,
+    shard: u32,
+    from: u64,
+    to: u64,
+) -> anyhow::Result<()> {
+    use broker::remote::Admin;
+    let target = spec
+        .brokers
+        .get(&to)
+        .with_context(|| format!("broker {to} is not in the configuration"))?;
+    println!("shard {shard}: opening a replica on broker {to}");
+    admin_at(&target.client, Admin::Host { shard }).await?;
+    println!("shard {shard}: adding broker {to} (waits until it has caught up)");
+    let text = admin_at_leader(
+        spec,
+        Admin::AddReplica {
+            shard,
+            id: to,
+            raft: target.raft.clone(),
+            client: target.client.clone(),
+        },
+    )
+    .await?;
+    println!("shard {shard}: {text}");
+    let text = admin_at_leader(spec, Admin::RemoveReplica { shard, id: from }).await?;
+    println!("shard {shard}: {text}");
+    // The removed replica may have led: it steps down once the change commits.
+    if let Some(b) = spec.brokers.get(&from) {
+        let mut last = None;
+        for _ in 0..40 {
+            match admin_at(&b.client, Admin::Unhost { shard }).await {
+                Ok(t) => {
+                    println!("shard {shard}: {t}");
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if let Some(e) = last {
+            println!("shard {shard}: broker {from} keeps its copy for now ({e:#})");
+        }
+    }
+    Ok(())
+}
+
+async fn cluster_cmd(op: ClusterOp, config: &std::path::Path) -> anyhow::Result<()> {
+    let spec = cluster_spec(config)?;
+    match op {
+        ClusterOp::Status => {
+            for (id, r) in cluster_status(&spec).await {
+                match r {
+                    Ok(v) => println!("{v}"),
+                    Err(e) => println!("{{\"broker\":{id},\"error\":{:?}}}", format!("{e:#}")),
+                }
+            }
+            Ok(())
+        }
+        ClusterOp::Move { shard, from, to } => move_replica(&spec, shard, from, to).await,
+        ClusterOp::Drain { broker } => {
+            // Who holds what: voters from each shard's leader, as reported by the brokers
+            // that are up; hosted counts pick the targets.
+            let mut voters: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+            let mut load: std::collections::BTreeMap<u64, usize> = Default::default();
+            for (id, r) in cluster_status(&spec).await {
+                let Ok(v) = r else { continue };
+                let shards = v["shards"].as_array().cloned().unwrap_or_default();
+                load.insert(id, shards.len());
+                for sh in shards {
+                    let (Some(s), Some(vs)) = (sh["shard"].as_u64(), sh["voters"].as_array())
+                    else {
+                        continue;
+                    };
+                    let vs: Vec<u64> = vs.iter().filter_map(|x| x.as_u64()).collect();
+                    if sh["leading"].as_bool() == Some(true) || !voters.contains_key(&s) {
+                        voters.insert(s, vs);
+                    }
+                }
+            }
+            load.remove(&broker);
+            for (shard, vs) in voters {
+                if !vs.contains(&broker) {
+                    continue;
+                }
+                let Some((&to, _)) = load
+                    .iter()
+                    .filter(|(id, _)| !vs.contains(id))
+                    .min_by_key(|(_, n)| **n)
+                else {
+                    bail!("shard {shard}: no broker left to take broker {broker}'s replica");
+                };
+                let shard = u32::try_from(shard).context("bad shard number")?;
+                move_replica(&spec, shard, broker, to).await?;
+                *load.entry(to).or_default() += 1;
+            }
+            println!("broker {broker} holds no replica");
+            Ok(())
+        }
+    }
+}
+
 /// `enmesh broker` in a cluster: the replicas placed on this broker, Raft with its peers,
 /// routers served for the shards it leads.
 async fn serve_cluster_broker(
@@ -337,11 +542,8 @@ async fn serve_cluster_broker(
         }
         let _ = tx.send(true);
     });
-    let hosted: Vec<u32> = (0..spec.shards)
-        .filter(|s| spec.replicas_of(*s).contains(&me))
-        .collect();
     let line = format!(
-        "enmesh broker ready listen={} raft={} node={me} shards={hosted:?}",
+        "enmesh broker ready listen={} raft={} node={me}",
         client.local_addr()?,
         raft.local_addr()?
     );
@@ -349,6 +551,7 @@ async fn serve_cluster_broker(
     broker::cluster::run(
         spec,
         me,
+        cluster.join,
         dir,
         opts,
         listeners,

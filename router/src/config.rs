@@ -204,6 +204,10 @@ pub struct ClusterSection {
     /// This broker's id (`enmesh broker` only; a key of `brokers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<u64>,
+    /// A broker added to a running cluster: on its first start it hosts no replica until
+    /// `enmesh cluster move|drain` gives it some (`enmesh broker` only).
+    #[serde(default)]
+    pub join: bool,
     pub shards: u32,
     /// Replicas per shard (1, 3 or 5).
     #[serde(default = "default_replicas")]

@@ -493,7 +493,10 @@ impl Session {
     /// unconfirmed retried (the broker failed something that may succeed at the leader).
     async fn on_frame(&mut self, m: ToRouter) -> Result<(), ()> {
         let to_core = match m {
-            ToRouter::Pong | ToRouter::Welcome { .. } | ToRouter::NotLeader { .. } => {
+            ToRouter::Pong
+            | ToRouter::Welcome { .. }
+            | ToRouter::NotLeader { .. }
+            | ToRouter::Admin { .. } => {
                 return Ok(());
             }
             ToRouter::Deliveries(mut ds) => {
