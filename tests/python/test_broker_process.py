@@ -118,6 +118,22 @@ def test_two_routers_share_a_remote_brokers_queue(tmp_path):
         b.close()
 
 
+def _twenty_with_five_held(r):
+    """20 messages on q/work; a consumer took 10 and acknowledged the first 5, so w05..w09
+    are held unacknowledged. Returns (producer conn, consumer conn, receiver, first 10)."""
+    p = connect(r.amqp_url)
+    _send(p, "q/work", ["w%02d" % i for i in range(20)])
+    c = connect(r.amqp_url)
+    rcv = c.create_receiver("q/work", credit=0)
+    rcv.link.flow(10)
+    first = receive_n([c], rcv, 10)
+    assert [m.body for m, _ in first] == ["w%02d" % i for i in range(10)]
+    for _, d in first[:5]:
+        settle(d)
+    pump([c], timeout=0.5, raise_on_timeout=False)
+    return p, c, rcv, first
+
+
 def test_broker_restarted_within_the_window_goes_unnoticed(tmp_path):
     """SIGKILL the broker and start it again at once: the router resumes its consumer (the
     messages its client holds stay the client's) and sends what was waiting; the client sees
@@ -126,16 +142,7 @@ def test_broker_restarted_within_the_window_goes_unnoticed(tmp_path):
     b = Broker(tmp_path, port)
     r = Router(config=router_config(port), tmpdir=tmp_path, name="r", mode="router")
     try:
-        p = connect(r.amqp_url)
-        _send(p, "q/work", ["w%02d" % i for i in range(20)])
-        c = connect(r.amqp_url)
-        rcv = c.create_receiver("q/work", credit=0)
-        rcv.link.flow(10)
-        first = receive_n([c], rcv, 10)
-        assert [m.body for m, _ in first] == ["w%02d" % i for i in range(10)]
-        for _, d in first[:5]:
-            settle(d)  # w00..w04 acknowledged; w05..w09 held unacknowledged
-        pump([c], timeout=0.5, raise_on_timeout=False)
+        p, c, rcv, first = _twenty_with_five_held(r)
 
         b.kill()
         s = p.create_sender("q/work")
@@ -171,16 +178,7 @@ def test_broker_away_past_the_window_then_restarted(tmp_path):
     b = Broker(tmp_path, port)
     r = Router(config=router_config(port), tmpdir=tmp_path, name="r", mode="router")
     try:
-        p = connect(r.amqp_url)
-        _send(p, "q/work", ["w%02d" % i for i in range(20)])
-        c = connect(r.amqp_url)
-        rcv = c.create_receiver("q/work", credit=0)
-        rcv.link.flow(10)
-        first = receive_n([c], rcv, 10)
-        assert [m.body for m, _ in first] == ["w%02d" % i for i in range(10)]
-        for _, d in first[:5]:
-            settle(d)  # w00..w04 acknowledged; w05..w09 held unacknowledged
-        pump([c], timeout=0.5, raise_on_timeout=False)
+        p, c, rcv, first = _twenty_with_five_held(r)
 
         b.kill()
         # Past the window, the consumer is told to reattach; the router itself keeps running.
