@@ -159,7 +159,6 @@ struct Sent {
     order: u64,
     /// Consumer ids in it are the core's (translated when sent).
     request: Request,
-    own: bool,
     attempts: u32,
 }
 
@@ -188,6 +187,9 @@ struct Session {
 enum Frame {
     Now(ToBroker),
     Sent(Tag),
+    /// The kept declaration of a queue, or request about a named subscription.
+    Declare(String),
+    Binding(String),
 }
 
 type Out = Vec<Frame>;
@@ -244,7 +246,6 @@ impl Session {
         let connected = self.conn.is_some();
         match r {
             Request::Enqueue { .. } | Request::Publish { .. } => {
-                let (r, tag, own) = self.tagged(r);
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let once = Request::Once {
@@ -252,7 +253,7 @@ impl Session {
                     seq,
                     request: Box::new(r),
                 };
-                self.keep(tag, once, own, connected.then_some(out));
+                self.keep(once, connected.then_some(out));
             }
             Request::Settle {
                 consumer,
@@ -271,8 +272,7 @@ impl Session {
                     return;
                 };
                 c.held.remove(&seq);
-                let (r, tag, own) = self.tagged(r);
-                self.keep(tag, r, own, connected.then_some(out));
+                self.keep(r, connected.then_some(out));
             }
             Request::Attach {
                 consumer,
@@ -327,17 +327,17 @@ impl Session {
             }
             Request::Declare { ref address, .. } => {
                 let a = address.clone();
+                self.declares.insert(a.clone(), r);
                 if connected {
-                    out.push(Frame::Now(ToBroker::Request(copy(&r))));
+                    out.push(Frame::Declare(a));
                 }
-                self.declares.insert(a, r);
             }
             Request::Bind { ref name, .. } | Request::Unsubscribe { ref name } => {
                 let n = name.clone();
+                self.bindings.insert(n.clone(), r);
                 if connected {
-                    out.push(Frame::Now(ToBroker::Request(copy(&r))));
+                    out.push(Frame::Binding(n));
                 }
-                self.bindings.insert(n, r);
             }
             Request::Info { reply } => {
                 if connected {
@@ -359,33 +359,20 @@ impl Session {
         }
     }
 
-    /// Gives a message or settlement a tag of its own if the core gave none.
-    fn tagged(&mut self, mut r: Request) -> (Request, Tag, bool) {
-        let own = self.next_own;
-        match &mut r {
-            Request::Enqueue { done, .. }
-            | Request::Publish { done, .. }
-            | Request::Settle { done, .. } => match done {
-                Some(t) => {
-                    let t = *t;
-                    (r, t, false)
-                }
-                None => {
-                    *done = Some(own);
-                    self.next_own += 1;
-                    (r, own, true)
-                }
-            },
-            _ => (r, own, true),
-        }
-    }
-
-    /// Remembers an unconfirmed request and sends it if connected.
-    fn keep(&mut self, tag: Tag, request: Request, own: bool, out: Option<&mut Out>) {
+    /// Remembers an unconfirmed message or settlement (tagging it here if the core did not)
+    /// and sends it if connected.
+    fn keep(&mut self, mut request: Request, out: Option<&mut Out>) {
+        let Some(done) = done_mut(&mut request) else {
+            return;
+        };
+        let next_own = &mut self.next_own;
+        let tag = *done.get_or_insert_with(|| {
+            *next_own += 1;
+            *next_own - 1
+        });
         let s = Sent {
             order: self.next_order,
             request,
-            own,
             attempts: 0,
         };
         self.next_order += 1;
@@ -416,9 +403,8 @@ impl Session {
     /// A new connection: replay declarations, resume consumers, resend the unconfirmed.
     fn connected(&mut self, conn: u64, out: &mut Out) {
         self.conn = Some(conn);
-        for r in self.declares.values().chain(self.bindings.values()) {
-            out.push(Frame::Now(ToBroker::Request(copy(r))));
-        }
+        out.extend(self.declares.keys().cloned().map(Frame::Declare));
+        out.extend(self.bindings.keys().cloned().map(Frame::Binding));
         // Settlements not confirmed yet: their messages stay with the consumer.
         let mut settling: HashMap<u64, Vec<u64>> = HashMap::new();
         for s in self.sent.values() {
@@ -473,7 +459,7 @@ impl Session {
         let failed: Vec<_> = self
             .sent
             .drain()
-            .filter(|(_, s)| !s.own)
+            .filter(|(t, _)| !own(*t))
             .map(|(t, _)| (t, Err(lost())))
             .collect();
         if !failed.is_empty() {
@@ -527,7 +513,7 @@ impl Session {
                 let mut retry = false;
                 for (tag, r) in list {
                     let Some(mut s) = self.sent.remove(&tag) else {
-                        if tag & OWN_TAG == 0 {
+                        if !own(tag) {
                             report.push((tag, r));
                         }
                         continue;
@@ -541,7 +527,7 @@ impl Session {
                             continue;
                         }
                     }
-                    if !s.own {
+                    if !own(tag) {
                         report.push((tag, r));
                     }
                 }
@@ -560,6 +546,22 @@ impl Session {
         };
         let _ = self.core.send(vec![to_core]).await;
         Ok(())
+    }
+}
+
+/// Whether a tag was chosen here (its completion is not the core's business).
+fn own(tag: Tag) -> bool {
+    tag & OWN_TAG != 0
+}
+
+/// The completion tag of a message (inside `Once`) or settlement.
+fn done_mut(r: &mut Request) -> Option<&mut Option<Tag>> {
+    match r {
+        Request::Enqueue { done, .. }
+        | Request::Publish { done, .. }
+        | Request::Settle { done, .. } => Some(done),
+        Request::Once { request, .. } => done_mut(request),
+        _ => None,
     }
 }
 
@@ -582,85 +584,6 @@ fn attach_request(c: &Consumer) -> Request {
             filter: filter.clone(),
             durable: *durable,
             credit,
-        },
-    }
-}
-
-/// A copy of a request this task replays (every kind but `Info`, which it never keeps).
-fn copy(r: &Request) -> Request {
-    match r {
-        Request::Enqueue {
-            address,
-            ttl_ms,
-            absolute_expiry,
-            body,
-            done,
-        } => Request::Enqueue {
-            address: address.clone(),
-            ttl_ms: *ttl_ms,
-            absolute_expiry: *absolute_expiry,
-            body: body.clone(),
-            done: *done,
-        },
-        Request::Publish {
-            topic,
-            ttl_ms,
-            absolute_expiry,
-            body,
-            done,
-        } => Request::Publish {
-            topic: topic.clone(),
-            ttl_ms: *ttl_ms,
-            absolute_expiry: *absolute_expiry,
-            body: body.clone(),
-            done: *done,
-        },
-        Request::Once {
-            origin,
-            seq,
-            request,
-        } => Request::Once {
-            origin: *origin,
-            seq: *seq,
-            request: Box::new(copy(request)),
-        },
-        Request::Declare {
-            address,
-            durable,
-            max_delivery_attempts,
-            max_ttl_ms,
-            dead_letter,
-            expiry_address,
-        } => Request::Declare {
-            address: address.clone(),
-            durable: *durable,
-            max_delivery_attempts: *max_delivery_attempts,
-            max_ttl_ms: *max_ttl_ms,
-            dead_letter: dead_letter.clone(),
-            expiry_address: expiry_address.clone(),
-        },
-        Request::Bind { name, filter } => Request::Bind {
-            name: name.clone(),
-            filter: filter.clone(),
-        },
-        Request::Unsubscribe { name } => Request::Unsubscribe { name: name.clone() },
-        Request::Settle {
-            consumer,
-            seq,
-            outcome,
-            done,
-        } => Request::Settle {
-            consumer: *consumer,
-            seq: *seq,
-            outcome: *outcome,
-            done: *done,
-        },
-        Request::Purge { address } => Request::Purge {
-            address: address.clone(),
-        },
-        // Never kept: a harmless stand-in.
-        _ => Request::Purge {
-            address: String::new(),
         },
     }
 }
@@ -745,6 +668,16 @@ async fn write_all(
     for f in out {
         match f {
             Frame::Now(m) => write_frame(wr, buf, |o| m.encode(o)).await?,
+            Frame::Declare(a) => {
+                if let Some(r) = session.declares.get(&a) {
+                    write_frame(wr, buf, |o| encode_request(r, o)).await?;
+                }
+            }
+            Frame::Binding(n) => {
+                if let Some(r) = session.bindings.get(&n) {
+                    write_frame(wr, buf, |o| encode_request(r, o)).await?;
+                }
+            }
             Frame::Sent(tag) => {
                 let Some(s) = session.sent.get(&tag) else {
                     continue;

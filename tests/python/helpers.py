@@ -8,6 +8,7 @@ block forever on a single connection.
 """
 
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -174,3 +175,23 @@ def drop(*conns):
             x.container.stop()
         except Exception:
             pass
+
+
+class ServerProcess:
+    """Stopping a server started as `self.proc` with its stderr in the open file
+    `self._stderr`: SIGKILL (`kill`) or SIGTERM with a SIGKILL after 10 s (`close`)."""
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._stderr.close()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._stderr.close()

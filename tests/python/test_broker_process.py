@@ -16,7 +16,7 @@ from proton import Message
 from proton.utils import LinkDetached
 
 from conftest import Router, enmesh_bin
-from helpers import (available, close_quietly, connect, pump, receive_n, send_async, settle,
+from helpers import (ServerProcess, available, close_quietly, connect, pump, receive_n, send_async, settle,
                      take, wait_outcomes)
 
 READY = re.compile(r"enmesh broker ready listen=([\d.]+):(\d+)")
@@ -28,7 +28,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Broker:
+class Broker(ServerProcess):
     """A running `enmesh broker`."""
 
     def __init__(self, tmpdir: Path, port: int, name="broker"):
@@ -50,21 +50,6 @@ class Broker:
             if READY.search(raw.decode("utf-8", "replace")):
                 self._ready.set()
         self._ready.set()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._stderr.close()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._stderr.close()
 
 
 def router_config(port):

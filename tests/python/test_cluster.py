@@ -27,7 +27,7 @@ from proton import Delivery, Message
 from proton.utils import LinkDetached
 
 from conftest import Router, enmesh_bin
-from helpers import SettleSecond, available, close_quietly, connect, http_json, pump, send_async, take
+from helpers import ServerProcess, SettleSecond, available, close_quietly, connect, http_json, pump, send_async, take
 
 READY = re.compile(r"enmesh broker ready")
 
@@ -53,7 +53,7 @@ def cluster_yaml(ports, node_id=None):
     return "\n".join(lines) + "\n"
 
 
-class ClusterBroker:
+class ClusterBroker(ServerProcess):
     def __init__(self, tmpdir: Path, ports, node_id):
         self.tmpdir, self.ports, self.node_id = tmpdir, ports, node_id
         self.start()
@@ -78,21 +78,6 @@ class ClusterBroker:
     def wait_ready(self, timeout=30):
         assert self._ready.wait(timeout) and self.proc.poll() is None, \
             "broker %d did not start" % self.node_id
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._stderr.close()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._stderr.close()
 
 
 @pytest.mark.timeout(300)

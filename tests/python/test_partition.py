@@ -27,7 +27,7 @@ import pytest
 from proton import Delivery, Message
 
 from conftest import enmesh_bin
-from helpers import available, close_quietly, connect, pump, send_async, settle, take
+from helpers import ServerProcess, available, close_quietly, connect, pump, send_async, settle, take
 
 PREFIX = "enmp%d" % (os.getpid() % 10000)
 BRIDGE = PREFIX + "br"
@@ -77,14 +77,14 @@ def cluster_yaml(node_id=None):
     return "\n".join(lines) + "\n"
 
 
-class Proc:
+class Proc(ServerProcess):
     """A process started inside a namespace (or the root one), ready once `marker` is printed."""
 
     def __init__(self, args, marker, log: Path, netns=None):
         if netns:
             args = ["ip", "netns", "exec", netns] + args
-        self._log = open(log, "ab")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
+        self._stderr = open(log, "ab")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr,
                                      stdin=subprocess.DEVNULL)
         self.lines = []
         self._ready = threading.Event()
@@ -100,15 +100,6 @@ class Proc:
             if self.marker in line:
                 self._ready.set()
         self._ready.set()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
 
 
 # Runs inside the cut-off namespace: sends 20 messages through the router there and prints
