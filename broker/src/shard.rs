@@ -238,7 +238,14 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 
 impl Cmd {
     pub fn encode(&self) -> Vec<u8> {
-        let mut o = Vec::with_capacity(32);
+        let body = self.body().map_or(0, Vec::len);
+        let mut o = Vec::with_capacity(32 + body);
+        self.encode_into(&mut o);
+        o
+    }
+
+    /// Appends the encoding to `o` (a wrapped command goes in place, its body copied once).
+    fn encode_into(&self, o: &mut Vec<u8>) {
         match self {
             Cmd::Declare {
                 address,
@@ -248,11 +255,11 @@ impl Cmd {
                 expiry_address,
             } => {
                 o.push(1);
-                put_bytes(&mut o, address.as_bytes());
-                put_u32(&mut o, *max_delivery_attempts);
-                put_opt_u64(&mut o, *max_ttl_ms);
-                put_opt_str(&mut o, dead_letter.as_deref());
-                put_opt_str(&mut o, expiry_address.as_deref());
+                put_bytes(o, address.as_bytes());
+                put_u32(o, *max_delivery_attempts);
+                put_opt_u64(o, *max_ttl_ms);
+                put_opt_str(o, dead_letter.as_deref());
+                put_opt_str(o, expiry_address.as_deref());
             }
             Cmd::Enqueue {
                 address,
@@ -262,11 +269,11 @@ impl Cmd {
                 body,
             } => {
                 o.push(2);
-                put_bytes(&mut o, address.as_bytes());
-                put_u64(&mut o, *now);
-                put_opt_u64(&mut o, *ttl_ms);
-                put_opt_u64(&mut o, *absolute_expiry);
-                put_bytes(&mut o, body);
+                put_bytes(o, address.as_bytes());
+                put_u64(o, *now);
+                put_opt_u64(o, *ttl_ms);
+                put_opt_u64(o, *absolute_expiry);
+                put_bytes(o, body);
             }
             Cmd::Attach {
                 consumer,
@@ -275,10 +282,10 @@ impl Cmd {
                 now,
             } => {
                 o.push(3);
-                put_u64(&mut o, *consumer);
-                put_bytes(&mut o, address.as_bytes());
-                put_u32(&mut o, *credit);
-                put_u64(&mut o, *now);
+                put_u64(o, *consumer);
+                put_bytes(o, address.as_bytes());
+                put_u32(o, *credit);
+                put_u64(o, *now);
             }
             Cmd::Credit {
                 consumer,
@@ -286,9 +293,9 @@ impl Cmd {
                 now,
             } => {
                 o.push(4);
-                put_u64(&mut o, *consumer);
-                put_u32(&mut o, *credit);
-                put_u64(&mut o, *now);
+                put_u64(o, *consumer);
+                put_u32(o, *credit);
+                put_u64(o, *now);
             }
             Cmd::Settle {
                 consumer,
@@ -297,23 +304,23 @@ impl Cmd {
                 now,
             } => {
                 o.push(5);
-                put_u64(&mut o, *consumer);
-                put_u64(&mut o, *seq);
+                put_u64(o, *consumer);
+                put_u64(o, *seq);
                 o.push(outcome_byte(*outcome));
-                put_u64(&mut o, *now);
+                put_u64(o, *now);
             }
             Cmd::Detach { consumer, now } => {
                 o.push(6);
-                put_u64(&mut o, *consumer);
-                put_u64(&mut o, *now);
+                put_u64(o, *consumer);
+                put_u64(o, *now);
             }
             Cmd::Tick { now } => {
                 o.push(7);
-                put_u64(&mut o, *now);
+                put_u64(o, *now);
             }
             Cmd::Purge { address } => {
                 o.push(8);
-                put_bytes(&mut o, address.as_bytes());
+                put_bytes(o, address.as_bytes());
             }
             Cmd::Subscribe {
                 consumer,
@@ -324,12 +331,12 @@ impl Cmd {
                 now,
             } => {
                 o.push(9);
-                put_u64(&mut o, *consumer);
-                put_bytes(&mut o, name.as_bytes());
-                put_bytes(&mut o, filter.as_bytes());
+                put_u64(o, *consumer);
+                put_bytes(o, name.as_bytes());
+                put_bytes(o, filter.as_bytes());
                 o.push(*durable as u8);
-                put_u32(&mut o, *credit);
-                put_u64(&mut o, *now);
+                put_u32(o, *credit);
+                put_u64(o, *now);
             }
             Cmd::Publish {
                 topic,
@@ -339,26 +346,26 @@ impl Cmd {
                 body,
             } => {
                 o.push(10);
-                put_bytes(&mut o, topic.as_bytes());
-                put_u64(&mut o, *now);
-                put_opt_u64(&mut o, *ttl_ms);
-                put_opt_u64(&mut o, *absolute_expiry);
-                put_bytes(&mut o, body);
+                put_bytes(o, topic.as_bytes());
+                put_u64(o, *now);
+                put_opt_u64(o, *ttl_ms);
+                put_opt_u64(o, *absolute_expiry);
+                put_bytes(o, body);
             }
             Cmd::Unsubscribe { name } => {
                 o.push(11);
-                put_bytes(&mut o, name.as_bytes());
+                put_bytes(o, name.as_bytes());
             }
             Cmd::Bind { name, filter } => {
                 o.push(12);
-                put_bytes(&mut o, name.as_bytes());
-                put_bytes(&mut o, filter.as_bytes());
+                put_bytes(o, name.as_bytes());
+                put_bytes(o, filter.as_bytes());
             }
             Cmd::Once { origin, seq, cmd } => {
                 o.push(13);
-                put_u64(&mut o, *origin);
-                put_u64(&mut o, *seq);
-                o.extend_from_slice(&cmd.encode());
+                put_u64(o, *origin);
+                put_u64(o, *seq);
+                cmd.encode_into(o);
             }
             Cmd::Resume {
                 old,
@@ -369,18 +376,26 @@ impl Cmd {
                 now,
             } => {
                 o.push(14);
-                put_u64(&mut o, *old);
-                put_u64(&mut o, *new);
-                target.encode(&mut o);
-                put_sorted_seqs(&mut o, keep);
-                put_u32(&mut o, *credit);
-                put_u64(&mut o, *now);
+                put_u64(o, *old);
+                put_u64(o, *new);
+                target.encode(o);
+                put_sorted_seqs(o, keep);
+                put_u32(o, *credit);
+                put_u64(o, *now);
             }
         }
-        o
     }
 
     /// The message body this command carries, if any.
+    pub fn body(&self) -> Option<&Vec<u8>> {
+        match self {
+            Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Some(body),
+            Cmd::Once { cmd, .. } => cmd.body(),
+            _ => None,
+        }
+    }
+
+    /// [`Cmd::body`], mutably.
     pub fn body_mut(&mut self) -> Option<&mut Vec<u8>> {
         match self {
             Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Some(body),
