@@ -6,8 +6,8 @@
 #   bash scripts/local-cluster.sh stop [DIR]
 #
 # Ports: brokers 5801-5803 (routers) and 5901-5903 (Raft), router 5672 / HTTP 8080; set
-# BASE_CLIENT, BASE_RAFT, AMQP, HTTP to move them. ENMESH (default: the release binary, built
-# if missing) picks the binary.
+# BASE_CLIENT, BASE_RAFT, AMQP, HTTP to move them. SHARDS (default 3) sets the number of
+# shards; ENMESH (default: the release binary, built if missing) picks the binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-start}
@@ -16,6 +16,7 @@ BASE_CLIENT=${BASE_CLIENT:-5800}
 BASE_RAFT=${BASE_RAFT:-5900}
 AMQP=${AMQP:-127.0.0.1:5672}
 HTTP=${HTTP:-127.0.0.1:8080}
+SHARDS=${SHARDS:-3}
 bin=${ENMESH:-target/release/enmesh}
 
 cluster() {  # [node_id]
@@ -23,7 +24,7 @@ cluster() {  # [node_id]
   echo "broker:"
   echo "  cluster:"
   if [ -n "${1:-}" ]; then echo "    node_id: $1"; fi
-  echo "    shards: 3"
+  echo "    shards: $SHARDS"
   echo "    replicas: 3"
   echo "    brokers:"
   for i in 1 2 3; do

@@ -37,9 +37,11 @@ struct AmqpArgs {
     /// host:port of the AMQP server.
     #[arg(long, default_value = "127.0.0.1:5672")]
     url: String,
+    /// Address to send to and receive from; a comma-separated list runs one producer and
+    /// `--receivers` consumers per address at once (counts, rates and latencies are totals).
     #[arg(long, default_value = "bench")]
     address: String,
-    /// Messages to send (after warm-up).
+    /// Messages to send per address (after warm-up).
     #[arg(long, default_value_t = 200_000)]
     count: u64,
     /// Warm-up messages sent first and not measured.
@@ -146,14 +148,71 @@ fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
-/// A connection driven by busy polling: a non-blocking std socket (tokio's `try_read` only
-/// reads after its reactor saw readiness, and a busy loop never lets the reactor run).
+/// A connection driven by polling: a non-blocking std socket (tokio's `try_read` only reads
+/// after its reactor saw readiness, and a busy loop never lets the reactor run). The loop
+/// spins while there is work and parks in [`Parker`] once it has been idle for a moment.
 struct Raw {
     s: std::net::TcpStream,
     conn: amqp::Connection,
     inbuf: BytesMut,
     events: std::collections::VecDeque<Event>,
     scratch: Vec<u8>,
+}
+
+/// Where the load loop sleeps when nothing has happened for [`SPIN`]: spinning for good would
+/// take a core the servers under test could use (the replicated benchmark runs four server
+/// processes on this machine's two cores), sleeping at once would add a wake-up to every
+/// latency sample.
+struct Parker {
+    poll: mio::Poll,
+    events: mio::Events,
+    idle_since: Option<Instant>,
+}
+
+const SPIN: Duration = Duration::from_micros(50);
+
+impl Parker {
+    fn new(conns: &[&Raw]) -> anyhow::Result<Parker> {
+        use std::os::fd::AsRawFd;
+        let poll = mio::Poll::new()?;
+        for (i, c) in conns.iter().enumerate() {
+            let fd = c.s.as_raw_fd();
+            poll.registry().register(
+                &mut mio::unix::SourceFd(&fd),
+                mio::Token(i),
+                mio::Interest::READABLE,
+            )?;
+        }
+        Ok(Parker {
+            poll,
+            events: mio::Events::with_capacity(64),
+            idle_since: None,
+        })
+    }
+
+    /// Called once per loop turn: `busy` if the turn sent or received anything. Registration
+    /// is edge-triggered and persists, so data that arrives between the last empty read and
+    /// the wait still wakes it.
+    fn turn(&mut self, busy: bool, now: Instant, until: Option<Instant>) -> anyhow::Result<()> {
+        if busy {
+            self.idle_since = None;
+            return Ok(());
+        }
+        let since = *self.idle_since.get_or_insert(now);
+        if now.duration_since(since) < SPIN {
+            return Ok(());
+        }
+        let wait = until.map_or(Duration::from_millis(5), |u| {
+            u.saturating_duration_since(now)
+                .min(Duration::from_millis(5))
+        });
+        if let Err(e) = self.poll.poll(&mut self.events, Some(wait))
+            && e.kind() != std::io::ErrorKind::Interrupted
+        {
+            return Err(e.into());
+        }
+        Ok(())
+    }
 }
 
 impl Raw {
@@ -231,17 +290,34 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
     let expect = if a.produce_only { 0 } else { expect };
     let total = if a.consume_only { 0 } else { total };
     let receivers = if a.produce_only { 0 } else { a.receivers };
-    let mut consumers = Vec::new();
-    for i in 0..receivers {
-        let mut c = Client::connect(&a.url, &format!("bench-rx-{i}")).await?;
-        let (link, _) = c
-            .receiver(&format!("rx-{i}"), Some(&a.address), a.credit, a.presettled)
-            .await?;
-        consumers.push((Raw::from(c)?, link));
+    let addresses: Vec<&str> = a.address.split(',').filter(|s| !s.is_empty()).collect();
+    if addresses.is_empty() {
+        bail!("--address names no address");
     }
-    let mut p = Client::connect(&a.url, "bench-tx").await?;
-    let plink = p.sender("tx", Some(&a.address), a.presettled).await?;
-    let mut p = Raw::from(p)?;
+    let n_addr = addresses.len() as u64;
+    let (expect, total_all) = (expect * n_addr, total * n_addr);
+    let mut consumers = Vec::new();
+    for (k, address) in addresses.iter().enumerate() {
+        for i in 0..receivers {
+            let mut c = Client::connect(&a.url, &format!("bench-rx-{k}-{i}")).await?;
+            let (link, _) = c
+                .receiver(&format!("rx-{i}"), Some(address), a.credit, a.presettled)
+                .await?;
+            consumers.push((Raw::from(c)?, link));
+        }
+    }
+    // One producer connection per address, each sending `total`.
+    let mut producers = Vec::new();
+    for (k, address) in addresses.iter().enumerate() {
+        let mut p = Client::connect(&a.url, &format!("bench-tx-{k}")).await?;
+        let link = p.sender("tx", Some(address), a.presettled).await?;
+        producers.push((Raw::from(p)?, link, 0u64));
+    }
+    let mut parker = {
+        let mut all: Vec<&Raw> = consumers.iter().map(|(c, _)| c).collect();
+        all.extend(producers.iter().map(|(p, _, _)| p));
+        Parker::new(&all)?
+    };
     // One encoded message; each send patches its timestamp and sequence number in place.
     let body = vec![0u8; a.size];
     let mut msg = BytesMut::new();
@@ -264,49 +340,58 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
     let mut last_rx = start;
     let mut last_ack = start;
     let size = a.size;
-    while received < expect || outstanding > 0 || sent < total {
+    while received < expect || outstanding > 0 || sent < total_all {
         let now = Instant::now();
         if now > deadline {
             bail!("timed out: sent={sent} received={received} outcomes pending={outstanding}");
         }
-        // Producer: send what credit (and, at a fixed rate, the schedule) allows.
-        let mut batch = 0;
-        while sent < total && batch < 256 && p.conn.credit(plink) > 0 {
-            let intended = match interval {
-                Some(iv) => {
-                    let due = start + iv * sent as u32;
-                    if due > now {
-                        break;
+        let mut busy = false;
+        let mut next_due = None;
+        for (p, plink, psent) in producers.iter_mut() {
+            // Send what credit (and, at a fixed rate, the schedule) allows.
+            let plink = *plink;
+            let mut batch = 0;
+            while *psent < total && batch < 256 && p.conn.credit(plink) > 0 {
+                let intended = match interval {
+                    Some(iv) => {
+                        let due = start + iv * *psent as u32;
+                        if due > now {
+                            next_due = Some(next_due.map_or(due, |d: Instant| d.min(due)));
+                            break;
+                        }
+                        due.duration_since(base).as_nanos() as u64
                     }
-                    due.duration_since(base).as_nanos() as u64
+                    None => nanos(base),
+                };
+                msg[at..at + 8].copy_from_slice(&intended.to_be_bytes());
+                msg[at + 8..at + 16].copy_from_slice(&psent.to_be_bytes());
+                p.conn
+                    .send(plink, &psent.to_be_bytes(), &msg, a.presettled, 0);
+                *psent += 1;
+                sent += 1;
+                batch += 1;
+                if !a.presettled {
+                    outstanding += 1;
                 }
-                None => nanos(base),
-            };
-            msg[at..at + 8].copy_from_slice(&intended.to_be_bytes());
-            msg[at + 8..at + 16].copy_from_slice(&sent.to_be_bytes());
-            p.conn
-                .send(plink, &sent.to_be_bytes(), &msg, a.presettled, 0);
-            sent += 1;
-            batch += 1;
-            if !a.presettled {
-                outstanding += 1;
             }
-        }
-        p.write_out()?;
-        if p.poll_read()? {
-            while let Some(e) = p.events.pop_front() {
-                if let Event::Disposition {
-                    first, last, state, ..
-                } = e
-                {
-                    let n = u64::from(last.wrapping_sub(first)) + 1;
-                    outstanding = outstanding.saturating_sub(n);
-                    if matches!(state, Some(DeliveryState::Accepted)) {
-                        accepted += n;
-                    } else {
-                        other += n;
+            p.write_out()?;
+            busy |= batch > 0;
+            if p.poll_read()? {
+                busy = true;
+                while let Some(e) = p.events.pop_front() {
+                    if let Event::Disposition {
+                        first, last, state, ..
+                    } = e
+                    {
+                        let n = u64::from(last.wrapping_sub(first)) + 1;
+                        outstanding = outstanding.saturating_sub(n);
+                        if matches!(state, Some(DeliveryState::Accepted)) {
+                            accepted += n;
+                        } else {
+                            other += n;
+                        }
+                        last_ack = Instant::now();
                     }
-                    last_ack = Instant::now();
                 }
             }
         }
@@ -314,6 +399,7 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
             if !c.poll_read()? {
                 continue;
             }
+            busy = true;
             let t = nanos(base);
             while let Some(e) = c.events.pop_front() {
                 if let Event::Delivery(d) = e {
@@ -345,6 +431,7 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
             }
             c.write_out()?;
         }
+        parker.turn(busy, now, next_due)?;
     }
     let (wall, done) = if a.produce_only {
         (
@@ -374,7 +461,7 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
     };
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "{label}: {mode} size={size}B rate_target={rt} receivers={n} sent={sent} received={received} accepted={accepted} other_outcomes={other} \
+        "{label}: {mode} size={size}B rate_target={rt} addresses={n_addr} receivers={n} sent={sent} received={received} accepted={accepted} other_outcomes={other} \
          wall={wall:.2}s rate={rate:.0} msg/s latency_us p50={p50:.0} p90={p90:.0} p99={p99:.0} p99.9={p999:.0} max={max:.0} server_cpu={cpu} server_rss={rss} server_hwm={hwm}",
         label = a.label,
         rt = if a.rate == 0 {
