@@ -6,7 +6,13 @@
 //! request's id, so many RPCs are in flight on one connection and answers may come in any
 //! order. Bodies use the broker's own encoding (entries as in the log, see
 //! [`crate::raft::encode_entry`]); every decode is bounds-checked and a bad frame closes that
-//! connection only. The seam for TLS is [`connect`]/[`serve`]'s stream type: both work on any
+//! connection only.
+//!
+//! Snapshots travel in chunks ([`SNAPSHOT_CHUNK`] bytes each, one RPC per chunk, the next sent
+//! when the previous is acknowledged): a snapshot carries the bodies of every live message of
+//! the shard, and one frame of that size would hold up every other shard's heartbeats on the
+//! shared connection (and could exceed [`MAX_FRAME`]). The receiving side of a connection
+//! assembles at most one transfer per shard; the last chunk installs it. The seam for TLS is [`connect`]/[`serve`]'s stream type: both work on any
 //! `AsyncRead + AsyncWrite`.
 
 use std::collections::HashMap;
@@ -31,12 +37,19 @@ use tokio::sync::{mpsc, oneshot};
 use crate::raft::{C, NodeAddr, SnapshotData, StateMachine, codec};
 use crate::wire::{Reader, put_bytes};
 
-/// Largest frame: a batch of entries or a snapshot (snapshots hold metadata, not bodies).
+/// Largest frame: a batch of entries (messages may be up to the routers' maximum size).
 const MAX_FRAME: usize = 512 * 1024 * 1024;
+
+/// Bytes of snapshot per chunk.
+pub const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
+/// Largest snapshot a replica accepts (assembled in memory before it is installed).
+const MAX_SNAPSHOT: u64 = 64 * 1024 * 1024 * 1024;
 
 const APPEND: u8 = 1;
 const VOTE: u8 = 2;
-const SNAPSHOT: u8 = 3;
+/// A chunk of a snapshot (kind 3 was a whole snapshot in one frame, no longer sent).
+const CHUNK: u8 = 4;
 const OK: u8 = 0x80;
 const FAILED: u8 = 0xff;
 
@@ -160,6 +173,87 @@ pub fn decode_snapshot(r: &mut Reader) -> io::Result<(VoteOf<C>, SnapshotOf<C, S
     ))
 }
 
+/// One chunk of a snapshot transfer: `[u64 transfer id][u64 offset][u64 total][bytes]`. The
+/// transfer's bytes are an [`encode_snapshot`] message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Chunk<'a> {
+    pub transfer: u64,
+    pub offset: u64,
+    pub total: u64,
+    pub data: &'a [u8],
+}
+
+pub fn encode_chunk(c: &Chunk, o: &mut Vec<u8>) {
+    o.extend_from_slice(&c.transfer.to_be_bytes());
+    o.extend_from_slice(&c.offset.to_be_bytes());
+    o.extend_from_slice(&c.total.to_be_bytes());
+    o.extend_from_slice(c.data);
+}
+
+pub fn decode_chunk<'a>(b: &'a [u8]) -> io::Result<Chunk<'a>> {
+    let mut r = Reader(b);
+    let transfer = r.u64()?;
+    let offset = r.u64()?;
+    let total = r.u64()?;
+    let data = r.0;
+    let end = offset.checked_add(data.len() as u64);
+    if end.is_none_or(|e| e > total) {
+        return Err(bad("snapshot chunk past the transfer's end"));
+    }
+    Ok(Chunk {
+        transfer,
+        offset,
+        total,
+        data,
+    })
+}
+
+/// A snapshot being received on one connection, for one shard.
+struct Incoming {
+    transfer: u64,
+    total: u64,
+    buf: Vec<u8>,
+}
+
+/// Adds `c` to the shard's transfer; the whole snapshot message once the last chunk is in.
+/// A chunk of a new transfer at offset 0 replaces an unfinished one (the sender gave up on
+/// it); any other gap or mismatch is an error and the sender starts over.
+fn assemble(
+    incoming: &mut HashMap<u32, Incoming>,
+    shard: u32,
+    c: &Chunk,
+) -> Result<Option<Vec<u8>>, String> {
+    if c.total > MAX_SNAPSHOT {
+        return Err(format!(
+            "snapshot of {} bytes is larger than {MAX_SNAPSHOT}",
+            c.total
+        ));
+    }
+    if c.offset == 0 {
+        incoming.insert(
+            shard,
+            Incoming {
+                transfer: c.transfer,
+                total: c.total,
+                // Grows with the chunks received, not with what the sender claims.
+                buf: Vec::with_capacity(c.data.len()),
+            },
+        );
+    }
+    let Some(t) = incoming.get_mut(&shard) else {
+        return Err("snapshot chunk of no transfer in progress".into());
+    };
+    if t.transfer != c.transfer || t.total != c.total || t.buf.len() as u64 != c.offset {
+        incoming.remove(&shard);
+        return Err("snapshot chunk out of order".into());
+    }
+    t.buf.extend_from_slice(c.data);
+    if (t.buf.len() as u64) < t.total {
+        return Ok(None);
+    }
+    Ok(incoming.remove(&shard).map(|t| t.buf))
+}
+
 // --- frames -------------------------------------------------------------------------------
 
 struct Frame {
@@ -252,8 +346,9 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(sock: S, r
             }
         }
     });
+    let mut incoming: HashMap<u32, Incoming> = HashMap::new();
     loop {
-        let f = match read_frame(&mut rd).await {
+        let mut f = match read_frame(&mut rd).await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {
@@ -267,6 +362,23 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(sock: S, r
             }));
             continue;
         };
+        if f.kind == CHUNK {
+            // Chunks are assembled here, in order; only the last one goes on to install.
+            let whole = decode_chunk(&f.body)
+                .map_err(|e| e.to_string())
+                .and_then(|c| assemble(&mut incoming, f.shard, &c));
+            match whole {
+                Ok(Some(snapshot)) => f.body = snapshot,
+                Ok(None) => {
+                    let _ = tx.send(frame(f.id, OK | CHUNK, f.shard, |_| {}));
+                    continue;
+                }
+                Err(e) => {
+                    let _ = tx.send(frame(f.id, FAILED, f.shard, |o| put_bytes(o, e.as_bytes())));
+                    continue;
+                }
+            }
+        }
         let tx = tx.clone();
         // Each RPC runs on its own: a snapshot install must not hold up heartbeats.
         tokio::spawn(async move {
@@ -296,7 +408,8 @@ async fn handle(raft: &Raft, f: &Frame) -> Result<Vec<u8>, String> {
             let resp = raft.vote(req).await.map_err(|e| e.to_string())?;
             encode_vote_response(&resp, &mut o);
         }
-        SNAPSHOT => {
+        CHUNK => {
+            // The body is the assembled transfer.
             let (vote, snap) = decode_snapshot(&mut r).map_err(|e| e.to_string())?;
             let resp = raft
                 .install_full_snapshot(vote, snap)
@@ -511,22 +624,40 @@ impl RaftNetworkV2<C> for NetClient {
         &mut self,
         vote: VoteOf<C>,
         snapshot: SnapshotOf<C, SnapshotData>,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        // Snapshots are larger than other RPCs: give them longer than a heartbeat's budget.
+        // Snapshots are larger than other RPCs: each chunk, and the install that the last
+        // one starts, gets longer than a heartbeat's budget.
         let ttl = option.hard_ttl().max(Duration::from_secs(30));
-        let body = self
+        let mut whole = Vec::new();
+        encode_snapshot(&vote, &snapshot, &mut whole);
+        drop(snapshot);
+        let transfer = self
             .peers
-            .call(
-                &self.addr,
-                SNAPSHOT,
-                self.shard,
-                |o| encode_snapshot(&vote, &snapshot, o),
-                ttl,
-            )
-            .await
-            .map_err(|e| StreamingError::Unreachable(unreachable(&e)))?;
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let total = whole.len() as u64;
+        let send = async {
+            let mut answer = Vec::new();
+            for (i, data) in whole.chunks(SNAPSHOT_CHUNK).enumerate() {
+                let c = Chunk {
+                    transfer,
+                    offset: (i * SNAPSHOT_CHUNK) as u64,
+                    total,
+                    data,
+                };
+                answer = self
+                    .peers
+                    .call(&self.addr, CHUNK, self.shard, |o| encode_chunk(&c, o), ttl)
+                    .await?;
+            }
+            Ok::<_, io::Error>(answer)
+        };
+        let body = tokio::select! {
+            r = send => r.map_err(|e| StreamingError::Unreachable(unreachable(&e)))?,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
         let vote = codec::get_vote(&mut Reader(&body))
             .map_err(|e| StreamingError::Unreachable(unreachable(&e)))?;
         Ok(SnapshotResponse::new(vote))
@@ -539,6 +670,45 @@ mod tests {
     use crate::raft::Command;
     use openraft::entry::RaftEntry;
     use openraft::type_config::alias::EntryOf;
+
+    #[test]
+    fn snapshot_chunks_assemble_in_order_only() {
+        let mut inc = HashMap::new();
+        let c = |transfer, offset, total, data| Chunk {
+            transfer,
+            offset,
+            total,
+            data,
+        };
+        assert_eq!(assemble(&mut inc, 1, &c(7, 0, 6, b"abc")), Ok(None));
+        assert_eq!(
+            assemble(&mut inc, 1, &c(7, 3, 6, b"def")),
+            Ok(Some(b"abcdef".to_vec()))
+        );
+        assert!(inc.is_empty());
+        // A gap, a chunk of another transfer, or a chunk with no transfer: refused.
+        assert_eq!(assemble(&mut inc, 1, &c(8, 0, 6, b"ab")), Ok(None));
+        assert!(assemble(&mut inc, 1, &c(8, 3, 6, b"def")).is_err());
+        assert!(assemble(&mut inc, 1, &c(9, 2, 6, b"cd")).is_err());
+        // A new transfer at offset 0 replaces an unfinished one; shards are independent.
+        assert_eq!(assemble(&mut inc, 1, &c(10, 0, 4, b"wx")), Ok(None));
+        assert_eq!(
+            assemble(&mut inc, 2, &c(11, 0, 2, b"zz")),
+            Ok(Some(b"zz".to_vec()))
+        );
+        assert_eq!(
+            assemble(&mut inc, 1, &c(12, 0, 2, b"yy")),
+            Ok(Some(b"yy".to_vec()))
+        );
+        assert!(assemble(&mut inc, 1, &c(13, 0, MAX_SNAPSHOT + 1, b"x")).is_err());
+        // Decoding refuses a chunk that claims to run past its transfer's end.
+        let mut o = Vec::new();
+        encode_chunk(&c(1, 5, 6, b"ab"), &mut o);
+        assert!(decode_chunk(&o).is_err());
+        o.clear();
+        encode_chunk(&c(1, 4, 6, b"ab"), &mut o);
+        assert_eq!(decode_chunk(&o).ok(), Some(c(1, 4, 6, b"ab")));
+    }
 
     fn log_id(term: u64, index: u64) -> LogIdOf<C> {
         LogIdOf::<C>::new(

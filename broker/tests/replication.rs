@@ -47,13 +47,29 @@ async fn open(dir: &Path, id: u64, members: &BTreeMap<u64, NodeAddr>, b: &Broker
     node
 }
 
+/// Body size in the snapshot test.
+const BIG: usize = 10_000;
+
 fn enqueue(i: u32) -> Cmd {
+    enqueue_sized(i, 0)
+}
+
+/// Body `m{i}` padded with `.` to at least `len` bytes.
+fn body(i: u32, len: usize) -> Vec<u8> {
+    let mut b = format!("m{i}").into_bytes();
+    if b.len() < len {
+        b.resize(len, b'.');
+    }
+    b
+}
+
+fn enqueue_sized(i: u32, len: usize) -> Cmd {
     Cmd::Enqueue {
         address: "q".into(),
         now: 1,
         ttl_ms: None,
         absolute_expiry: None,
-        body: format!("m{i}").into_bytes(),
+        body: body(i, len),
     }
 }
 
@@ -201,7 +217,8 @@ async fn three_replicas_elect_replicate_fail_over_and_catch_up() {
 
 /// A replica that joins after the log was compacted gets a snapshot, and with it the bodies of
 /// the live messages it covers (it never saw their log entries): it can deliver them, also
-/// after its own restart.
+/// after its own restart. Bodies of 10 KB make the snapshot ~3 MB: it travels in several
+/// chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_replica_gets_a_snapshot_with_the_bodies_of_live_messages() {
     let dirs = [TempDir::new(), TempDir::new(), TempDir::new()];
@@ -246,7 +263,7 @@ async fn late_replica_gets_a_snapshot_with_the_bodies_of_live_messages() {
     let leader = find_leader(&nodes).await as usize - 1;
     let mut seqs = Vec::new();
     for i in 0..300 {
-        seqs.push(propose_seq(nodes[leader].as_ref().unwrap(), &enqueue(i)).await);
+        seqs.push(propose_seq(nodes[leader].as_ref().unwrap(), &enqueue_sized(i, BIG)).await);
     }
     nodes[leader]
         .as_ref()
@@ -262,23 +279,24 @@ async fn late_replica_gets_a_snapshot_with_the_bodies_of_live_messages() {
     for (i, seq) in seqs.iter().enumerate().step_by(37) {
         assert_eq!(
             third.body(*seq).await.expect("body on the late replica"),
-            format!("m{i}").into_bytes()
+            body(i as u32, BIG)
         );
     }
     // The bodies came with the snapshot, not through log replication.
     let carried = std::fs::metadata(dirs[2].0.join("snapshot-bodies")).map_or(0, |m| m.len());
     assert!(
-        carried >= 300 * 18,
+        carried >= 300 * BIG as u64,
         "snapshot carried {carried} bytes of bodies"
     );
+    assert!(carried > 2 * broker::net::SNAPSHOT_CHUNK as u64);
     // After its own restart, from its disk.
     let third = nodes[2].take().unwrap();
     brokers[2].registry.remove(SHARD);
     third.shutdown().await.unwrap();
     let third = open3(2).await;
     eventually("replica 3 back", || depth(&third) == 300).await;
-    assert_eq!(third.body(seqs[299]).await.unwrap(), b"m299".to_vec());
-    assert_eq!(third.body(seqs[0]).await.unwrap(), b"m0".to_vec());
+    assert_eq!(third.body(seqs[299]).await.unwrap(), body(299, BIG));
+    assert_eq!(third.body(seqs[0]).await.unwrap(), body(0, BIG));
     third.shutdown().await.unwrap();
     for n in nodes.into_iter().flatten() {
         n.shutdown().await.unwrap();

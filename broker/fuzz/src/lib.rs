@@ -89,4 +89,9 @@ fn raft_rpcs(b: &[u8]) {
     let _ = decode_vote(&mut Reader(b));
     let _ = decode_vote_response(&mut Reader(b));
     let _ = decode_snapshot(&mut Reader(b));
+    if let Ok(c) = decode_chunk(b) {
+        let mut once = Vec::new();
+        encode_chunk(&c, &mut once);
+        assert_eq!(decode_chunk(&once).ok(), Some(c));
+    }
 }
