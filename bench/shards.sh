@@ -23,6 +23,11 @@ bench="$root/target/release/enmesh-bench"
 export AMQP=127.0.0.1:5796 HTTP=127.0.0.1:8796 BASE_CLIENT=5860 BASE_RAFT=5960 SHARDS
 bash scripts/local-cluster.sh start "$out/enmesh" >&2
 trap 'bash scripts/local-cluster.sh stop "$out/enmesh"' EXIT
+# Spread the leaders: shard s led by broker s mod 3 + 1 (the broker that initialised every
+# group leads them all at first).
+for s in $(seq 0 $((SHARDS - 1))); do
+  "$root/target/release/enmesh" cluster --config "$out/enmesh/router.yaml" lead --shard "$s" --to $((s % 3 + 1)) >&2
+done
 
 shard_of() { curl -sf "http://$HTTP/api/v1/placement/$1" | grep -o '"shard":[0-9]*' | cut -d: -f2; }
 

@@ -2,8 +2,15 @@
 //! they share, and the router-facing service of each shard it leads.
 //!
 //! Placement of replicas: shard `s` has its replicas on the brokers at positions
-//! `s, s+1, …, s+r-1` (mod n) of the sorted broker ids, so leaders and load spread evenly and
-//! every broker computes the same map from the same configuration.
+//! `s, s+1, …, s+r-1` (mod n) of the sorted broker ids, so replicas spread evenly and every
+//! broker computes the same map from the same configuration.
+//!
+//! Leaders can spread too (`broker.cluster.balance_leaders`, off by default): shard `s`
+//! prefers the voter at position `s mod v` of its sorted voters. A leader that is not the
+//! preferred one, has led for [`BALANCE_AFTER`] and sees the
+//! preferred replica alive and caught up hands leadership over (Raft's leader transfer; for
+//! clients a leader change like any other, which routers hide). Without this the broker
+//! that initialised every group led them all, and one process did all the leaders' work.
 //!
 //! A shard's service takes router connections only while this replica leads: before it does,
 //! it makes sure the new term can commit and numbers its connections above any id a previous
@@ -130,6 +137,8 @@ struct Broker {
     registry: Registry,
     peers: Peers,
     hosted: std::sync::Mutex<HashMap<u32, Arc<Hosted>>>,
+    /// Whether to run [`balance_leadership`] for each hosted shard.
+    balance_leaders: bool,
 }
 
 impl Broker {
@@ -168,6 +177,9 @@ impl Broker {
             leading,
         });
         tokio::spawn(follow_leadership(shard, h.clone()));
+        if self.balance_leaders {
+            tokio::spawn(balance_leadership(shard, self.me, h.handle.raft()));
+        }
         if let Ok(mut g) = self.hosted.lock() {
             g.insert(shard, h);
         }
@@ -239,7 +251,9 @@ impl Broker {
                 Ok(()) => ok(format!("broker {} no longer hosts shard {shard}", self.me)),
                 Err(e) => fail(e.to_string(), None),
             },
-            Admin::AddReplica { shard, .. } | Admin::RemoveReplica { shard, .. } => {
+            Admin::AddReplica { shard, .. }
+            | Admin::RemoveReplica { shard, .. }
+            | Admin::Lead { shard, .. } => {
                 let Some(h) = self.get(shard) else {
                     return fail(format!("shard {shard} is not hosted here"), None);
                 };
@@ -273,6 +287,12 @@ impl Broker {
                         .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
                         .await
                         .map(|_| format!("broker {id} removed from shard {shard}")),
+                    Admin::Lead { to, .. } => {
+                        return match hand_over(&raft, to).await {
+                            Ok(()) => ok(format!("broker {to} leads shard {shard}")),
+                            Err(why) => fail(why, None),
+                        };
+                    }
                     _ => return fail("unreachable".into(), None),
                 };
                 match r {
@@ -326,6 +346,7 @@ pub async fn run(
     spec: ClusterSpec,
     me: u64,
     join: bool,
+    balance_leaders: bool,
     dir: &Path,
     opts: NodeOptions,
     listeners: Listeners,
@@ -351,6 +372,7 @@ pub async fn run(
         registry: registry.clone(),
         peers: Peers::default(),
         hosted: std::sync::Mutex::new(HashMap::new()),
+        balance_leaders,
     });
     save_hosted(dir, &shards)?;
     for shard in shards {
@@ -467,6 +489,105 @@ async fn follow_leadership(shard: u32, h: Arc<Hosted>) {
     }
 }
 
+/// How long a replica leads before it considers handing leadership to the preferred one (a
+/// broker that just came back must first prove itself, and leadership must not flap).
+pub const BALANCE_AFTER: Duration = Duration::from_secs(10);
+
+/// A preferred replica counts as caught up within this many entries of the leader's log.
+const BALANCE_LAG: u64 = 1000;
+
+/// The voter that should lead `shard`: position `shard mod v` of the sorted voters.
+pub fn preferred_leader(shard: u32, voters: &[u64]) -> Option<u64> {
+    let mut v = voters.to_vec();
+    v.sort_unstable();
+    v.get(shard as usize % v.len().max(1)).copied()
+}
+
+/// Hands `shard`'s leadership to its preferred voter when this replica has led it for
+/// [`BALANCE_AFTER`] and the preferred one answered heartbeats in the last second and is
+/// within [`BALANCE_LAG`] entries. Ends when the replica shuts down.
+async fn balance_leadership(
+    shard: u32,
+    me: u64,
+    raft: openraft::Raft<crate::raft::C, crate::raft::StateMachine>,
+) {
+    use openraft::Instant as _;
+    let metrics = raft.metrics();
+    let mut led_since: Option<(u64, tokio::time::Instant)> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let m = metrics.borrow_watched().clone();
+        if m.state == ServerState::Shutdown || m.running_state.is_err() {
+            return;
+        }
+        if m.state != ServerState::Leader {
+            led_since = None;
+            continue;
+        }
+        let since = match led_since {
+            Some((term, at)) if term == m.current_term => at,
+            _ => {
+                let now = tokio::time::Instant::now();
+                led_since = Some((m.current_term, now));
+                now
+            }
+        };
+        if since.elapsed() < BALANCE_AFTER {
+            continue;
+        }
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let Some(to) = preferred_leader(shard, &voters).filter(|p| *p != me) else {
+            continue;
+        };
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&to).cloned().flatten())
+            .map(|l| l.index);
+        let caught_up = matched
+            .zip(m.last_log_index)
+            .is_some_and(|(got, last)| got + BALANCE_LAG >= last);
+        let alive = m
+            .heartbeat
+            .as_ref()
+            .and_then(|h| h.get(&to).cloned().flatten())
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+        if caught_up && alive {
+            tracing::info!("shard {shard}: handing leadership to its preferred replica {to}");
+            if raft.trigger().transfer_leader(to).await.is_err() {
+                return;
+            }
+            led_since = None;
+        }
+    }
+}
+
+/// Hands leadership to voter `to` and waits (up to 10 s) until the group reports it leading.
+async fn hand_over(
+    raft: &openraft::Raft<crate::raft::C, crate::raft::StateMachine>,
+    to: u64,
+) -> Result<(), String> {
+    let voters: Vec<u64> = raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    if !voters.contains(&to) {
+        return Err(format!("broker {to} is not a voter of this shard"));
+    }
+    raft.trigger()
+        .transfer_leader(to)
+        .await
+        .map_err(|e| e.to_string())?;
+    raft.wait(Some(Duration::from_secs(10)))
+        .current_leader(to, "leadership handed over")
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("broker {to} did not take over: {e}"))
+}
+
 /// Readies a new leader: the term can commit, the previous leader's consumers are detached
 /// unless resumed within the grace period, connection numbers start above theirs. False if
 /// leadership was lost meanwhile.
@@ -530,6 +651,15 @@ mod tests {
             shards,
             replicas,
         }
+    }
+
+    #[test]
+    fn preferred_leaders_spread_over_the_voters() {
+        assert_eq!(preferred_leader(0, &[3, 1, 2]), Some(1));
+        assert_eq!(preferred_leader(1, &[3, 1, 2]), Some(2));
+        assert_eq!(preferred_leader(5, &[3, 1, 2]), Some(3));
+        assert_eq!(preferred_leader(7, &[4]), Some(4));
+        assert_eq!(preferred_leader(0, &[]), None);
     }
 
     #[test]

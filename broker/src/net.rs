@@ -24,7 +24,8 @@ use std::time::Duration;
 use openraft::errors::{RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{
     LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf,
@@ -35,7 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::raft::{C, NodeAddr, SnapshotData, StateMachine, codec};
-use crate::wire::{Reader, put_bytes};
+use crate::wire::{Reader, put_bytes, put_varint};
 
 /// Largest frame: a batch of entries (messages may be up to the routers' maximum size).
 const MAX_FRAME: usize = 512 * 1024 * 1024;
@@ -50,6 +51,9 @@ const APPEND: u8 = 1;
 const VOTE: u8 = 2;
 /// A chunk of a snapshot (kind 3 was a whole snapshot in one frame, no longer sent).
 const CHUNK: u8 = 4;
+/// A leader hands over: the named voter campaigns at once (once its log has caught up), the
+/// others let it (they drop the leader lease).
+const TRANSFER: u8 = 5;
 const OK: u8 = 0x80;
 const FAILED: u8 = 0xff;
 
@@ -124,6 +128,19 @@ pub fn encode_vote(r: &VoteRequest<C>, o: &mut Vec<u8>) {
     codec::put_vote(o, &r.vote);
     put_opt_log_id(o, r.last_log_id.as_ref());
     o.push(u8::from(r.leadership_transfer));
+}
+
+pub fn encode_transfer(t: &TransferLeaderRequest<C>, o: &mut Vec<u8>) {
+    codec::put_vote(o, t.from_leader());
+    put_varint(o, *t.to_node_id());
+    put_opt_log_id(o, t.last_log_id());
+}
+
+pub fn decode_transfer(r: &mut Reader) -> io::Result<TransferLeaderRequest<C>> {
+    let from = codec::get_vote(r)?;
+    let to = r.varint()?;
+    let last = codec::get_opt_log_id(r)?;
+    Ok(TransferLeaderRequest::new(from, to, last))
 }
 
 pub fn decode_vote(r: &mut Reader) -> io::Result<VoteRequest<C>> {
@@ -408,6 +425,22 @@ async fn handle(raft: &Raft, f: &Frame) -> Result<Vec<u8>, String> {
             let resp = raft.vote(req).await.map_err(|e| e.to_string())?;
             encode_vote_response(&resp, &mut o);
         }
+        TRANSFER => {
+            let req = decode_transfer(&mut r).map_err(|e| e.to_string())?;
+            // A refusal (log not yet flushed, vote changed) is an answer, not a failure of
+            // the RPC: the leader retries or the lease runs out.
+            match raft
+                .handle_transfer_leader(req)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Ok(()) => o.push(0),
+                Err(why) => {
+                    o.push(1);
+                    put_bytes(&mut o, why.to_string().as_bytes());
+                }
+            }
+        }
         CHUNK => {
             // The body is the assembled transfer.
             let (vote, snap) = decode_snapshot(&mut r).map_err(|e| e.to_string())?;
@@ -618,6 +651,32 @@ impl RaftNetworkV2<C> for NetClient {
             .await
             .map_err(|e| self.rpc_error(e, RPCTypes::Vote, ttl))?;
         decode_vote_response(&mut Reader(&body)).map_err(|e| RPCError::Unreachable(unreachable(&e)))
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        let ttl = option.hard_ttl();
+        let body = self
+            .peers
+            .call(
+                &self.addr,
+                TRANSFER,
+                self.shard,
+                |o| encode_transfer(&req, o),
+                ttl,
+            )
+            .await
+            .map_err(|e| self.rpc_error(e, RPCTypes::TransferLeader, ttl))?;
+        let mut r = Reader(&body);
+        match r.u8() {
+            Ok(0) => Ok(Ok(())),
+            _ => Err(RPCError::Unreachable(unreachable(&io::Error::other(
+                r.string().unwrap_or_else(|_| "transfer refused".into()),
+            )))),
+        }
     }
 
     async fn full_snapshot(

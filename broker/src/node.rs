@@ -91,6 +91,10 @@ pub enum NodeError {
     Io(#[from] io::Error),
     #[error("raft: {0}")]
     Raft(String),
+    /// This replica is not (or no longer) the leader, or it stopped: the proposal did not
+    /// commit here, and may or may not commit under another leader.
+    #[error("not the shard's leader")]
+    NotLeader,
 }
 
 fn raft_err(e: impl std::fmt::Display) -> NodeError {
@@ -327,16 +331,19 @@ impl ShardHandle {
         cmds: impl IntoIterator<Item = Cmd>,
     ) -> Result<futures_util::stream::BoxStream<'static, Result<u64, NodeError>>, NodeError> {
         use futures_util::StreamExt;
+        use openraft::errors::ClientWriteError as E;
         let stream = self
             .raft
             .client_write_many(cmds.into_iter().map(|c| Command(c.encode())))
             .await
-            .map_err(raft_err)?;
+            .map_err(|_| NodeError::NotLeader)?;
         Ok(stream
             .map(|r| match r {
                 Ok(Ok(w)) => Ok(w.log_id.index),
+                Ok(Err(E::ForwardToLeader(_) | E::LogEntryDiscarded(_))) | Err(_) => {
+                    Err(NodeError::NotLeader)
+                }
                 Ok(Err(e)) => Err(raft_err(e)),
-                Err(e) => Err(raft_err(e)),
             })
             .boxed())
     }

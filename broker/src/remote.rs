@@ -54,6 +54,8 @@ pub enum Admin {
     },
     /// At the shard's leader: remove broker `id` from the group.
     RemoveReplica { shard: u32, id: u64 },
+    /// At the shard's leader: hand leadership to voter `to` and wait until it leads.
+    Lead { shard: u32, to: u64 },
 }
 
 impl Admin {
@@ -85,6 +87,11 @@ impl Admin {
                 put_varint(o, u64::from(*shard));
                 put_varint(o, *id);
             }
+            Admin::Lead { shard, to } => {
+                o.push(5);
+                put_varint(o, u64::from(*shard));
+                put_varint(o, *to);
+            }
         }
     }
 
@@ -106,6 +113,10 @@ impl Admin {
             4 => Admin::RemoveReplica {
                 shard: get_u32v(r)?,
                 id: r.varint()?,
+            },
+            5 => Admin::Lead {
+                shard: get_u32v(r)?,
+                to: r.varint()?,
             },
             _ => return Err(bad("unknown admin request")),
         })
@@ -518,6 +529,7 @@ impl ToRouter {
                             o.push(2);
                             put_bytes(o, why.as_bytes());
                         }
+                        Err(StoreError::Moved) => o.push(3),
                     }
                 }
             }
@@ -586,6 +598,7 @@ impl ToRouter {
                         0 => Ok(()),
                         1 => Err(StoreError::Full(r.string()?)),
                         2 => Err(StoreError::Failed(r.string()?)),
+                        3 => Err(StoreError::Moved),
                         _ => return Err(bad("bad completion")),
                     };
                     list.push((tag, res));
@@ -1164,6 +1177,7 @@ mod tests {
                 client: "c:1".into(),
             }),
             ToBroker::Admin(Admin::RemoveReplica { shard: 1, id: 2 }),
+            ToBroker::Admin(Admin::Lead { shard: 2, to: 3 }),
             ToBroker::Hello { shard: 7 },
             ToBroker::Info { id: 3 },
         ] {
@@ -1195,6 +1209,7 @@ mod tests {
                 (1, Ok(())),
                 (2, Err(StoreError::Full("q".into()))),
                 (3, Err(StoreError::Failed("disk".into()))),
+                (4, Err(StoreError::Moved)),
             ]),
             ToRouter::Info {
                 id: 7,

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use std::collections::BTreeMap;
 
-use crate::node::{ShardHandle, ShardNode};
+use crate::node::{NodeError, ShardHandle, ShardNode};
 use crate::queue::{ConsumerId, Outcome, Seq};
 use crate::raft::Applied;
 use crate::shard::{Cmd, QueueInfo, ShardEffect, Target};
@@ -37,6 +37,11 @@ pub enum StoreError {
     /// The shard could not commit it (storage or Raft failure).
     #[error("{0}")]
     Failed(String),
+    /// This replica stopped leading before the request committed: its outcome is unknown
+    /// (it may still commit under the new leader). A resend to the new leader settles it;
+    /// the shard deduplicates resends (`Cmd::Once`).
+    #[error("the shard's leader changed before this committed")]
+    Moved,
 }
 
 /// Completions of store requests: `(tag, Ok)` once durable, `(tag, Err(why))` if it failed.
@@ -452,8 +457,8 @@ async fn submit(handle: &ShardHandle, cmds: Vec<Cmd>, tags: Vec<Option<Tag>>, do
                             t,
                             match r {
                                 Some(Ok(_)) => Ok(()),
+                                Some(Err(NodeError::NotLeader)) | None => Err(StoreError::Moved),
                                 Some(Err(e)) => Err(StoreError::Failed(e.to_string())),
-                                None => Err(StoreError::Failed("shard stopped".into())),
                             },
                         ));
                     }
@@ -464,10 +469,14 @@ async fn submit(handle: &ShardHandle, cmds: Vec<Cmd>, tags: Vec<Option<Tag>>, do
             });
         }
         Err(e) => {
+            let err = match e {
+                NodeError::NotLeader => StoreError::Moved,
+                e => StoreError::Failed(e.to_string()),
+            };
             let out: Vec<_> = tags
                 .into_iter()
                 .flatten()
-                .map(|t| (t, Err(StoreError::Failed(e.to_string()))))
+                .map(|t| (t, Err(err.clone())))
                 .collect();
             if !out.is_empty() {
                 let _ = done.send(out);

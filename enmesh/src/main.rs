@@ -107,6 +107,14 @@ enum ClusterOp {
         #[arg(long)]
         broker: u64,
     },
+    /// Hand the leadership of `shard` to broker `to` (one of its voters), e.g. before taking
+    /// the current leader down for maintenance. Clients notice nothing.
+    Lead {
+        #[arg(long)]
+        shard: u32,
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -467,6 +475,11 @@ async fn cluster_cmd(op: ClusterOp, config: &std::path::Path) -> anyhow::Result<
             Ok(())
         }
         ClusterOp::Move { shard, from, to } => move_replica(&spec, shard, from, to).await,
+        ClusterOp::Lead { shard, to } => {
+            let text = admin_at_leader(&spec, broker::remote::Admin::Lead { shard, to }).await?;
+            println!("shard {shard}: {text}");
+            Ok(())
+        }
         ClusterOp::Drain { broker } => {
             // Who holds what: voters from each shard's leader, as reported by the brokers
             // that are up; hosted counts pick the targets.
@@ -552,6 +565,7 @@ async fn serve_cluster_broker(
         spec,
         me,
         cluster.join,
+        cluster.balance_leaders,
         dir,
         opts,
         listeners,

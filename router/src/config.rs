@@ -208,6 +208,10 @@ pub struct ClusterSection {
     /// `enmesh cluster move|drain` gives it some (`enmesh broker` only).
     #[serde(default)]
     pub join: bool,
+    /// Hand each shard's leadership to its preferred voter (`enmesh broker` only; off by
+    /// default: see docs/router.md, "Leader balance", for the open issue under load).
+    #[serde(default)]
+    pub balance_leaders: bool,
     pub shards: u32,
     /// Replicas per shard (1, 3 or 5).
     #[serde(default = "default_replicas")]

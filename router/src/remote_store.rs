@@ -518,14 +518,24 @@ impl Session {
                         }
                         continue;
                     };
-                    if let Err(StoreError::Failed(why)) = &r {
-                        s.attempts += 1;
-                        if s.attempts < MAX_ATTEMPTS {
-                            tracing::warn!("broker failed a request ({why}); retrying");
+                    match &r {
+                        // Leadership moved before it committed: not a failure, resent to
+                        // the new leader when the session reconnects (within the window).
+                        Err(StoreError::Moved) => {
                             self.sent.insert(tag, s);
                             retry = true;
                             continue;
                         }
+                        Err(StoreError::Failed(why)) => {
+                            s.attempts += 1;
+                            if s.attempts < MAX_ATTEMPTS {
+                                tracing::warn!("broker failed a request ({why}); retrying");
+                                self.sent.insert(tag, s);
+                                retry = true;
+                                continue;
+                            }
+                        }
+                        _ => {}
                     }
                     if !own(tag) {
                         report.push((tag, r));

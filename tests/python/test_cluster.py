@@ -12,7 +12,12 @@ Audit by sequence number at the end (python-qpid-proton):
   in doubt, deduplicated by the shard).
 
 ENMESH_CHAOS_CYCLES sets the number of kills (default 6).
+
+The same audit runs while the leadership of the audited queue's shard is handed from broker to
+broker (`enmesh cluster lead`, Raft leader transfer: the old leader is alive and steps down with
+requests in flight), ENMESH_LEAD_CYCLES times (default 6).
 """
+import json
 
 import os
 import re
@@ -82,7 +87,68 @@ class ClusterBroker(ServerProcess):
 
 @pytest.mark.timeout(300)
 def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
-    cycles = int(os.environ.get("ENMESH_CHAOS_CYCLES", "6"))
+    def kill_and_restart(cycle, brokers, step, resumes):
+        victim = brokers[cycle % 3]
+        victim.kill()
+        killed = time.monotonic()
+        resumed = None
+        while time.monotonic() - killed < 10:
+            if step() and resumed is None:
+                resumed = time.monotonic() - killed
+                break
+        resumes.append(resumed)
+        for _ in range(20):
+            step()
+        victim.start()
+        victim.wait_ready()
+        return "killed broker %d, writes resumed after %s" % (
+            victim.node_id, "%.2fs" % resumed if resumed is not None else "never")
+
+    audited_chaos(tmp_path, int(os.environ.get("ENMESH_CHAOS_CYCLES", "6")), kill_and_restart)
+
+
+def cluster_cli(cfg, *args):
+    return subprocess.run([str(enmesh_bin()), "cluster", "--config", str(cfg)] + list(args),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_leadership_handed_over_under_load_unnoticed(tmp_path):
+    cfg = tmp_path / "cluster.yaml"
+    state = {}
+
+    def hand_over(cycle, brokers, step, resumes):
+        cfg.write_text(cluster_yaml(brokers[0].ports))
+        shard = state["audit_shard"]
+        out = cluster_cli(cfg, "status").stdout
+        leaders = {sh["shard"]: sh["leader"] for b in map(json.loads, out.splitlines())
+                   for sh in b.get("shards", [])}
+        to = next(b for b in (1 + (cycle + k) % 3 for k in range(3)) if b != leaders.get(shard))
+        # Keep the load going while the CLI waits for the hand-over.
+        proc = subprocess.Popen([str(enmesh_bin()), "cluster", "--config", str(cfg), "lead",
+                                 "--shard", str(shard), "--to", str(to)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started = time.monotonic()
+        while proc.poll() is None and time.monotonic() - started < 30:
+            step()
+        out = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0, out
+        resumed = None
+        t = time.monotonic()
+        while time.monotonic() - t < 10:
+            if step():
+                resumed = time.monotonic() - started
+                break
+        resumes.append(resumed)
+        for _ in range(20):
+            step()
+        return "shard %d handed to broker %d: %s" % (shard, to, out.strip())
+
+    audited_chaos(tmp_path, int(os.environ.get("ENMESH_LEAD_CYCLES", "6")), hand_over, state)
+
+
+def audited_chaos(tmp_path, cycles, disrupt, state_out=None):
+    """Three brokers and a router, a producer and a consumer on q/audit with a sequence audit;
+    `disrupt(cycle, brokers, step, resumes)` runs `cycles` times under load."""
     ports = free_ports(6)
     brokers = [ClusterBroker(tmp_path, ports, i + 1) for i in range(3)]
     for b in brokers:
@@ -95,6 +161,8 @@ def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
     assert st == 200 and pinned["shard"] == 2 and pinned["shards"] == 3, pinned
     st, audit = http_json("GET", r.http_url + "/api/v1/placement/q/audit")
     assert audit["type"] == "queue" and audit["shard"] in (0, 1, 2), audit
+    if state_out is not None:
+        state_out["audit_shard"] = audit["shard"]
     st, topic = http_json("GET", r.http_url + "/api/v1/placement/t/x")
     assert topic["shard"] == 0, topic
     st, anycast = http_json("GET", r.http_url + "/api/v1/placement/plain")
@@ -163,25 +231,11 @@ def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
         for _ in range(30):
             step()
         for cycle in range(cycles):
-            victim = brokers[cycle % 3]
-            victim.kill()
-            killed = time.monotonic()
-            resumed = None
-            while time.monotonic() - killed < 10:
-                if step() and resumed is None:
-                    resumed = time.monotonic() - killed
-                    break
-            resumes.append(resumed)
-            for _ in range(20):
-                step()
-            victim.start()
-            victim.wait_ready()
+            what = disrupt(cycle, brokers, step, resumes)
             for _ in range(30):
                 step()
-            print("cycle %d: killed broker %d, writes resumed after %s, accepted=%d confirmed=%d"
-                  % (cycle, victim.node_id,
-                     "%.2fs" % resumed if resumed is not None else "never", len(accepted),
-                     len(confirmed)), flush=True)
+            print("cycle %d: %s, accepted=%d confirmed=%d"
+                  % (cycle, what, len(accepted), len(confirmed)), flush=True)
         # Drain.
         idle = 0
         while idle < 20:
@@ -208,7 +262,7 @@ def test_brokers_killed_in_turn_under_load_lose_nothing(tmp_path):
     assert accepted, "nothing was accepted"
     assert not missing, "accepted messages lost: %s" % missing[:20]
     assert not violations, "delivered again after a confirmed acknowledgement: %s" % violations[:20]
-    assert all(x is not None for x in resumes), "writes never resumed after a kill: %s" % resumes
+    assert all(x is not None for x in resumes), "writes never resumed: %s" % resumes
     assert events["detached"] == 0, "the consumer's link was detached %d times" % events["detached"]
     assert events["refused"] == 0, "%d messages were refused" % events["refused"]
     assert not twice, "delivered more than once: %s" % twice[:20]

@@ -89,6 +89,15 @@ fn raft_rpcs(b: &[u8]) {
     let _ = decode_vote(&mut Reader(b));
     let _ = decode_vote_response(&mut Reader(b));
     let _ = decode_snapshot(&mut Reader(b));
+    if let Ok(t) = decode_transfer(&mut Reader(b)) {
+        let mut once = Vec::new();
+        encode_transfer(&t, &mut once);
+        let mut twice = Vec::new();
+        if let Ok(t2) = decode_transfer(&mut Reader(&once)) {
+            encode_transfer(&t2, &mut twice);
+        }
+        assert_eq!(once, twice);
+    }
     if let Ok(c) = decode_chunk(b) {
         let mut once = Vec::new();
         encode_chunk(&c, &mut once);
