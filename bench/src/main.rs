@@ -303,7 +303,7 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
             let (link, _) = c
                 .receiver(&format!("rx-{i}"), Some(address), a.credit, a.presettled)
                 .await?;
-            consumers.push((Raw::from(c)?, link));
+            consumers.push((Raw::from(c)?, link, k));
         }
     }
     // One producer connection per address, each sending `total`.
@@ -314,7 +314,7 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
         producers.push((Raw::from(p)?, link, 0u64));
     }
     let mut parker = {
-        let mut all: Vec<&Raw> = consumers.iter().map(|(c, _)| c).collect();
+        let mut all: Vec<&Raw> = consumers.iter().map(|(c, _, _)| c).collect();
         all.extend(producers.iter().map(|(p, _, _)| p));
         Parker::new(&all)?
     };
@@ -340,6 +340,12 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
     let mut last_rx = start;
     let mut last_ack = start;
     let size = a.size;
+    // Sequence numbers seen, per address (per consumer with --fanout): a second delivery of
+    // one is a duplicate, reported (the first few with their timing) but not an error.
+    let mut seen: Vec<std::collections::HashMap<u64, Duration>> =
+        vec![Default::default(); consumers.len().max(1)];
+    let mut dups: Vec<(usize, u64, Duration, Duration)> = Vec::new();
+    let mut dup_count = 0u64;
     while received < expect || outstanding > 0 || sent < total_all {
         let now = Instant::now();
         if now > deadline {
@@ -395,7 +401,8 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        for (c, link) in consumers.iter_mut() {
+        for (i, (c, link, k)) in consumers.iter_mut().enumerate() {
+            let key = if a.fanout { i } else { *k };
             if !c.poll_read()? {
                 continue;
             }
@@ -411,7 +418,15 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
                         ts.copy_from_slice(&pl[at..at + 8]);
                         let mut seq = [0u8; 8];
                         seq.copy_from_slice(&pl[at + 8..at + 16]);
-                        if u64::from_be_bytes(seq) >= a.warmup {
+                        let n = u64::from_be_bytes(seq);
+                        let at = now.duration_since(start);
+                        if let Some(first) = seen[key].insert(n, at) {
+                            dup_count += 1;
+                            if dups.len() < 10 {
+                                dups.push((key, n, first, at));
+                            }
+                        }
+                        if n >= a.warmup {
                             let _ = hist.record(t.saturating_sub(u64::from_be_bytes(ts)).max(1));
                         }
                     }
@@ -460,8 +475,15 @@ async fn amqp_bench(a: AmqpArgs) -> anyhow::Result<()> {
         _ => ("n/a".into(), "n/a".into(), "n/a".into()),
     };
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    for (k, n, first, again) in &dups {
+        eprintln!(
+            "duplicate: address #{k} seq {n}: first at {:.3}s, again at {:.3}s",
+            first.as_secs_f64(),
+            again.as_secs_f64()
+        );
+    }
     println!(
-        "{label}: {mode} size={size}B rate_target={rt} addresses={n_addr} receivers={n} sent={sent} received={received} accepted={accepted} other_outcomes={other} \
+        "{label}: {mode} size={size}B rate_target={rt} addresses={n_addr} receivers={n} sent={sent} received={received} accepted={accepted} other_outcomes={other} duplicates={dup_count} \
          wall={wall:.2}s rate={rate:.0} msg/s latency_us p50={p50:.0} p90={p90:.0} p99={p99:.0} p99.9={p999:.0} max={max:.0} server_cpu={cpu} server_rss={rss} server_hwm={hwm}",
         label = a.label,
         rt = if a.rate == 0 {

@@ -5,8 +5,8 @@
 //! `s, s+1, …, s+r-1` (mod n) of the sorted broker ids, so replicas spread evenly and every
 //! broker computes the same map from the same configuration.
 //!
-//! Leaders can spread too (`broker.cluster.balance_leaders`, off by default): shard `s`
-//! prefers the voter at position `s mod v` of its sorted voters. A leader that is not the
+//! Leaders spread too (`broker.cluster.balance_leaders`, on by default): shard `s` prefers
+//! the voter at position `s mod v` of its sorted voters. A leader that is not the
 //! preferred one, has led for [`BALANCE_AFTER`] and sees the
 //! preferred replica alive and caught up hands leadership over (Raft's leader transfer; for
 //! clients a leader change like any other, which routers hide). Without this the broker

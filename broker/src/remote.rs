@@ -397,7 +397,10 @@ pub fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
             credit,
         } => {
             o.push(13);
-            put_varint(o, *old);
+            put_varint(o, old.len() as u64);
+            for id in old {
+                put_varint(o, *id);
+            }
             put_varint(o, *consumer);
             target.put(o);
             crate::queue::put_sorted_seqs(o, keep);
@@ -484,7 +487,14 @@ fn decode_request(kind: u8, r: &mut Reader) -> io::Result<Request> {
             }
         }
         13 => {
-            let old = r.varint()?;
+            let n = r.count(1)?;
+            if n > crate::shard::MAX_RESUMED_IDS {
+                return Err(bad("too many resumed ids"));
+            }
+            let mut old = Vec::with_capacity(n);
+            for _ in 0..n {
+                old.push(r.varint()?);
+            }
             let consumer = r.varint()?;
             let target = Target::decode(r)?;
             let mut keep = Vec::new();
@@ -1138,7 +1148,7 @@ mod tests {
                 }),
             },
             Request::Resume {
-                old: 5 << LOCAL_BITS | 4,
+                old: vec![5 << LOCAL_BITS | 4, 6 << LOCAL_BITS | 1],
                 consumer: 9,
                 target: Target::Subscription {
                     name: "c:l".into(),
@@ -1257,7 +1267,7 @@ mod tests {
         let old = (1 << LOCAL_BITS) | 4;
         let r = namespace(
             Request::Resume {
-                old,
+                old: vec![old],
                 consumer: 5,
                 target: Target::Queue {
                     address: "q".into(),
@@ -1270,7 +1280,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            matches!(r, Request::Resume { old: o, consumer, .. } if o == old && consumer == (2 << LOCAL_BITS) | 5)
+            matches!(r, Request::Resume { old: o, consumer, .. } if o == vec![old] && consumer == (2 << LOCAL_BITS) | 5)
         );
         let r = namespace(
             Request::Once {

@@ -121,7 +121,7 @@ pub enum Request {
     /// A consumer continuing under a new id after its router reconnected: see
     /// [`Cmd::Resume`].
     Resume {
-        old: ConsumerId,
+        old: Vec<ConsumerId>,
         consumer: ConsumerId,
         target: Target,
         keep: Vec<Seq>,

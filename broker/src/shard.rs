@@ -104,14 +104,16 @@ pub enum Cmd {
         seq: u64,
         cmd: Box<Cmd>,
     },
-    /// Consumer `old`, whose router reconnected (to a new leader, or after a network break),
-    /// continues as `new` on `target`: of what `old` held, the messages in `keep` (those its
-    /// router received and has not settled) pass to `new`, the rest return to the queue
-    /// uncounted (never seen). If `old` is gone already, `keep` messages still ready are
+    /// The consumer known as `old` (every id its router gave it since one was last known
+    /// to be applied, oldest first: a resume sent just before another reconnection may never
+    /// have reached the log), whose router reconnected (to a new leader, or after a network
+    /// break), continues as `new` on `target`: of what those ids held, the messages in `keep`
+    /// (those its router received and has not settled) pass to `new`, the rest return to the
+    /// queue uncounted (never seen). `keep` messages still ready (their holder is gone) are
     /// claimed. `new` starts with `credit` deliveries available. A new id, so that deliveries
-    /// to `old` still on their way are recognisably stale.
+    /// to an old one still on their way are recognisably stale.
     Resume {
-        old: ConsumerId,
+        old: Vec<ConsumerId>,
         new: ConsumerId,
         target: Target,
         keep: Vec<Seq>,
@@ -175,6 +177,9 @@ impl Target {
 /// long without a message, and the least recently used go first past the count limit.
 const ORIGIN_IDLE_MS: u64 = 10 * 60 * 1000;
 const MAX_ORIGINS: usize = 65_536;
+
+/// Most old ids one resume names (a router keeps at most this many unconfirmed ones).
+pub const MAX_RESUMED_IDS: usize = 16;
 
 fn bad(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
@@ -376,7 +381,10 @@ impl Cmd {
                 now,
             } => {
                 o.push(14);
-                put_u64(o, *old);
+                put_u32(o, old.len() as u32);
+                for id in old {
+                    put_u64(o, *id);
+                }
                 put_u64(o, *new);
                 target.encode(o);
                 put_sorted_seqs(o, keep);
@@ -507,7 +515,14 @@ impl Cmd {
                 }
             }
             14 => {
-                let old = r.u64()?;
+                let n = r.u32()? as usize;
+                if n > MAX_RESUMED_IDS || n > r.0.len() / 8 {
+                    return Err(bad("too many resumed ids"));
+                }
+                let mut old = Vec::with_capacity(n);
+                for _ in 0..n {
+                    old.push(r.u64()?);
+                }
                 let new = r.u64()?;
                 let target = Target::decode(&mut r)?;
                 let mut keep = Vec::new();
@@ -824,7 +839,7 @@ impl Shard {
     /// See [`Cmd::Resume`].
     fn resume(
         &mut self,
-        old: ConsumerId,
+        old: Vec<ConsumerId>,
         new: ConsumerId,
         target: Target,
         keep: Vec<Seq>,
@@ -834,14 +849,20 @@ impl Shard {
         let (q, mut fx) = self.attach(new, target, 0, now);
         let keep: std::collections::BTreeSet<Seq> = keep.into_iter().collect();
         let mut qfx = Vec::new();
-        if self.consumers.get(&old) == Some(&q) {
-            self.consumers.remove(&old);
-            self.delivered.remove(&old);
-            self.queue(&q).queue.transfer(old, new, &keep, &mut qfx);
-        } else {
-            // Gone already (or reading something else): what it held went back with an
-            // attempt counted; take back what is still there.
-            fx.extend(self.detach(old, now));
+        for old in old {
+            if old == new {
+                continue;
+            }
+            if self.consumers.get(&old) == Some(&q) {
+                self.consumers.remove(&old);
+                self.delivered.remove(&old);
+                self.queue(&q).queue.transfer(old, new, &keep, &mut qfx);
+            } else {
+                // Gone already, never attached (a resume that did not reach the log), or
+                // reading something else: what it held went back with an attempt counted;
+                // take back below what is still there.
+                fx.extend(self.detach(old, now));
+            }
         }
         let queue = &mut self.queue(&q).queue;
         for seq in &keep {
@@ -1166,7 +1187,7 @@ mod tests {
                 cmd: Box::new(publish("t/a")),
             },
             Cmd::Resume {
-                old: 1 << 50,
+                old: vec![1 << 50],
                 new: 7,
                 target: Target::Queue {
                     address: "q".into(),
@@ -1176,7 +1197,7 @@ mod tests {
                 now: 6,
             },
             Cmd::Resume {
-                old: 2,
+                old: vec![2, 5],
                 new: 8,
                 target: Target::Subscription {
                     name: "n".into(),
@@ -1258,7 +1279,7 @@ mod tests {
 
     fn resume(old: u64, new: u64, keep: Vec<u64>, credit: u32) -> Cmd {
         Cmd::Resume {
-            old,
+            old: vec![old],
             new,
             target: Target::Queue {
                 address: "q".into(),
@@ -1298,6 +1319,28 @@ mod tests {
             vec![deliver(2, 4)]
         );
         assert_eq!(s.consumer_ids(), vec![2]);
+    }
+
+    #[test]
+    fn a_resume_names_every_id_since_the_last_applied_one() {
+        let mut s = Shard::new();
+        s.apply(1, attach(1, "q", 2));
+        assert_eq!(s.apply(2, enqueue("q", 0)), vec![deliver(1, 2)]);
+        assert_eq!(s.apply(3, enqueue("q", 0)), vec![deliver(1, 3)]);
+        // The router resumed 1 as 2, but that resume never reached the log before the
+        // connection broke again; the next one names both. 1's messages pass to 3.
+        let mut r = resume(1, 3, vec![2, 3], 0);
+        if let Cmd::Resume { old, .. } = &mut r {
+            old.push(2);
+        }
+        assert!(s.apply(4, r).is_empty());
+        assert_eq!(s.consumer_ids(), vec![3]);
+        // Both held by 3, none ready (no redelivery).
+        assert_eq!(queue_depth(&s, "q"), (2, 0));
+        assert_eq!(
+            s.apply(5, settle(3, 2)),
+            vec![ShardEffect::Forget { seq: 2 }]
+        );
     }
 
     #[test]
@@ -1344,7 +1387,7 @@ mod tests {
         let fx = s.apply(
             3,
             Cmd::Resume {
-                old: 1,
+                old: vec![1],
                 new: 2,
                 target: Target::Subscription {
                     name: "link:1".into(),
@@ -1608,7 +1651,7 @@ mod tests {
             },
             once(3, 1, "q"),
             Cmd::Resume {
-                old: 9,
+                old: vec![9],
                 new: 10,
                 target: Target::Queue {
                     address: "q".into(),

@@ -169,7 +169,9 @@ impl Volatile {
                 keep,
                 credit,
             } if self.queues.contains(&address) => {
-                self.consumers.remove(&old);
+                for id in &old {
+                    self.consumers.remove(id);
+                }
                 self.consumers.insert(consumer);
                 Cmd::Resume {
                     old,

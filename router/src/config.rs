@@ -208,9 +208,9 @@ pub struct ClusterSection {
     /// `enmesh cluster move|drain` gives it some (`enmesh broker` only).
     #[serde(default)]
     pub join: bool,
-    /// Hand each shard's leadership to its preferred voter (`enmesh broker` only; off by
-    /// default: see docs/router.md, "Leader balance", for the open issue under load).
-    #[serde(default)]
+    /// Hand each shard's leadership to its preferred voter, so that leaders spread over the
+    /// brokers (`enmesh broker` only; default true).
+    #[serde(default = "default_true")]
     pub balance_leaders: bool,
     pub shards: u32,
     /// Replicas per shard (1, 3 or 5).
@@ -221,6 +221,10 @@ pub struct ClusterSection {
 
 fn default_replicas() -> usize {
     3
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl ClusterSection {

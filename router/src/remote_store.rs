@@ -152,6 +152,11 @@ struct Consumer {
     limit: u32,
     /// Delivered to the core and not settled by it.
     held: BTreeSet<u64>,
+    /// Full ids (`conn << 40 | wire`) it had on earlier connections since a delivery last
+    /// proved the broker applied its current id: a resume sent just before the connection
+    /// broke again may never have reached the log, and then an older id still holds its
+    /// messages. The next resume names them all.
+    unconfirmed: Vec<u64>,
 }
 
 /// A message or settlement the broker has not confirmed yet.
@@ -393,6 +398,7 @@ impl Session {
             base: 0,
             limit: credit,
             held: BTreeSet::new(),
+            unconfirmed: Vec::new(),
         };
         if let Some(out) = out {
             out.push(Frame::Now(ToBroker::Request(attach_request(&c))));
@@ -426,9 +432,20 @@ impl Session {
             let r = match prev {
                 Some(prev) => {
                     let mut keep: Vec<u64> = c.held.iter().copied().collect();
-                    keep.extend(settling.remove(&core).unwrap_or_default());
+                    let settling = settling.remove(&core).unwrap_or_default();
+                    tracing::info!(
+                        "resuming consumer {core}: held {}, settling {}, credit {credit}",
+                        keep.len(),
+                        settling.len()
+                    );
+                    keep.extend(settling);
+                    c.unconfirmed.push((prev << 40) | old);
+                    if c.unconfirmed.len() > broker::shard::MAX_RESUMED_IDS {
+                        // Keep the oldest (the last one known applied) and the newest.
+                        c.unconfirmed.remove(1);
+                    }
                     Request::Resume {
-                        old: (prev << 40) | old,
+                        old: c.unconfirmed.clone(),
                         consumer: wire,
                         target: c.target.clone(),
                         keep,
@@ -500,6 +517,8 @@ impl Session {
                     }
                     c.delivered = c.delivered.wrapping_add(1);
                     c.held.insert(d.seq);
+                    // The broker knows the current id: the earlier ones are settled.
+                    c.unconfirmed.clear();
                     d.consumer = core;
                     true
                 });
