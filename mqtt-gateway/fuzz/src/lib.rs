@@ -1,0 +1,33 @@
+//! Driver of the MQTT codec's fuzz target: decoding arbitrary bytes must never panic, and a
+//! packet that decodes must re-encode to bytes that decode to the same packet.
+
+use mqtt_gateway::codec::{Packet, Version, decode_slice, encode};
+
+/// `[version selector][bytes]`: 0 = before CONNECT, 1 = 3.1.1, 2 = 5.0. A stream of packets
+/// is decoded one after another, as a connection would.
+pub fn mqtt_codec(data: &[u8]) {
+    let Some((&which, mut rest)) = data.split_first() else {
+        return;
+    };
+    let mut version = match which % 3 {
+        0 => None,
+        1 => Some(Version::V311),
+        _ => Some(Version::V5),
+    };
+    let max = 1 + usize::from(which) * 64;
+    while let Ok(Some((p, used))) = decode_slice(rest, version, max) {
+        assert!(used > 0 && used <= rest.len());
+        let v = match &p {
+            Packet::Connect(c) => c.version,
+            _ => version.unwrap_or(Version::V5),
+        };
+        let mut again = bytes::BytesMut::new();
+        encode(&p, v, &mut again);
+        let back = decode_slice(&again, version, usize::MAX).ok().flatten();
+        assert_eq!(back.map(|(b, _)| b), Some(p.clone()));
+        if let Packet::Connect(c) = &p {
+            version = Some(c.version);
+        }
+        rest = &rest[used..];
+    }
+}
