@@ -36,6 +36,16 @@ enum Cmd {
     /// A broker shard as its own process, serving routers (`broker.url`) on `--listen`
     /// (default 127.0.0.1:5800); data in `--data` (default ./enmesh-data).
     Broker(ServerArgs),
+    /// The MQTT gateway on its own: MQTT 3.1.1 / 5 devices on `--listen` (default
+    /// 127.0.0.1:1883), bridged to the router at `--router` (default `mqtt.router`).
+    MqttGateway {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        #[arg(long)]
+        router: Option<String>,
+    },
     /// Send messages to an address.
     Send {
         #[arg(long, default_value = "amqp://127.0.0.1:5672")]
@@ -131,6 +141,9 @@ struct ServerArgs {
     /// Directory of the broker shard's data (overrides the config).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Standalone: MQTT listen address (overrides `mqtt.listen`, default 127.0.0.1:1883).
+    #[arg(long)]
+    mqtt: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -221,6 +234,11 @@ fn main() -> ExitCode {
     let r = rt.block_on(async move {
         match cli.cmd {
             Cmd::Standalone(a) => serve(a, true).await,
+            Cmd::MqttGateway {
+                config,
+                listen,
+                router,
+            } => serve_gateway(config, listen, router).await,
             Cmd::Router(a) => serve(a, false).await,
             Cmd::Broker(a) => serve_broker(a).await,
             Cmd::Send {
@@ -281,12 +299,45 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
         config.broker.data_dir = Some(PathBuf::from("enmesh-data"));
     }
     raise_fd_limit();
+    // Standalone serves MQTT too: bound first, so that its topic prefix can be declared.
+    let mqtt = if standalone && config.mqtt.enabled {
+        let explicit =
+            a.mqtt.is_some() || config.mqtt.listen != router::config::MqttSection::default().listen;
+        let at = a.mqtt.unwrap_or(config.mqtt.listen);
+        match tokio::net::TcpListener::bind(at).await {
+            Ok(l) => {
+                declare_mqtt_topics(&mut config);
+                Some(l)
+            }
+            // The default port taken (another broker, another Enmesh): go on without MQTT.
+            Err(e) if !explicit => {
+                tracing::warn!("MQTT not served: cannot listen on {at}: {e}");
+                None
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {at}")),
+        }
+    } else {
+        None
+    };
     let listener = listen(config.router.listen)
         .with_context(|| format!("cannot listen on {}", config.router.listen))?;
     let http = tokio::net::TcpListener::bind(config.router.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.router.http))?;
     let (tx, rx) = tokio::sync::watch::channel(false);
+    if let Some(m) = mqtt {
+        let mut router_at = listener.local_addr()?;
+        if router_at.ip().is_unspecified() {
+            router_at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        println!("enmesh mqtt listening mqtt={}", m.local_addr()?);
+        let cfg = gateway_config(&config.mqtt, router_at.to_string());
+        tokio::spawn(mqtt_gateway::server::serve(
+            m,
+            std::sync::Arc::new(cfg),
+            rx.clone(),
+        ));
+    }
     // Install the handler before announcing readiness, so an early SIGTERM is clean too.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ready_line = format!(
@@ -303,6 +354,75 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
     });
     // Announced only once the broker shard is open and connections are being accepted.
     router::run(config, listener, http, rx, move || println!("{ready_line}")).await?;
+    Ok(())
+}
+
+/// Declares the MQTT topic prefix a topic address, unless the configuration says otherwise.
+fn declare_mqtt_topics(config: &mut Config) {
+    let prefix = config.mqtt.topic_prefix.clone();
+    if config
+        .addresses
+        .iter()
+        .any(|a| a.prefix.as_deref() == Some(&prefix) || a.name.as_deref() == Some(&prefix))
+    {
+        return;
+    }
+    config.addresses.push(router::config::AddressDecl {
+        name: None,
+        prefix: Some(prefix),
+        pattern: None,
+        kind: router::config::AddressType::Topic,
+        dead_letter: None,
+        max_delivery_attempts: None,
+        max_ttl_ms: None,
+        durable: None,
+        expiry_address: None,
+        topic: None,
+    });
+}
+
+fn gateway_config(m: &router::config::MqttSection, router: String) -> mqtt_gateway::server::Config {
+    mqtt_gateway::server::Config {
+        router,
+        topic_prefix: m.topic_prefix.clone(),
+        max_packet_size: m.max_packet_size as usize,
+        max_connections: m.max_connections,
+        inflight: m.inflight,
+        ..mqtt_gateway::server::Config::default()
+    }
+}
+
+/// `enmesh mqtt-gateway`: the gateway alone, in front of a router.
+async fn serve_gateway(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    router: Option<String>,
+) -> anyhow::Result<()> {
+    let config = match &config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    raise_fd_limit();
+    let at = listen.unwrap_or(config.mqtt.listen);
+    let l = tokio::net::TcpListener::bind(at)
+        .await
+        .with_context(|| format!("cannot listen on {at}"))?;
+    let router = router.unwrap_or_else(|| config.mqtt.router.clone());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = tx.send(true);
+    });
+    println!(
+        "enmesh mqtt-gateway ready mqtt={} router={router}",
+        l.local_addr()?
+    );
+    let cfg = gateway_config(&config.mqtt, router);
+    mqtt_gateway::server::serve(l, std::sync::Arc::new(cfg), rx).await?;
     Ok(())
 }
 

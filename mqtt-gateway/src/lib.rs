@@ -6,4 +6,7 @@
 //! in broker shards build on it.
 #![forbid(unsafe_code)]
 
+pub mod bridge;
 pub mod codec;
+pub mod server;
+pub mod topic;

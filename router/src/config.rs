@@ -357,12 +357,46 @@ impl BrokerSection {
     }
 }
 
+/// The MQTT gateway (`enmesh mqtt-gateway`, and `enmesh standalone`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    /// Where the gateway listens for MQTT (standalone: default 127.0.0.1:1883; `--mqtt`
+    /// overrides; `enmesh mqtt-gateway`: `--listen` overrides).
+    pub listen: SocketAddr,
+    /// Standalone: whether to run the gateway at all.
+    pub enabled: bool,
+    /// The router the gateway connects to (`enmesh mqtt-gateway`; standalone uses its own).
+    pub router: String,
+    /// Enmesh address prefix of MQTT topics (standalone declares it a topic address).
+    pub topic_prefix: String,
+    pub max_packet_size: u32,
+    pub max_connections: usize,
+    /// Unacknowledged QoS 1/2 messages per subscription towards a device.
+    pub inflight: u16,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        MqttSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            enabled: true,
+            router: "127.0.0.1:5672".into(),
+            topic_prefix: "mqtt/".into(),
+            max_packet_size: 1024 * 1024,
+            max_connections: 100_000,
+            inflight: 64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub router: RouterSection,
     pub broker: BrokerSection,
     pub addresses: Vec<AddressDecl>,
+    pub mqtt: MqttSection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +446,12 @@ impl Config {
         if l.max_sessions_per_connection == 0 || l.max_links_per_connection == 0 {
             return Err(ConfigError::Invalid(
                 "session and link limits must be > 0".into(),
+            ));
+        }
+        let m = &self.mqtt;
+        if m.max_packet_size < 128 || m.inflight == 0 || m.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "mqtt: max_packet_size >= 128, inflight and max_connections > 0".into(),
             ));
         }
         Ok(())

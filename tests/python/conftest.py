@@ -25,6 +25,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 READY_RE = re.compile(r"enmesh ready amqp=(\S+):(\d+) http=(\S+):(\d+)")
+MQTT_RE = re.compile(r"enmesh mqtt listening mqtt=(\S+):(\d+)")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
@@ -57,8 +58,9 @@ class Router:
         self.config_path = None
         args = [enmesh_bin(), mode, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]
         if mode == "standalone":
-            # Each standalone router keeps its broker shard's data in its own directory.
-            args += ["--data", str(self.tmpdir / ("%s-data" % name))]
+            # Each standalone router keeps its broker shard's data in its own directory, and
+            # serves MQTT on a port of its own (printed before the ready line).
+            args += ["--data", str(self.tmpdir / ("%s-data" % name)), "--mqtt", "127.0.0.1:0"]
         if config is not None:
             self.config_path = self.tmpdir / ("%s.yaml" % name)
             self.config_path.write_text(config)
@@ -69,6 +71,7 @@ class Router:
         self.stdout_lines = []
         self.amqp_host = self.http_host = None
         self.amqp_port = self.http_port = None
+        self.mqtt_port = None
         self._ready = threading.Event()
         self._stderr = open(self.stderr_path, "wb")
         env = dict(os.environ)
@@ -95,6 +98,9 @@ class Router:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.stdout_lines.append(line)
             if not self._ready.is_set():
+                mq = MQTT_RE.search(line)
+                if mq:
+                    self.mqtt_port = int(mq.group(2))
                 m = READY_RE.search(line)
                 if m:
                     self.amqp_host, self.amqp_port = m.group(1), int(m.group(2))

@@ -1,0 +1,773 @@
+//! The gateway's server: accepts MQTT connections and bridges each to the router over its own
+//! AMQP connection (container id `mqtt:<client id>`).
+//!
+//! Per MQTT connection, one task owns everything (one owner for each piece of state): the MQTT
+//! socket, the AMQP client, the packet-id tables. It reads MQTT only while the router gives
+//! credit to publish (back-pressure reaches the device as a TCP read pause) and writes MQTT
+//! with `write_all` (a slow device stalls its own task, and through it its AMQP links).
+//!
+//! - PUBLISH → the anonymous relay (`to` = `prefix + topic`): QoS 0 settled, QoS 1 and 2
+//!   unsettled; PUBACK / PUBREC once the router says `accepted` (stored, for a topic address).
+//!   QoS 2 packet ids are remembered from PUBREC until PUBREL, so a resent PUBLISH is not
+//!   forwarded twice (exactly once between client and gateway).
+//! - SUBSCRIBE → one receiving link per filter, source `prefix + filter` (`+` as `*`):
+//!   settled for QoS 0, unsettled otherwise; a delivery goes out as PUBLISH at the lower of the
+//!   publisher's and the subscription's QoS and is accepted once the device acknowledged it
+//!   (PUBACK, or PUBCOMP for QoS 2). At most `inflight` unacknowledged per subscription.
+//! - UNSUBSCRIBE detaches the link; PINGREQ → PINGRESP; keep alive: 1.5 × the client's value.
+//! - Bad input: the decoder's reason code in a DISCONNECT (MQTT 5) or CONNACK, then close;
+//!   only that connection is affected.
+//!
+//! Not yet (docs/mqtt.md lists them): persistent sessions, retained and will messages, shared
+//! subscriptions, topic aliases from clients, WebSocket.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use amqp::client::Client;
+use amqp::{DeliveryState, Event, LinkId, Role};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::bridge;
+use crate::codec::{
+    self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, QoS, SubAck,
+    Version, reason,
+};
+use crate::topic;
+
+/// What the gateway needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The router's AMQP address (host:port).
+    pub router: String,
+    /// Enmesh address prefix of MQTT topics (a topic address in the router's configuration).
+    pub topic_prefix: String,
+    /// Largest MQTT packet accepted (and announced to MQTT 5 clients).
+    pub max_packet_size: usize,
+    /// Connections served at once; more are refused (CONNACK "server busy").
+    pub max_connections: usize,
+    /// Unacknowledged QoS 1/2 messages per subscription towards a device.
+    pub inflight: u16,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            router: "127.0.0.1:5672".into(),
+            topic_prefix: "mqtt/".into(),
+            max_packet_size: 1024 * 1024,
+            max_connections: 100_000,
+            inflight: 64,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Accepts MQTT connections on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: Arc<Config>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let live = Arc::new(AtomicUsize::new(0));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            accepted = listener.accept() => {
+                let (sock, _) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("mqtt accept: {e}");
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                let cfg = cfg.clone();
+                let live = live.clone();
+                let n = live.fetch_add(1, Ordering::AcqRel);
+                tokio::spawn(async move {
+                    let busy = n >= cfg.max_connections;
+                    if let Err(e) = connection(sock, &cfg, busy).await {
+                        tracing::debug!("mqtt connection: {e}");
+                    }
+                    live.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    #[error("router: {0}")]
+    Router(#[from] amqp::client::ClientError),
+    #[error("{0}")]
+    Closed(&'static str),
+}
+
+async fn write(sock: &mut TcpStream, p: &Packet, v: Version) -> io::Result<()> {
+    let mut b = BytesMut::new();
+    codec::encode(p, v, &mut b);
+    sock.write_all(&b).await
+}
+
+fn connack(reason: u8, properties: Properties) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present: false,
+        reason,
+        properties,
+    })
+}
+
+/// Reads packets until CONNECT arrives (or the timeout); answers bad ones.
+async fn read_connect(
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+    cfg: &Config,
+) -> Result<Connect, ConnError> {
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    loop {
+        match codec::decode(buf, None, cfg.max_packet_size) {
+            Ok(Some((Packet::Connect(c), used))) => {
+                let _ = buf.split_to(used);
+                return Ok(*c);
+            }
+            Ok(Some(_)) => return Err(ConnError::Closed("first packet not CONNECT")),
+            Ok(None) => {}
+            Err(e @ DecodeError::UnsupportedVersion(_)) => {
+                // Answered in 3.1.1's format, which every version reads (§3.1.2.2).
+                write(
+                    sock,
+                    &connack(e.reason(), Properties::default()),
+                    Version::V311,
+                )
+                .await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let n = tokio::time::timeout_at(deadline, sock.read_buf(buf))
+            .await
+            .map_err(|_| ConnError::Closed("no CONNECT in time"))??;
+        if n == 0 {
+            return Err(ConnError::Closed("closed before CONNECT"));
+        }
+    }
+}
+
+async fn connection(mut sock: TcpStream, cfg: &Config, busy: bool) -> Result<(), ConnError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let c = read_connect(&mut sock, &mut buf, cfg).await?;
+    let v = c.version;
+    if busy {
+        write(
+            &mut sock,
+            &connack(reason::SERVER_BUSY, Properties::default()),
+            v,
+        )
+        .await?;
+        return Err(ConnError::Closed("too many connections"));
+    }
+    let mut props = Properties::default();
+    let client_id = if c.client_id.is_empty() {
+        if v == Version::V311 && !c.clean_start {
+            // §3.1.3-8: a persistent session needs an identifier.
+            write(
+                &mut sock,
+                &connack(reason::CLIENT_IDENTIFIER_NOT_VALID, props),
+                v,
+            )
+            .await?;
+            return Err(ConnError::Closed("empty client id without clean session"));
+        }
+        let id = format!("enmesh-{:016x}", rand_u64());
+        if v == Version::V5 {
+            props.assigned_client_identifier = Some(id.clone());
+        }
+        id
+    } else {
+        c.client_id.clone()
+    };
+    let amqp = match Client::connect(&cfg.router, &format!("mqtt:{client_id}")).await {
+        Ok(a) => a,
+        Err(e) => {
+            write(
+                &mut sock,
+                &connack(reason::SERVER_UNAVAILABLE, Properties::default()),
+                v,
+            )
+            .await?;
+            return Err(e.into());
+        }
+    };
+    if v == Version::V5 {
+        props.retain_available = Some(0);
+        props.shared_subscription_available = Some(0);
+        props.subscription_identifier_available = Some(0);
+        props.wildcard_subscription_available = Some(1);
+        props.maximum_packet_size = u32::try_from(cfg.max_packet_size).ok();
+        props.topic_alias_maximum = Some(0);
+    }
+    let mut s = Session::new(sock, amqp, v, c, cfg).await?;
+    write(&mut s.sock, &connack(reason::SUCCESS, props), v).await?;
+    let r = s.run(buf).await;
+    if let Err(ConnError::Decode(e)) = &r
+        && v == Version::V5
+    {
+        let d = Packet::Disconnect(Disconnect {
+            reason: e.reason(),
+            properties: Properties {
+                reason_string: Some(e.to_string()),
+                ..Properties::default()
+            },
+        });
+        let _ = write(&mut s.sock, &d, v).await;
+    }
+    s.amqp.conn.close(None);
+    let _ = s.amqp.flush().await;
+    r
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// A subscription's link towards the device.
+struct Sub {
+    link: LinkId,
+    qos: QoS,
+    /// The filter, when it has no wildcard: the topic of deliveries that name none.
+    literal: Option<String>,
+}
+
+/// An outbound QoS 1/2 message the device has not acknowledged yet.
+struct Outbound {
+    link: LinkId,
+    delivery_id: u32,
+    /// QoS 2: PUBREC received, PUBREL sent.
+    released: bool,
+}
+
+struct Session<'a> {
+    sock: TcpStream,
+    amqp: Client,
+    v: Version,
+    cfg: &'a Config,
+    keep_alive: Option<Duration>,
+    pub0: LinkId,
+    pub1: LinkId,
+    /// Our AMQP deliveries (unsettled publishes) → the device's (packet id, QoS).
+    publishing: HashMap<u32, (u16, QoS)>,
+    /// QoS 2 from the device: forwarded, not yet stored (a resend is dropped).
+    qos2_storing: HashSet<u16>,
+    /// QoS 2 from the device: stored and PUBREC sent, waiting for PUBREL.
+    qos2_stored: HashSet<u16>,
+    subs: HashMap<String, Sub>,
+    links: HashMap<LinkId, String>,
+    out: HashMap<u16, Outbound>,
+    next_id: u16,
+    /// Decoded PUBLISHes waiting for publishing credit.
+    waiting: VecDeque<Publish>,
+    wbuf: BytesMut,
+    /// Delivery tags of our publishes.
+    tags: u64,
+}
+
+impl<'a> Session<'a> {
+    async fn new(
+        sock: TcpStream,
+        mut amqp: Client,
+        v: Version,
+        c: Connect,
+        cfg: &'a Config,
+    ) -> Result<Session<'a>, ConnError> {
+        let pub0 = amqp.sender("pub0", None, true).await?;
+        let pub1 = amqp.sender("pub1", None, false).await?;
+        Ok(Session {
+            sock,
+            amqp,
+            v,
+            cfg,
+            keep_alive: (c.keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
+            pub0,
+            pub1,
+            publishing: HashMap::new(),
+            qos2_storing: HashSet::new(),
+            qos2_stored: HashSet::new(),
+            subs: HashMap::new(),
+            links: HashMap::new(),
+            out: HashMap::new(),
+            next_id: 1,
+            waiting: VecDeque::new(),
+            wbuf: BytesMut::new(),
+            tags: 0,
+        })
+    }
+
+    fn emit(&mut self, p: &Packet) {
+        codec::encode(p, self.v, &mut self.wbuf);
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnError> {
+        if !self.wbuf.is_empty() {
+            let b = self.wbuf.split();
+            self.sock.write_all(&b).await?;
+        }
+        self.amqp.flush().await?;
+        Ok(())
+    }
+
+    fn can_publish(&self) -> bool {
+        self.waiting.is_empty()
+            && self.amqp.conn.credit(self.pub0) > 0
+            && self.amqp.conn.credit(self.pub1) > 0
+    }
+
+    async fn run(&mut self, mut buf: BytesMut) -> Result<(), ConnError> {
+        let mut last_heard = Instant::now();
+        loop {
+            // Everything already buffered first (CONNECT may have arrived with more).
+            while self.can_publish() {
+                match codec::decode(&buf, Some(self.v), self.cfg.max_packet_size)? {
+                    Some((p, used)) => {
+                        let _ = buf.split_to(used);
+                        last_heard = Instant::now();
+                        if !self.on_packet(p).await? {
+                            self.flush().await?;
+                            return Ok(());
+                        }
+                    }
+                    None => break,
+                }
+            }
+            self.flush().await?;
+            let keep_alive = self.keep_alive.map(|k| last_heard + k);
+            let amqp_timer = self
+                .amqp
+                .conn
+                .tick(Instant::now())
+                .map_err(amqp::client::ClientError::from)?;
+            let wake = [keep_alive, amqp_timer].into_iter().flatten().min();
+            let read_mqtt = self.can_publish();
+            let woke = {
+                let Session { sock, amqp, .. } = &mut *self;
+                tokio::select! {
+                    r = sock.read_buf(&mut buf), if read_mqtt => Woke::Mqtt(r),
+                    r = amqp.stream.read_buf(&mut amqp.inbuf) => Woke::Amqp(r),
+                    _ = sleep_until(wake) => Woke::Timer,
+                }
+            };
+            match woke {
+                Woke::Mqtt(r) => {
+                    if r? == 0 {
+                        return Err(ConnError::Closed("device closed the connection"));
+                    }
+                }
+                Woke::Amqp(r) => {
+                    if r? == 0 {
+                        return Err(ConnError::Closed("router closed the connection"));
+                    }
+                    let amqp = &mut self.amqp;
+                    let res = amqp.conn.handle_input(&mut amqp.inbuf, Instant::now());
+                    while let Some(e) = amqp.conn.poll_event() {
+                        amqp.events.push_back(e);
+                    }
+                    res.map_err(amqp::client::ClientError::from)?;
+                    while let Some(e) = self.amqp.events.pop_front() {
+                        self.on_amqp(e)?;
+                    }
+                    self.drain_waiting()?;
+                }
+                Woke::Timer => {
+                    if keep_alive.is_some_and(|k| Instant::now() >= k) {
+                        if self.v == Version::V5 {
+                            let d = Packet::Disconnect(Disconnect {
+                                reason: reason::KEEP_ALIVE_TIMEOUT,
+                                properties: Properties::default(),
+                            });
+                            self.emit(&d);
+                            self.flush().await?;
+                        }
+                        return Err(ConnError::Closed("keep alive expired"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one packet from the device; false when the device disconnected.
+    async fn on_packet(&mut self, p: Packet) -> Result<bool, ConnError> {
+        match p {
+            Packet::Publish(p) => {
+                self.waiting.push_back(p);
+                self.drain_waiting()?;
+            }
+            Packet::PubRel(a) => {
+                let known = self.qos2_stored.remove(&a.packet_id);
+                let mut ack = Ack::new(a.packet_id);
+                if !known {
+                    ack.reason = reason::PACKET_IDENTIFIER_NOT_FOUND;
+                }
+                self.emit(&Packet::PubComp(ack));
+            }
+            Packet::PubAck(a) => self.acknowledged(a.packet_id, QoS::AtLeastOnce),
+            Packet::PubRec(a) => {
+                if let Some(o) = self.out.get_mut(&a.packet_id) {
+                    if a.reason >= 0x80 {
+                        // Refused by the device: done with it (accepted: it will not retry).
+                        self.acknowledged(a.packet_id, QoS::ExactlyOnce);
+                    } else {
+                        o.released = true;
+                        self.emit(&Packet::PubRel(Ack::new(a.packet_id)));
+                    }
+                }
+            }
+            Packet::PubComp(a) => self.acknowledged(a.packet_id, QoS::ExactlyOnce),
+            Packet::Subscribe(s) => {
+                let mut reasons = Vec::with_capacity(s.filters.len());
+                for (f, opts) in s.filters {
+                    reasons.push(self.subscribe(f, opts.qos).await?);
+                }
+                self.emit(&Packet::SubAck(SubAck {
+                    packet_id: s.packet_id,
+                    properties: Properties::default(),
+                    reasons,
+                }));
+            }
+            Packet::Unsubscribe(u) => {
+                let mut reasons = Vec::with_capacity(u.filters.len());
+                for f in u.filters {
+                    reasons.push(match self.subs.remove(&f) {
+                        Some(sub) => {
+                            self.links.remove(&sub.link);
+                            self.amqp.conn.detach(sub.link, None, true);
+                            reason::SUCCESS
+                        }
+                        None => reason::NO_SUBSCRIPTION_EXISTED,
+                    });
+                }
+                self.emit(&Packet::UnsubAck(SubAck {
+                    packet_id: u.packet_id,
+                    properties: Properties::default(),
+                    reasons,
+                }));
+            }
+            Packet::PingReq => self.emit(&Packet::PingResp),
+            Packet::Disconnect(_) => return Ok(false),
+            Packet::Auth(_) => {
+                return Err(DecodeError::Protocol("AUTH without an authentication method").into());
+            }
+            Packet::Connect(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => {
+                return Err(DecodeError::Protocol("a packet only a server sends").into());
+            }
+        }
+        Ok(true)
+    }
+
+    /// Publishes what waits, as far as credit goes.
+    fn drain_waiting(&mut self) -> Result<(), ConnError> {
+        while let Some(p) = self.waiting.front() {
+            let link = if p.qos == QoS::AtMostOnce {
+                self.pub0
+            } else {
+                self.pub1
+            };
+            if self.amqp.conn.credit(link) == 0 {
+                break;
+            }
+            let Some(p) = self.waiting.pop_front() else {
+                break;
+            };
+            self.publish(p, link)?;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self, p: Publish, link: LinkId) -> Result<(), ConnError> {
+        if p.topic.is_empty() {
+            // A topic alias alone: none were granted (topic alias maximum 0).
+            return Err(DecodeError::Protocol("topic alias without a granted maximum").into());
+        }
+        if p.qos == QoS::ExactlyOnce {
+            let id = p.packet_id.unwrap_or(0);
+            if self.qos2_stored.contains(&id) {
+                // Resent after our PUBREC was lost: already stored.
+                self.emit(&Packet::PubRec(Ack::new(id)));
+                return Ok(());
+            }
+            if !self.qos2_storing.insert(id) {
+                return Ok(());
+            }
+        }
+        let mut msg = BytesMut::new();
+        bridge::to_amqp(&p, &self.cfg.topic_prefix, &mut msg);
+        let settled = p.qos == QoS::AtMostOnce;
+        let tag = self.next_tag();
+        let Some(delivery_id) = self.amqp.conn.send(link, &tag, &msg, settled, 0) else {
+            return Err(ConnError::Closed("router link gone"));
+        };
+        if let (false, Some(id)) = (settled, p.packet_id) {
+            self.publishing.insert(delivery_id, (id, p.qos));
+        }
+        Ok(())
+    }
+
+    fn next_tag(&mut self) -> [u8; 8] {
+        self.tags = self.tags.wrapping_add(1);
+        self.tags.to_be_bytes()
+    }
+
+    async fn subscribe(&mut self, f: String, qos: QoS) -> Result<u8, ConnError> {
+        let Some(address) = topic::filter_address(&self.cfg.topic_prefix, &f) else {
+            return Ok(if topic::shared(&f).is_some() {
+                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+            } else if topic::valid_filter(&f) {
+                // `$...` filters, or a literal `*` level (a wildcard in Enmesh).
+                reason::IMPLEMENTATION_SPECIFIC_ERROR
+            } else {
+                reason::TOPIC_FILTER_INVALID
+            });
+        };
+        // A repeated filter replaces the subscription (§3.8.4): the old link goes.
+        if let Some(old) = self.subs.remove(&f) {
+            self.links.remove(&old.link);
+            self.amqp.conn.detach(old.link, None, true);
+        }
+        let presettled = qos == QoS::AtMostOnce;
+        let credit = if presettled {
+            256
+        } else {
+            u32::from(self.cfg.inflight)
+        };
+        let link = match self
+            .amqp
+            .receiver(&format!("sub:{f}"), Some(&address), credit, presettled)
+            .await
+        {
+            Ok((link, _)) => link,
+            Err(amqp::client::ClientError::Refused(e)) => {
+                tracing::debug!("subscription {f} refused: {e:?}");
+                return Ok(reason::UNSPECIFIED_ERROR);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Events that arrived while attaching are handled by the main loop.
+        let literal = (!f.contains(['+', '#'])).then(|| f.clone());
+        self.links.insert(link, f.clone());
+        self.subs.insert(f, Sub { link, qos, literal });
+        Ok(qos as u8)
+    }
+
+    fn on_amqp(&mut self, e: Event) -> Result<(), ConnError> {
+        match e {
+            Event::Disposition {
+                role: Role::Receiver,
+                first,
+                last,
+                state,
+                ..
+            } => {
+                let mut id = first;
+                loop {
+                    if let Some((packet_id, qos)) = self.publishing.remove(&id) {
+                        self.published(packet_id, qos, state.as_ref())?;
+                    }
+                    if id == last {
+                        break;
+                    }
+                    id = id.wrapping_add(1);
+                }
+            }
+            Event::Delivery(d) => self.deliver(d)?,
+            Event::LinkClosed { link, error, .. } => {
+                if link == self.pub0 || link == self.pub1 {
+                    return Err(ConnError::Closed("router detached a publishing link"));
+                }
+                if let Some(f) = self.links.remove(&link) {
+                    tracing::debug!("subscription {f} ended by the router: {error:?}");
+                    self.subs.remove(&f);
+                }
+            }
+            Event::Closed(_) => return Err(ConnError::Closed("router closed the connection")),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The router's outcome for a device's QoS 1/2 message.
+    fn published(
+        &mut self,
+        packet_id: u16,
+        qos: QoS,
+        state: Option<&DeliveryState>,
+    ) -> Result<(), ConnError> {
+        let code = match state {
+            Some(DeliveryState::Accepted) => reason::SUCCESS,
+            Some(DeliveryState::Released) | Some(DeliveryState::Modified { .. }) => {
+                reason::NO_MATCHING_SUBSCRIBERS
+            }
+            _ => reason::UNSPECIFIED_ERROR,
+        };
+        if code >= 0x80 && self.v == Version::V311 {
+            // 3.1.1 has no negative acknowledgement: close without one, the device resends.
+            return Err(ConnError::Closed("the router refused a message"));
+        }
+        let mut ack = Ack::new(packet_id);
+        ack.reason = code;
+        if qos == QoS::ExactlyOnce {
+            self.qos2_storing.remove(&packet_id);
+            if code < 0x80 {
+                self.qos2_stored.insert(packet_id);
+            }
+            self.emit(&Packet::PubRec(ack));
+        } else {
+            self.emit(&Packet::PubAck(ack));
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, d: amqp::Delivery) -> Result<(), ConnError> {
+        let Some(f) = self.links.get(&d.link) else {
+            // A subscription just removed: give the message back.
+            if !d.settled {
+                self.amqp.conn.disposition(
+                    d.link,
+                    d.delivery_id,
+                    true,
+                    Some(DeliveryState::Released),
+                );
+            }
+            return Ok(());
+        };
+        let Some(sub) = self.subs.get(f) else {
+            return Ok(());
+        };
+        let (link, sub_qos, literal) = (sub.link, sub.qos, sub.literal.clone());
+        let m = match bridge::from_amqp(&d.payload, &self.cfg.topic_prefix) {
+            Ok(m) => m,
+            Err(_) => {
+                self.reject(&d);
+                return Ok(());
+            }
+        };
+        let Some(topic) = m.topic.or(literal) else {
+            // No topic to give it: an AMQP message without `to` on a wildcard subscription.
+            self.reject(&d);
+            return Ok(());
+        };
+        let qos = m.qos.unwrap_or(QoS::AtLeastOnce).min(sub_qos);
+        let qos = if d.settled { QoS::AtMostOnce } else { qos };
+        let packet_id = if qos == QoS::AtMostOnce {
+            None
+        } else {
+            let id = self.free_id();
+            self.out.insert(
+                id,
+                Outbound {
+                    link,
+                    delivery_id: d.delivery_id,
+                    released: false,
+                },
+            );
+            Some(id)
+        };
+        let p = Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic,
+            packet_id,
+            properties: if self.v == Version::V5 {
+                m.properties
+            } else {
+                Properties::default()
+            },
+            payload: m.payload,
+        });
+        self.emit(&p);
+        if packet_id.is_none() {
+            if !d.settled {
+                self.amqp.conn.disposition(
+                    link,
+                    d.delivery_id,
+                    true,
+                    Some(DeliveryState::Accepted),
+                );
+            }
+            let credit = self.amqp.conn.receiver_credit(link);
+            self.amqp.conn.set_credit(link, credit + 1, false);
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, d: &amqp::Delivery) {
+        if !d.settled {
+            self.amqp.conn.disposition(
+                d.link,
+                d.delivery_id,
+                true,
+                Some(DeliveryState::Rejected(None)),
+            );
+        }
+    }
+
+    fn free_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            if !self.out.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// The device acknowledged outbound `packet_id` (PUBACK for QoS 1, PUBCOMP for QoS 2).
+    fn acknowledged(&mut self, packet_id: u16, _qos: QoS) {
+        let Some(o) = self.out.remove(&packet_id) else {
+            return;
+        };
+        let _ = o.released;
+        self.amqp
+            .conn
+            .disposition(o.link, o.delivery_id, true, Some(DeliveryState::Accepted));
+        let credit = self.amqp.conn.receiver_credit(o.link);
+        self.amqp.conn.set_credit(o.link, credit + 1, false);
+    }
+}
+
+enum Woke {
+    Mqtt(io::Result<usize>),
+    Amqp(io::Result<usize>),
+    Timer,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

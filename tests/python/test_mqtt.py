@@ -1,0 +1,287 @@
+"""The MQTT gateway of `enmesh standalone` (issue 5), with paho-mqtt (3.1.1 and 5) and, on the
+AMQP side, python-qpid-proton; raw sockets for exact packets (QoS 2 resends, bad input).
+
+Topics map to the Enmesh topic address `mqtt/<topic>`; `+` becomes `*` (docs/mqtt.md).
+"""
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from proton import Message
+
+from helpers import connect
+
+V311, V5 = mqtt.MQTTv311, mqtt.MQTTv5
+
+
+class Device:
+    """A paho client on its own network thread, collecting what it receives."""
+
+    def __init__(self, router, client_id, proto=V5, **kw):
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kw)
+        self.got = []
+        self.cond = threading.Condition()
+        self.c.on_message = self._on_message
+        self.suback = None
+        self.c.on_subscribe = lambda c, u, mid, codes, props: setattr(self, "suback", codes)
+        self.c.connect("127.0.0.1", router.mqtt_port, keepalive=30)
+        self.c.loop_start()
+
+    def _on_message(self, c, u, m):
+        with self.cond:
+            self.got.append(m)
+            self.cond.notify_all()
+
+    def subscribe(self, topic, qos=1):
+        self.suback = None
+        rc, mid = self.c.subscribe(topic, qos=qos)
+        deadline = time.time() + 5
+        while self.suback is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert self.suback is not None, "no SUBACK"
+        return [int(getattr(x, "value", x)) for x in self.suback]
+
+    def wait(self, n, timeout=5):
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.got) >= n, timeout)
+        return list(self.got)
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.mark.parametrize("proto", [V311, V5], ids=["3.1.1", "5"])
+def test_publish_subscribe_qos_0_1_2_with_wildcards(router, proto):
+    sub = Device(router, "sub", proto)
+    pub = Device(router, "pub", proto)
+    try:
+        assert sub.subscribe("devices/+/telemetry", qos=2) == [2]
+        assert sub.subscribe("alerts/#", qos=1) == [1]
+        infos = [pub.c.publish("devices/%d/telemetry" % q, b"t%d" % q, qos=q) for q in (0, 1, 2)]
+        infos.append(pub.c.publish("alerts/a/b", b"alert", qos=2))
+        infos.append(pub.c.publish("other/x", b"nobody", qos=1))
+        for i in infos:
+            i.wait_for_publish(5)
+        got = sub.wait(4)
+        time.sleep(0.3)
+        seen = sorted((m.topic, m.payload, m.qos) for m in sub.got)
+        # Delivered QoS: the lower of the publisher's and the subscription's.
+        assert seen == [("alerts/a/b", b"alert", 1),
+                        ("devices/0/telemetry", b"t0", 0),
+                        ("devices/1/telemetry", b"t1", 1),
+                        ("devices/2/telemetry", b"t2", 2)], seen
+        assert len(got) == 4
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_devices_to_an_amqp_service_and_commands_back(router):
+    """MQTT → AMQP on a topic pattern; AMQP → a device's command topic."""
+    dev = Device(router, "dev-7", V5)
+    amqp = connect(router.amqp_url)
+    try:
+        rcv = amqp.create_receiver("mqtt/devices/*/telemetry")
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        props.ResponseTopic = "devices/7/replies"
+        props.CorrelationData = b"c-1"
+        props.UserProperty = [("unit", "C")]
+        props.MessageExpiryInterval = 60
+        dev.c.publish("devices/7/telemetry", b'{"t":21}', qos=1, properties=props).wait_for_publish(5)
+        m = rcv.receive(timeout=5)
+        assert m.body in (b'{"t":21}', '{"t":21}'), m.body
+        assert m.address == "mqtt/devices/7/telemetry"
+        assert m.content_type == "application/json"
+        assert m.reply_to == "mqtt/devices/7/replies"
+        assert m.correlation_id == b"c-1"
+        assert m.properties == {"unit": "C"}
+        assert m.durable and m.ttl == 60
+        rcv.accept()
+        # A command from the service; the device subscribed to its own command topic.
+        assert dev.subscribe("devices/7/cmd/#", qos=1) == [1]
+        snd = amqp.create_sender("mqtt/devices/7/cmd/reboot")
+        cmd = Message(body=b"now", address="mqtt/devices/7/cmd/reboot", correlation_id=b"k",
+                      properties={"by": "ops"})
+        snd.send(cmd, timeout=5)
+        got = dev.wait(1)
+        assert [(g.topic, g.payload, g.qos) for g in got] == [("devices/7/cmd/reboot", b"now", 1)]
+        p = got[0].properties
+        assert p.CorrelationData == b"k" and ("by", "ops") in p.UserProperty
+    finally:
+        amqp.close()
+        dev.close()
+
+
+# ---------------------------------------------------------------- raw packets --
+
+def raw(router):
+    s = socket.create_connection(("127.0.0.1", router.mqtt_port), timeout=5)
+    return s
+
+
+def varint(n):
+    out = b""
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def pkt(first, body):
+    return bytes([first]) + varint(len(body)) + body
+
+
+def s16(b):
+    return struct.pack(">H", len(b)) + b
+
+
+def connect_pkt(client_id, level=5, keep_alive=30, clean=True):
+    body = s16(b"MQTT") + bytes([level, 0x02 if clean else 0]) + struct.pack(">H", keep_alive)
+    if level == 5:
+        body += b"\x00"
+    return pkt(0x10, body + s16(client_id.encode()))
+
+
+def read_packet(s):
+    first = s.recv(1)
+    if not first:
+        return None
+    n, shift = 0, 0
+    while True:
+        b = s.recv(1)[0]
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            break
+    body = b""
+    while len(body) < n:
+        chunk = s.recv(n - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return first[0], body
+
+
+def test_qos2_resent_before_pubrel_is_delivered_once(router):
+    sub = Device(router, "q2-sub", V5)
+    s = raw(router)
+    try:
+        assert sub.subscribe("q2/#", qos=2) == [2]
+        s.sendall(connect_pkt("q2-raw"))
+        assert read_packet(s)[0] == 0x20
+        publish = s16(b"q2/x") + struct.pack(">H", 5) + b"\x00" + b"once"
+        s.sendall(pkt(0x34, publish))
+        first, body = read_packet(s)
+        assert first == 0x50 and body[:2] == struct.pack(">H", 5)  # PUBREC
+        # PUBREC lost (as far as the device knows): it resends with DUP, then releases.
+        s.sendall(pkt(0x3C, publish))
+        first, body = read_packet(s)
+        assert first == 0x50
+        s.sendall(pkt(0x62, struct.pack(">H", 5)))
+        first, body = read_packet(s)
+        assert first == 0x70 and body[:2] == struct.pack(">H", 5)  # PUBCOMP
+        sub.wait(1)
+        time.sleep(0.5)
+        assert [(m.topic, m.payload) for m in sub.got] == [("q2/x", b"once")]
+    finally:
+        s.close()
+        sub.close()
+
+
+def test_malformed_packets_get_a_reason_code_and_only_that_client_goes(router):
+    bystander = Device(router, "bystander", V5)
+    try:
+        assert bystander.subscribe("ok/#") == [1]
+        # MQTT 5: a PUBLISH with QoS 3 is malformed: DISCONNECT 0x81, then the socket closes.
+        s = raw(router)
+        s.sendall(connect_pkt("bad-5"))
+        assert read_packet(s)[0] == 0x20
+        s.sendall(pkt(0x36, s16(b"a") + b"\x00\x01\x00"))
+        first, body = read_packet(s)
+        assert first == 0xE0 and body[0] == 0x81, (first, body)
+        assert read_packet(s) is None
+        s.close()
+        # A property not allowed in PUBLISH (session expiry): protocol error 0x82.
+        s = raw(router)
+        s.sendall(connect_pkt("bad-5b"))
+        read_packet(s)
+        s.sendall(pkt(0x30, s16(b"a") + b"\x05\x11\x00\x00\x00\x01"))
+        first, body = read_packet(s)
+        assert first == 0xE0 and body[0] == 0x82, (first, body)
+        s.close()
+        # Unsupported protocol level: CONNACK with return code 1 (3.1.1 format), closed.
+        s = raw(router)
+        s.sendall(connect_pkt("old", level=3))
+        first, body = read_packet(s)
+        assert first == 0x20 and body == b"\x00\x01", body
+        s.close()
+        # Not CONNECT first: closed without an answer.
+        s = raw(router)
+        s.sendall(pkt(0xC0, b""))
+        assert read_packet(s) is None
+        s.close()
+        # The bystander is still served.
+        pub = Device(router, "ok-pub", V311)
+        pub.c.publish("ok/1", b"fine", qos=1).wait_for_publish(5)
+        assert [m.payload for m in bystander.wait(1)] == [b"fine"]
+        pub.close()
+    finally:
+        bystander.close()
+
+
+def test_invalid_filters_are_refused_in_suback(router):
+    # paho checks filters itself: these go out as raw SUBSCRIBE packets.
+    filters = [b"a/#/b", b"a/b+", b"$share/g/x", b"ok/+"]
+    for level, want in [(5, [0x8F, 0x8F, 0x9E, 0x01]), (4, [0x80, 0x80, 0x80, 0x01])]:
+        s = raw(router)
+        try:
+            s.sendall(connect_pkt("filters-%d" % level, level=level))
+            assert read_packet(s)[0] == 0x20
+            body = struct.pack(">H", 9) + (b"\x00" if level == 5 else b"")
+            for f in filters:
+                body += s16(f) + b"\x01"
+            s.sendall(pkt(0x82, body))
+            first, ack = read_packet(s)
+            assert first == 0x90 and ack[:2] == struct.pack(">H", 9)
+            codes = list(ack[3:] if level == 5 else ack[2:])
+            assert codes == want, (level, codes)
+        finally:
+            s.close()
+
+
+def test_keep_alive_expiry_disconnects_with_0x8d(router):
+    s = raw(router)
+    try:
+        s.sendall(connect_pkt("sleepy", keep_alive=1))
+        assert read_packet(s)[0] == 0x20
+        t = time.time()
+        first, body = read_packet(s)  # nothing sent for 1.5 s
+        assert first == 0xE0 and body[0] == 0x8D, (first, body)
+        assert 1.2 < time.time() - t < 4
+    finally:
+        s.close()
+
+
+def test_ping_and_clean_disconnect(router):
+    s = raw(router)
+    try:
+        s.sendall(connect_pkt("pinger", level=4))
+        first, body = read_packet(s)
+        assert first == 0x20 and body == b"\x00\x00"
+        s.sendall(pkt(0xC0, b""))
+        assert read_packet(s) == (0xD0, b"")
+        s.sendall(pkt(0xE0, b""))
+        assert read_packet(s) is None
+    finally:
+        s.close()
