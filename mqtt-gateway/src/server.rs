@@ -15,16 +15,23 @@
 //!   publisher's and the subscription's QoS and is accepted once the device acknowledged it
 //!   (PUBACK, or PUBCOMP for QoS 2). At most `inflight` unacknowledged per subscription.
 //! - UNSUBSCRIBE detaches the link; PINGREQ → PINGRESP; keep alive: 1.5 × the client's value.
+//! - A second connection with the same client id takes over: the first gets DISCONNECT 0x8E
+//!   (MQTT 5) and is closed ([`Clients`]).
+//! - Will: published when the connection ends any other way than a DISCONNECT with reason 0
+//!   (0x04 asks for it), after the will delay (MQTT 5; at most the session expiry interval),
+//!   unless the client connects again meanwhile. The session's AMQP connection stays open
+//!   for that wait.
 //! - Bad input: the decoder's reason code in a DISCONNECT (MQTT 5) or CONNACK, then close;
 //!   only that connection is affected.
 //!
-//! Not yet (docs/mqtt.md lists them): persistent sessions, retained and will messages, shared
+//! Not yet (docs/mqtt.md lists them): persistent sessions, retained messages, shared
 //! subscriptions, topic aliases from clients, WebSocket.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use amqp::client::Client;
@@ -37,7 +44,7 @@ use tokio::sync::watch;
 use crate::bridge;
 use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, QoS, SubAck,
-    Version, reason,
+    Version, Will, reason,
 };
 use crate::topic;
 
@@ -71,6 +78,37 @@ impl Default for Config {
     }
 }
 
+/// The connected clients of this gateway by client id, so that a new connection with an id in
+/// use takes over from the old one, and a will waiting out its delay is cancelled.
+#[derive(Default)]
+pub struct Clients {
+    map: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
+    next: AtomicU64,
+}
+
+impl Clients {
+    /// Registers a connection of `id`, kicking any earlier one; returns its generation and
+    /// the receiver that turns true when a later connection takes over.
+    fn register(&self, id: &str) -> (u64, watch::Receiver<bool>) {
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(false);
+        if let Ok(mut g) = self.map.lock()
+            && let Some((_, old)) = g.insert(id.to_owned(), (generation, tx))
+        {
+            let _ = old.send(true);
+        }
+        (generation, rx)
+    }
+
+    fn unregister(&self, id: &str, generation: u64) {
+        if let Ok(mut g) = self.map.lock()
+            && g.get(id).is_some_and(|(n, _)| *n == generation)
+        {
+            g.remove(id);
+        }
+    }
+}
+
 /// Accepts MQTT connections on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -78,6 +116,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let live = Arc::new(AtomicUsize::new(0));
+    let clients = Arc::new(Clients::default());
     loop {
         tokio::select! {
             _ = shutdown.changed() => return Ok(()),
@@ -92,10 +131,11 @@ pub async fn serve(
                 let _ = sock.set_nodelay(true);
                 let cfg = cfg.clone();
                 let live = live.clone();
+                let clients = clients.clone();
                 let n = live.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
                     let busy = n >= cfg.max_connections;
-                    if let Err(e) = connection(sock, &cfg, busy).await {
+                    if let Err(e) = connection(sock, &cfg, &clients, busy).await {
                         tracing::debug!("mqtt connection: {e}");
                     }
                     live.fetch_sub(1, Ordering::AcqRel);
@@ -167,7 +207,12 @@ async fn read_connect(
     }
 }
 
-async fn connection(mut sock: TcpStream, cfg: &Config, busy: bool) -> Result<(), ConnError> {
+async fn connection(
+    mut sock: TcpStream,
+    cfg: &Config,
+    clients: &Clients,
+    busy: bool,
+) -> Result<(), ConnError> {
     let mut buf = BytesMut::with_capacity(4096);
     let c = read_connect(&mut sock, &mut buf, cfg).await?;
     let v = c.version;
@@ -220,24 +265,129 @@ async fn connection(mut sock: TcpStream, cfg: &Config, busy: bool) -> Result<(),
         props.maximum_packet_size = u32::try_from(cfg.max_packet_size).ok();
         props.topic_alias_maximum = Some(0);
     }
-    let mut s = Session::new(sock, amqp, v, c, cfg).await?;
+    let will = c.will.clone();
+    // Will delay (MQTT 5), bounded by the session expiry interval (§3.1.3.2.2).
+    let will_delay = Duration::from_secs(u64::from(
+        will.as_ref()
+            .and_then(|w| w.properties.will_delay_interval)
+            .unwrap_or(0)
+            .min(c.properties.session_expiry_interval.unwrap_or(0)),
+    ));
+    let (generation, mut kicked) = clients.register(&client_id);
+    let mut s = match Session::new(sock, amqp, v, c, cfg, kicked.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            clients.unregister(&client_id, generation);
+            return Err(e);
+        }
+    };
     write(&mut s.sock, &connack(reason::SUCCESS, props), v).await?;
     let r = s.run(buf).await;
-    if let Err(ConnError::Decode(e)) = &r
-        && v == Version::V5
-    {
+    let mut reason_out = None;
+    let send_will = match &r {
+        Ok(End::Normal) => false,
+        Ok(End::WithWill) => true,
+        Ok(End::TakenOver) => {
+            reason_out = Some((reason::SESSION_TAKEN_OVER, None));
+            // A delayed will is not sent when the client is back (§3.1.3.2.2).
+            will_delay.is_zero()
+        }
+        Err(ConnError::Decode(e)) => {
+            reason_out = Some((e.reason(), Some(e.to_string())));
+            true
+        }
+        Err(_) => true,
+    };
+    if let (Some((code, why)), Version::V5) = (reason_out, v) {
         let d = Packet::Disconnect(Disconnect {
-            reason: e.reason(),
+            reason: code,
             properties: Properties {
-                reason_string: Some(e.to_string()),
+                reason_string: why,
                 ..Properties::default()
             },
         });
         let _ = write(&mut s.sock, &d, v).await;
     }
+    let _ = s.sock.shutdown().await;
+    if let (true, Some(w)) = (send_will, will) {
+        let cancelled = if will_delay.is_zero() {
+            false
+        } else {
+            // Wait out the delay unless the same client connects again.
+            tokio::select! {
+                _ = tokio::time::sleep(will_delay) => false,
+                _ = kicked.wait_for(|k| *k) => true,
+            }
+        };
+        if !cancelled && let Err(e) = publish_will(cfg, &client_id, w).await {
+            tracing::debug!("will of {client_id} not published: {e}");
+        }
+    }
+    clients.unregister(&client_id, generation);
     s.amqp.conn.close(None);
     let _ = s.amqp.flush().await;
-    r
+    r.map(|_| ())
+}
+
+/// Publishes a will like a PUBLISH from the device, over a connection of its own (a delayed
+/// will may wait longer than the session's AMQP connection would stay idle), and waits up to
+/// 5 s for the router's outcome when its QoS asks for one.
+async fn publish_will(cfg: &Config, client_id: &str, w: Will) -> Result<(), ConnError> {
+    let wp = w.properties;
+    let p = Publish {
+        dup: false,
+        qos: w.qos,
+        retain: w.retain,
+        topic: w.topic,
+        packet_id: None,
+        properties: Properties {
+            payload_format_indicator: wp.payload_format_indicator,
+            message_expiry_interval: wp.message_expiry_interval,
+            content_type: wp.content_type,
+            response_topic: wp.response_topic,
+            correlation_data: wp.correlation_data,
+            user_properties: wp.user_properties,
+            ..Properties::default()
+        },
+        payload: w.payload,
+    };
+    let run = async {
+        let mut c = Client::connect(&cfg.router, &format!("mqtt-will:{client_id}")).await?;
+        let settled = p.qos == QoS::AtMostOnce;
+        let link = c.sender("will", None, settled).await?;
+        while c.conn.credit(link) == 0 {
+            c.pump().await?;
+        }
+        let mut msg = BytesMut::new();
+        bridge::to_amqp(&p, &cfg.topic_prefix, &mut msg);
+        let Some(id) = c.conn.send(link, b"will", &msg, settled, 0) else {
+            return Err(ConnError::Closed("will link gone"));
+        };
+        c.flush().await?;
+        if !settled {
+            c.wait(|e| {
+                matches!(e, Event::Disposition { role: Role::Receiver, first, last, .. }
+                    if id.wrapping_sub(*first) <= last.wrapping_sub(*first))
+            })
+            .await?;
+        }
+        c.conn.close(None);
+        c.flush().await?;
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .map_err(|_| ConnError::Closed("will not published in time"))?
+}
+
+/// How a connection's session ended without an error.
+enum End {
+    /// DISCONNECT with reason 0: no will.
+    Normal,
+    /// DISCONNECT 0x04: with the will.
+    WithWill,
+    /// Another connection with the same client id.
+    TakenOver,
 }
 
 fn rand_u64() -> u64 {
@@ -290,6 +440,8 @@ struct Session<'a> {
     wbuf: BytesMut,
     /// Delivery tags of our publishes.
     tags: u64,
+    /// Turns true when another connection takes this client id over.
+    kicked: watch::Receiver<bool>,
 }
 
 impl<'a> Session<'a> {
@@ -299,6 +451,7 @@ impl<'a> Session<'a> {
         v: Version,
         c: Connect,
         cfg: &'a Config,
+        kicked: watch::Receiver<bool>,
     ) -> Result<Session<'a>, ConnError> {
         let pub0 = amqp.sender("pub0", None, true).await?;
         let pub1 = amqp.sender("pub1", None, false).await?;
@@ -321,6 +474,7 @@ impl<'a> Session<'a> {
             waiting: VecDeque::new(),
             wbuf: BytesMut::new(),
             tags: 0,
+            kicked,
         })
     }
 
@@ -343,7 +497,7 @@ impl<'a> Session<'a> {
             && self.amqp.conn.credit(self.pub1) > 0
     }
 
-    async fn run(&mut self, mut buf: BytesMut) -> Result<(), ConnError> {
+    async fn run(&mut self, mut buf: BytesMut) -> Result<End, ConnError> {
         let mut last_heard = Instant::now();
         loop {
             // Everything already buffered first (CONNECT may have arrived with more).
@@ -352,9 +506,9 @@ impl<'a> Session<'a> {
                     Some((p, used)) => {
                         let _ = buf.split_to(used);
                         last_heard = Instant::now();
-                        if !self.on_packet(p).await? {
+                        if let Some(end) = self.on_packet(p).await? {
                             self.flush().await?;
-                            return Ok(());
+                            return Ok(end);
                         }
                     }
                     None => break,
@@ -370,14 +524,18 @@ impl<'a> Session<'a> {
             let wake = [keep_alive, amqp_timer].into_iter().flatten().min();
             let read_mqtt = self.can_publish();
             let woke = {
-                let Session { sock, amqp, .. } = &mut *self;
+                let Session {
+                    sock, amqp, kicked, ..
+                } = &mut *self;
                 tokio::select! {
                     r = sock.read_buf(&mut buf), if read_mqtt => Woke::Mqtt(r),
                     r = amqp.stream.read_buf(&mut amqp.inbuf) => Woke::Amqp(r),
+                    _ = kicked.wait_for(|k| *k) => Woke::Kicked,
                     _ = sleep_until(wake) => Woke::Timer,
                 }
             };
             match woke {
+                Woke::Kicked => return Ok(End::TakenOver),
                 Woke::Mqtt(r) => {
                     if r? == 0 {
                         return Err(ConnError::Closed("device closed the connection"));
@@ -415,8 +573,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Handles one packet from the device; false when the device disconnected.
-    async fn on_packet(&mut self, p: Packet) -> Result<bool, ConnError> {
+    /// Handles one packet from the device; how the session ends if it does.
+    async fn on_packet(&mut self, p: Packet) -> Result<Option<End>, ConnError> {
         match p {
             Packet::Publish(p) => {
                 self.waiting.push_back(p);
@@ -473,7 +631,13 @@ impl<'a> Session<'a> {
                 }));
             }
             Packet::PingReq => self.emit(&Packet::PingResp),
-            Packet::Disconnect(_) => return Ok(false),
+            Packet::Disconnect(d) => {
+                return Ok(Some(if d.reason == reason::DISCONNECT_WITH_WILL {
+                    End::WithWill
+                } else {
+                    End::Normal
+                }));
+            }
             Packet::Auth(_) => {
                 return Err(DecodeError::Protocol("AUTH without an authentication method").into());
             }
@@ -485,7 +649,7 @@ impl<'a> Session<'a> {
                 return Err(DecodeError::Protocol("a packet only a server sends").into());
             }
         }
-        Ok(true)
+        Ok(None)
     }
 
     /// Publishes what waits, as far as credit goes.
@@ -762,6 +926,7 @@ impl<'a> Session<'a> {
 enum Woke {
     Mqtt(io::Result<usize>),
     Amqp(io::Result<usize>),
+    Kicked,
     Timer,
 }
 

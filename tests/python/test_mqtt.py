@@ -285,3 +285,122 @@ def test_ping_and_clean_disconnect(router):
         assert read_packet(s) is None
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_mosquitto_clients(router, version):
+    """mosquitto_sub / mosquitto_pub (Debian mosquitto-clients 2.0.11), QoS 1 and 2."""
+    import subprocess
+    port = str(router.mqtt_port)
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-V", version,
+                            "-t", "m/+/x", "-q", "2", "-C", "2", "-v", "-i", "msub-" + version],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # subscribed
+        for i, q in [(1, "1"), (2, "2")]:
+            r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-V", version,
+                                "-t", "m/%d/x" % i, "-q", q, "-m", "hello %d" % i],
+                               capture_output=True, text=True, timeout=10)
+            assert r.returncode == 0, r.stderr
+        out, err = sub.communicate(timeout=10)
+        assert sub.returncode == 0, err
+        assert out.splitlines() == ["m/1/x hello 1", "m/2/x hello 2"], out
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+
+
+def will_connect(client_id, level=5, will_topic=b"wills/x", will_payload=b"gone", will_qos=1,
+                 will_delay=None, session_expiry=None, keep_alive=30):
+    flags = 0x02 | 0x04 | (will_qos << 3)
+    body = s16(b"MQTT") + bytes([level, flags]) + struct.pack(">H", keep_alive)
+    if level == 5:
+        props = b"" if session_expiry is None else b"\x11" + struct.pack(">I", session_expiry)
+        body += varint(len(props)) + props
+    body += s16(client_id.encode())
+    if level == 5:
+        wp = b"" if will_delay is None else b"\x18" + struct.pack(">I", will_delay)
+        body += varint(len(wp)) + wp
+    body += s16(will_topic) + s16(will_payload)
+    return pkt(0x10, body)
+
+
+@pytest.mark.parametrize("level", [4, 5], ids=["3.1.1", "5"])
+def test_will_published_on_abnormal_close_not_on_disconnect(router, level):
+    watcher = Device(router, "will-watch-%d" % level, V5)
+    try:
+        assert watcher.subscribe("wills/#", qos=1) == [1]
+        # Closed without DISCONNECT: the will goes out.
+        s = raw(router)
+        s.sendall(will_connect("w1-%d" % level, level=level, will_topic=b"wills/a"))
+        assert read_packet(s)[0] == 0x20
+        s.close()
+        got = watcher.wait(1)
+        assert [(m.topic, m.payload, m.qos) for m in got] == [("wills/a", b"gone", 1)]
+        # A clean DISCONNECT: no will.
+        s = raw(router)
+        s.sendall(will_connect("w2-%d" % level, level=level, will_topic=b"wills/b"))
+        assert read_packet(s)[0] == 0x20
+        s.sendall(pkt(0xE0, b""))
+        assert read_packet(s) is None
+        s.close()
+        if level == 5:
+            # DISCONNECT with reason 0x04 asks for the will.
+            s = raw(router)
+            s.sendall(will_connect("w3", will_topic=b"wills/c"))
+            assert read_packet(s)[0] == 0x20
+            s.sendall(pkt(0xE0, b"\x04"))
+            s.close()
+        time.sleep(0.7)
+        topics = [m.topic for m in watcher.got]
+        assert topics == (["wills/a", "wills/c"] if level == 5 else ["wills/a"]), topics
+    finally:
+        watcher.close()
+
+
+def test_will_delay_is_cancelled_by_a_reconnect(router):
+    watcher = Device(router, "delay-watch", V5)
+    try:
+        assert watcher.subscribe("wills/#", qos=1) == [1]
+        # Will delay 2 s, session expiry 10 s; the client comes back after 0.5 s: no will.
+        s = raw(router)
+        s.sendall(will_connect("wd", will_topic=b"wills/late", will_delay=2, session_expiry=10))
+        assert read_packet(s)[0] == 0x20
+        s.close()
+        time.sleep(0.5)
+        s = raw(router)
+        s.sendall(connect_pkt("wd"))
+        assert read_packet(s)[0] == 0x20
+        time.sleep(2.5)
+        assert watcher.got == []
+        s.close()
+        # Gone for good: the will arrives after its delay.
+        s = raw(router)
+        s.sendall(will_connect("wd2", will_topic=b"wills/late", will_delay=1, session_expiry=10))
+        assert read_packet(s)[0] == 0x20
+        t = time.time()
+        s.close()
+        got = watcher.wait(1, timeout=6)
+        assert [m.topic for m in got] == ["wills/late"]
+        assert time.time() - t >= 0.9
+    finally:
+        watcher.close()
+
+
+def test_a_second_connection_with_the_same_client_id_takes_over(router):
+    first = raw(router)
+    second = raw(router)
+    try:
+        first.sendall(connect_pkt("twin"))
+        assert read_packet(first)[0] == 0x20
+        second.sendall(connect_pkt("twin"))
+        assert read_packet(second)[0] == 0x20
+        pkt_type, body = read_packet(first)
+        assert pkt_type == 0xE0 and body[0] == 0x8E, (pkt_type, body)
+        assert read_packet(first) is None
+        # The second one works.
+        second.sendall(pkt(0xC0, b""))
+        assert read_packet(second) == (0xD0, b"")
+    finally:
+        first.close()
+        second.close()
