@@ -30,7 +30,11 @@ enum Cmd {
     Amqp(AmqpArgs),
     /// Memory per idle connection: opens N connections with one session and two links each.
     Idle(IdleArgs),
+    /// MQTT publisher → server → subscriber throughput and latency (any MQTT 3.1.1 server).
+    Mqtt(mqtt::MqttArgs),
 }
+
+mod mqtt;
 
 #[derive(clap::Args, Clone)]
 struct AmqpArgs {
@@ -109,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         match cli.cmd {
             Cmd::Amqp(a) => amqp_bench(a).await,
             Cmd::Idle(a) => idle_bench(a).await,
+            Cmd::Mqtt(a) => mqtt::run(a),
         }
     })
 }
@@ -163,7 +168,7 @@ struct Raw {
 /// take a core the servers under test could use (the replicated benchmark runs four server
 /// processes on this machine's two cores), sleeping at once would add a wake-up to every
 /// latency sample.
-struct Parker {
+pub(crate) struct Parker {
     poll: mio::Poll,
     events: mio::Events,
     idle_since: Option<Instant>,
@@ -174,9 +179,14 @@ const SPIN: Duration = Duration::from_micros(50);
 impl Parker {
     fn new(conns: &[&Raw]) -> anyhow::Result<Parker> {
         use std::os::fd::AsRawFd;
+        let fds: Vec<_> = conns.iter().map(|c| c.s.as_raw_fd()).collect();
+        Parker::for_fds(&fds)
+    }
+
+    fn for_fds(fds: &[std::os::fd::RawFd]) -> anyhow::Result<Parker> {
         let poll = mio::Poll::new()?;
-        for (i, c) in conns.iter().enumerate() {
-            let fd = c.s.as_raw_fd();
+        for (i, fd) in fds.iter().enumerate() {
+            let fd = *fd;
             poll.registry().register(
                 &mut mio::unix::SourceFd(&fd),
                 mio::Token(i),

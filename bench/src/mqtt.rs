@@ -1,0 +1,288 @@
+//! `enmesh-bench mqtt`: one MQTT 3.1.1 publisher and one subscriber on one topic, through any
+//! MQTT server (Enmesh's gateway, mosquitto, ActiveMQ), driven from one polling thread like
+//! the AMQP benchmark. QoS 0 all-out (or at `--rate`), or QoS 1 with `--window` PUBLISHes
+//! unacknowledged; the subscriber acknowledges every QoS 1 message. Latency is end to end from
+//! each message's intended send time, as in `amqp`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use mqtt_gateway::codec::{
+    self, Ack, Connect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version,
+};
+
+use crate::{Parker, nanos, sample};
+
+#[derive(clap::Args, Clone)]
+pub struct MqttArgs {
+    /// host:port of the MQTT server.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    url: String,
+    #[arg(long, default_value = "bench/t")]
+    topic: String,
+    /// Messages to send (after warm-up).
+    #[arg(long, default_value_t = 200_000)]
+    count: u64,
+    #[arg(long, default_value_t = 20_000)]
+    warmup: u64,
+    /// Payload size in bytes (at least 16: timestamp and sequence number).
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// 0 or 1.
+    #[arg(long, default_value_t = 0)]
+    qos: u8,
+    /// QoS 1: PUBLISHes sent before their PUBACK.
+    #[arg(long, default_value_t = 100)]
+    window: u32,
+    /// Fixed rate in messages per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[arg(long, default_value = "enmesh")]
+    label: String,
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+/// A non-blocking MQTT connection.
+struct Conn {
+    s: TcpStream,
+    inbuf: BytesMut,
+    out: BytesMut,
+    scratch: Vec<u8>,
+}
+
+impl Conn {
+    fn connect(url: &str, client_id: &str) -> anyhow::Result<Conn> {
+        let s = TcpStream::connect(url).with_context(|| format!("connect {url}"))?;
+        s.set_nodelay(true)?;
+        let mut c = Conn {
+            s,
+            inbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            scratch: vec![0; 1 << 16],
+        };
+        c.send(&Packet::Connect(Box::new(Connect {
+            version: Version::V311,
+            client_id: client_id.into(),
+            clean_start: true,
+            keep_alive: 600,
+            username: None,
+            password: None,
+            will: None,
+            properties: Properties::default(),
+        })));
+        c.flush()?;
+        match c.read_blocking()? {
+            Packet::ConnAck(a) if a.reason == 0 => {}
+            p => bail!("no CONNACK: {p:?}"),
+        }
+        c.s.set_nonblocking(true)?;
+        Ok(c)
+    }
+
+    fn send(&mut self, p: &Packet) {
+        codec::encode(p, Version::V311, &mut self.out);
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let mut at = 0;
+        while at < self.out.len() {
+            match self.s.write(&self.out[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    fn read_blocking(&mut self) -> anyhow::Result<Packet> {
+        loop {
+            if let Some((p, n)) = codec::decode(&self.inbuf, Some(Version::V311), usize::MAX)? {
+                let _ = self.inbuf.split_to(n);
+                return Ok(p);
+            }
+            let n = self.s.read(&mut self.scratch)?;
+            if n == 0 {
+                bail!("closed by the server");
+            }
+            self.inbuf.extend_from_slice(&self.scratch[..n]);
+        }
+    }
+
+    /// Reads what is there; every whole packet goes to `f`. True if anything arrived.
+    fn poll(&mut self, mut f: impl FnMut(Packet)) -> anyhow::Result<bool> {
+        match self.s.read(&mut self.scratch) {
+            Ok(0) => bail!("closed by the server"),
+            Ok(n) => {
+                self.inbuf.extend_from_slice(&self.scratch[..n]);
+                while let Some((p, used)) =
+                    codec::decode(&self.inbuf, Some(Version::V311), usize::MAX)?
+                {
+                    let _ = self.inbuf.split_to(used);
+                    f(p);
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+pub fn run(a: MqttArgs) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    if a.size < 16 {
+        bail!("--size must be at least 16");
+    }
+    let qos = match a.qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => bail!("--qos must be 0 or 1"),
+    };
+    let base = Instant::now();
+    let mut sub = Conn::connect(&a.url, "bench-sub")?;
+    sub.s.set_nonblocking(false)?;
+    sub.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        properties: Properties::default(),
+        filters: vec![(a.topic.clone(), SubOptions::qos(qos))],
+    }));
+    sub.flush()?;
+    match sub.read_blocking()? {
+        Packet::SubAck(s) if s.reasons.first().is_some_and(|r| *r < 0x80) => {}
+        p => bail!("subscription refused: {p:?}"),
+    }
+    sub.s.set_nonblocking(true)?;
+    let mut publ = Conn::connect(&a.url, "bench-pub")?;
+    let mut parker = Parker::for_fds(&[sub.s.as_raw_fd(), publ.s.as_raw_fd()])?;
+    let total = a.warmup + a.count;
+    let mut payload = vec![0u8; a.size];
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let (mut sent, mut received, mut acked, mut inflight) = (0u64, 0u64, 0u64, 0u32);
+    let before = a.server_pid.and_then(sample);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(a.timeout);
+    let interval = (a.rate > 0).then(|| Duration::from_nanos(1_000_000_000 / a.rate));
+    let mut last_rx = start;
+    let mut next_id: u16 = 1;
+    while received < total || (qos == QoS::AtLeastOnce && acked < total) {
+        let now = Instant::now();
+        if now > deadline {
+            bail!("timed out: sent={sent} received={received} acked={acked}");
+        }
+        let mut busy = false;
+        let mut next_due = None;
+        let mut batch = 0;
+        while sent < total && batch < 256 && (qos == QoS::AtMostOnce || inflight < a.window) {
+            let intended = match interval {
+                Some(iv) => {
+                    let due = start + iv * sent as u32;
+                    if due > now {
+                        next_due = Some(due);
+                        break;
+                    }
+                    due.duration_since(base).as_nanos() as u64
+                }
+                None => nanos(base),
+            };
+            payload[..8].copy_from_slice(&intended.to_be_bytes());
+            payload[8..16].copy_from_slice(&sent.to_be_bytes());
+            let packet_id = (qos == QoS::AtLeastOnce).then(|| {
+                let id = next_id;
+                next_id = next_id.checked_add(1).unwrap_or(1);
+                id
+            });
+            publ.send(&Packet::Publish(Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: a.topic.clone(),
+                packet_id,
+                properties: Properties::default(),
+                payload: Bytes::copy_from_slice(&payload),
+            }));
+            sent += 1;
+            batch += 1;
+            if qos == QoS::AtLeastOnce {
+                inflight += 1;
+            }
+        }
+        busy |= batch > 0;
+        publ.flush()?;
+        busy |= publ.poll(|p| {
+            if let Packet::PubAck(_) = p {
+                acked += 1;
+                inflight = inflight.saturating_sub(1);
+            }
+        })?;
+        let t = nanos(base);
+        let mut acks = Vec::new();
+        let got = sub.poll(|p| {
+            if let Packet::Publish(p) = p {
+                received += 1;
+                if p.payload.len() >= 16 {
+                    let mut ts = [0u8; 8];
+                    ts.copy_from_slice(&p.payload[..8]);
+                    let mut seq = [0u8; 8];
+                    seq.copy_from_slice(&p.payload[8..16]);
+                    if u64::from_be_bytes(seq) >= a.warmup {
+                        let _ = hist.record(t.saturating_sub(u64::from_be_bytes(ts)).max(1));
+                    }
+                }
+                if let Some(id) = p.packet_id {
+                    acks.push(id);
+                }
+            }
+        })?;
+        if got {
+            busy = true;
+            last_rx = Instant::now();
+            for id in acks {
+                sub.send(&Packet::PubAck(Ack::new(id)));
+            }
+            sub.flush()?;
+        }
+        parker.turn(busy, now, next_due)?;
+    }
+    let wall = last_rx.duration_since(start).as_secs_f64();
+    let after = a.server_pid.and_then(sample);
+    let (cpu, rss) = match (before, after) {
+        (Some(b), Some(x)) => (
+            format!(
+                "{:.0}%",
+                (x.cpu_ticks - b.cpu_ticks) as f64 / 100.0 / wall * 100.0
+            ),
+            format!("{} MiB", x.rss_kb / 1024),
+        ),
+        _ => ("n/a".into(), "n/a".into()),
+    };
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{label}: mqtt qos={q} size={size}B rate_target={rt} sent={sent} received={received} \
+         wall={wall:.2}s rate={rate:.0} msg/s latency_us p50={p50:.0} p90={p90:.0} p99={p99:.0} \
+         p99.9={p999:.0} max={max:.0} server_cpu={cpu} server_rss={rss}",
+        label = a.label,
+        q = a.qos,
+        size = a.size,
+        rt = if a.rate == 0 {
+            "max".to_string()
+        } else {
+            a.rate.to_string()
+        },
+        rate = received as f64 / wall,
+        p50 = us(0.5),
+        p90 = us(0.9),
+        p99 = us(0.99),
+        p999 = us(0.999),
+        max = hist.max() as f64 / 1000.0,
+    );
+    Ok(())
+}
