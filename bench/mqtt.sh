@@ -77,8 +77,8 @@ kill "$mpid"; wait "$mpid" 2>/dev/null || true
   echo "# bench/mqtt.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) RUNS=$RUNS COUNT=$COUNT"
   printf '%s\n%s\n' "$E" "$M"
   for q in 0 1; do
-    e=$(grep "qos=$q " <<<"$E" | grep -v latency | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
-    m=$(grep "qos=$q " <<<"$M" | grep -v latency | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
+    e=$(grep "qos=$q " <<<"$E" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
+    m=$(grep "qos=$q " <<<"$M" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
     awk -v e="$e" -v m="$m" -v q="$q" 'BEGIN { if (m > 0) printf "ratio qos %d enmesh/mosquitto: %.2fx\n", q, e / m }'
   done
 } | tee "$out/summary.txt"
