@@ -324,7 +324,8 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(config.router.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.router.http))?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    // Installed before anything is announced, so an early SIGTERM is clean too.
+    let rx = shutdown_on_signal()?;
     if let Some(m) = mqtt {
         let mut router_at = listener.local_addr()?;
         if router_at.ip().is_unspecified() {
@@ -338,13 +339,20 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
             rx.clone(),
         ));
     }
-    // Install the handler before announcing readiness, so an early SIGTERM is clean too.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ready_line = format!(
         "enmesh ready amqp={} http={}",
         listener.local_addr()?,
         http.local_addr()?
     );
+    // Announced only once the broker shard is open and connections are being accepted.
+    router::run(config, listener, http, rx, move || println!("{ready_line}")).await?;
+    Ok(())
+}
+
+/// A receiver that turns true on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> std::io::Result<tokio::sync::watch::Receiver<bool>> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
@@ -352,9 +360,7 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
         }
         let _ = tx.send(true);
     });
-    // Announced only once the broker shard is open and connections are being accepted.
-    router::run(config, listener, http, rx, move || println!("{ready_line}")).await?;
-    Ok(())
+    Ok(rx)
 }
 
 /// Declares the MQTT topic prefix a topic address, unless the configuration says otherwise.
@@ -408,15 +414,8 @@ async fn serve_gateway(
         .await
         .with_context(|| format!("cannot listen on {at}"))?;
     let router = router.unwrap_or_else(|| config.mqtt.router.clone());
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        let _ = tx.send(true);
-    });
+    // Installed before anything is announced, so an early SIGTERM is clean too.
+    let rx = shutdown_on_signal()?;
     println!(
         "enmesh mqtt-gateway ready mqtt={} router={router}",
         l.local_addr()?
@@ -453,15 +452,8 @@ async fn serve_broker(a: ServerArgs) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("cannot open the shard in {}", dir.display()))?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        let _ = tx.send(true);
-    });
+    // Installed before anything is announced, so an early SIGTERM is clean too.
+    let rx = shutdown_on_signal()?;
     println!("enmesh broker ready listen={}", listener.local_addr()?);
     broker::remote::serve(node, listener, rx).await?;
     Ok(())
@@ -666,15 +658,8 @@ async fn serve_cluster_broker(
     let client = tokio::net::TcpListener::bind(&client_addr)
         .await
         .with_context(|| format!("cannot listen on {client_addr}"))?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        let _ = tx.send(true);
-    });
+    // Installed before anything is announced, so an early SIGTERM is clean too.
+    let rx = shutdown_on_signal()?;
     let line = format!(
         "enmesh broker ready listen={} raft={} node={me}",
         client.local_addr()?,
