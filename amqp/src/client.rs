@@ -185,6 +185,30 @@ impl Client {
         Ok(id)
     }
 
+    /// Attaches a receiver reading from `source` (any terminus: durable, with a filter, ...)
+    /// and grants `credit`.
+    pub async fn receiver_from(
+        &mut self,
+        name: &str,
+        source: Terminus,
+        credit: u32,
+        presettled: bool,
+    ) -> Result<LinkId, ClientError> {
+        let (id, _) = self
+            .attach(AttachRequest {
+                name: name.to_owned(),
+                role: Role::Receiver,
+                source: Some(source),
+                target: Some(Terminus::default()),
+                snd_settle_mode: if presettled { 1 } else { 2 },
+                rcv_settle_mode: 0,
+            })
+            .await?;
+        self.conn.set_credit(id, credit, false);
+        self.flush().await?;
+        Ok(id)
+    }
+
     /// Attaches a receiver and grants `credit`. With `address` None the source is dynamic;
     /// the assigned address is returned.
     pub async fn receiver(

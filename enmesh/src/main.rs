@@ -45,6 +45,10 @@ enum Cmd {
         listen: Option<SocketAddr>,
         #[arg(long)]
         router: Option<String>,
+        /// The router's management HTTP address (persistent sessions; default
+        /// `mqtt.router_http`).
+        #[arg(long)]
+        router_http: Option<String>,
     },
     /// Send messages to an address.
     Send {
@@ -238,7 +242,8 @@ fn main() -> ExitCode {
                 config,
                 listen,
                 router,
-            } => serve_gateway(config, listen, router).await,
+                router_http,
+            } => serve_gateway(config, listen, router, router_http).await,
             Cmd::Router(a) => serve(a, false).await,
             Cmd::Broker(a) => serve_broker(a).await,
             Cmd::Send {
@@ -331,8 +336,12 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
         if router_at.ip().is_unspecified() {
             router_at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
+        let mut http_at = http.local_addr()?;
+        if http_at.ip().is_unspecified() {
+            http_at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         println!("enmesh mqtt listening mqtt={}", m.local_addr()?);
-        let cfg = gateway_config(&config.mqtt, router_at.to_string());
+        let cfg = gateway_config(&config.mqtt, router_at.to_string(), http_at.to_string());
         tokio::spawn(mqtt_gateway::server::serve(
             m,
             std::sync::Arc::new(cfg),
@@ -387,9 +396,14 @@ fn declare_mqtt_topics(config: &mut Config) {
     });
 }
 
-fn gateway_config(m: &router::config::MqttSection, router: String) -> mqtt_gateway::server::Config {
+fn gateway_config(
+    m: &router::config::MqttSection,
+    router: String,
+    router_http: String,
+) -> mqtt_gateway::server::Config {
     mqtt_gateway::server::Config {
         router,
+        router_http: Some(router_http),
         topic_prefix: m.topic_prefix.clone(),
         max_packet_size: m.max_packet_size as usize,
         max_connections: m.max_connections,
@@ -403,6 +417,7 @@ async fn serve_gateway(
     config: Option<PathBuf>,
     listen: Option<SocketAddr>,
     router: Option<String>,
+    router_http: Option<String>,
 ) -> anyhow::Result<()> {
     let config = match &config {
         Some(p) => Config::load(p)?,
@@ -420,7 +435,8 @@ async fn serve_gateway(
         "enmesh mqtt-gateway ready mqtt={} router={router}",
         l.local_addr()?
     );
-    let cfg = gateway_config(&config.mqtt, router);
+    let http = router_http.unwrap_or_else(|| config.mqtt.router_http.clone());
+    let cfg = gateway_config(&config.mqtt, router, http);
     mqtt_gateway::server::serve(l, std::sync::Arc::new(cfg), rx).await?;
     Ok(())
 }

@@ -24,8 +24,16 @@
 //! - Bad input: the decoder's reason code in a DISCONNECT (MQTT 5) or CONNACK, then close;
 //!   only that connection is affected.
 //!
-//! Not yet (docs/mqtt.md lists them): persistent sessions, retained messages, shared
-//! subscriptions, topic aliases from clients, WebSocket.
+//! - Persistent sessions (3.1.1 clean session 0; MQTT 5 session expiry > 0) live in the
+//!   brokers: each subscription is a durable subscription named by the AMQP container id
+//!   `mqtt:<client id>` and the link name `sub:<qos>:<filter>`, which keeps collecting while
+//!   the device is away. On a reconnect (to this gateway or any other in front of the same
+//!   routers) the gateway finds them in the router's queue list (`$sub:mqtt:<id>:sub:...`) and
+//!   attaches them again: session present, and what arrived meanwhile is delivered. Clean
+//!   start unsubscribes them.
+//!
+//! Not yet (docs/mqtt.md lists them): retained messages, shared subscriptions, topic aliases
+//! from clients, session expiry timers, WebSocket.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -63,6 +71,9 @@ pub struct Config {
     pub inflight: u16,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout: Duration,
+    /// The router's management HTTP address (host:port), where persistent sessions are found;
+    /// without it every session is clean.
+    pub router_http: Option<String>,
 }
 
 impl Default for Config {
@@ -74,6 +85,7 @@ impl Default for Config {
             max_connections: 100_000,
             inflight: 64,
             connect_timeout: Duration::from_secs(10),
+            router_http: None,
         }
     }
 }
@@ -245,7 +257,7 @@ async fn connection(
     } else {
         c.client_id.clone()
     };
-    let amqp = match Client::connect(&cfg.router, &format!("mqtt:{client_id}")).await {
+    let amqp = match Client::connect(&cfg.router, &container_id(&client_id)).await {
         Ok(a) => a,
         Err(e) => {
             write(
@@ -265,6 +277,12 @@ async fn connection(
         props.maximum_packet_size = u32::try_from(cfg.max_packet_size).ok();
         props.topic_alias_maximum = Some(0);
     }
+    let persistent = cfg.router_http.is_some()
+        && match v {
+            Version::V311 => !c.clean_start,
+            Version::V5 => c.properties.session_expiry_interval.unwrap_or(0) > 0,
+        };
+    let clean_start = c.clean_start;
     let will = c.will.clone();
     // Will delay (MQTT 5), bounded by the session expiry interval (§3.1.3.2.2).
     let will_delay = Duration::from_secs(u64::from(
@@ -281,8 +299,39 @@ async fn connection(
             return Err(e);
         }
     };
-    write(&mut s.sock, &connack(reason::SUCCESS, props), v).await?;
+    // The session kept in the brokers: resumed, or ended by a clean start.
+    let kept = match &cfg.router_http {
+        Some(http) => match session_subscriptions(http, &client_id).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!("sessions not readable at {http}: {e}");
+                let _ = write(&mut s.sock, &connack(reason::SERVER_UNAVAILABLE, props), v).await;
+                clients.unregister(&client_id, generation);
+                return Err(e.into());
+            }
+        },
+        None => Vec::new(),
+    };
+    let mut session_present = false;
+    for (qos, f) in kept {
+        if clean_start {
+            s.unsubscribe_kept(&f, qos).await?;
+        } else {
+            s.subscribe(f, qos, true).await?;
+            session_present = true;
+        }
+    }
+    s.durable = persistent;
+    let mut ack = connack(reason::SUCCESS, props);
+    if let Packet::ConnAck(a) = &mut ack {
+        a.session_present = session_present;
+    }
+    write(&mut s.sock, &ack, v).await?;
     let r = s.run(buf).await;
+    if !persistent && session_present {
+        // Resumed, but this connection asked for no session after it (MQTT 5 expiry 0).
+        s.unsubscribe_all();
+    }
     let mut reason_out = None;
     let send_will = match &r {
         Ok(End::Normal) => false,
@@ -380,6 +429,95 @@ async fn publish_will(cfg: &Config, client_id: &str, w: Will) -> Result<(), Conn
         .map_err(|_| ConnError::Closed("will not published in time"))?
 }
 
+/// The AMQP container id of a device's connection: `mqtt:` and the client id with `%` and
+/// `:` escaped, so that `<container>:sub:` prefixes of two clients never overlap.
+fn container_id(client_id: &str) -> String {
+    format!("mqtt:{}", client_id.replace('%', "%25").replace(':', "%3A"))
+}
+
+/// The link (and durable subscription) name of a subscription.
+fn link_name(qos: QoS, filter: &str) -> String {
+    format!("sub:{}:{filter}", qos as u8)
+}
+
+/// The subscriptions a client's persistent session keeps in the brokers, as `(QoS, filter)`,
+/// from the router's queue list.
+async fn session_subscriptions(http: &str, client_id: &str) -> io::Result<Vec<(QoS, String)>> {
+    let prefix = format!("$sub:{}:sub:", container_id(client_id));
+    let body = http_get(http, "/api/v1/queues").await?;
+    let list: Vec<serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut out = Vec::new();
+    for q in list {
+        let Some(rest) = q["address"].as_str().and_then(|a| a.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some((qos, filter)) = rest.split_once(':') else {
+            continue;
+        };
+        if let Some(qos) = qos.parse().ok().and_then(QoS::from_u8) {
+            out.push((qos, filter.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// A minimal HTTP/1.1 GET (the router's management API on a trusted address); the body of a
+/// 200 answer, at most 64 MiB.
+async fn http_get(host: &str, path: &str) -> io::Result<Vec<u8>> {
+    let run = async {
+        let mut s = TcpStream::connect(host).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        (&mut s).take(64 << 20).read_to_end(&mut buf).await?;
+        let split = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no HTTP header end"))?;
+        let head = String::from_utf8_lossy(&buf[..split]).to_string();
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(io::Error::other(format!(
+                "HTTP: {}",
+                head.lines().next().unwrap_or("")
+            )));
+        }
+        let body = buf[split + 4..].to_vec();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            return dechunk(&body);
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP request timed out"))?
+}
+
+fn dechunk(mut b: &[u8]) -> io::Result<Vec<u8>> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "bad chunked body");
+    let mut out = Vec::new();
+    loop {
+        let line_end = b.windows(2).position(|w| w == b"\r\n").ok_or_else(bad)?;
+        let size = std::str::from_utf8(&b[..line_end]).map_err(|_| bad())?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad())?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if b.len() < size + 2 {
+            return Err(bad());
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
 /// How a connection's session ended without an error.
 enum End {
     /// DISCONNECT with reason 0: no will.
@@ -442,6 +580,8 @@ struct Session<'a> {
     tags: u64,
     /// Turns true when another connection takes this client id over.
     kicked: watch::Receiver<bool>,
+    /// New subscriptions are kept in the brokers (a persistent session).
+    durable: bool,
 }
 
 impl<'a> Session<'a> {
@@ -475,6 +615,7 @@ impl<'a> Session<'a> {
             wbuf: BytesMut::new(),
             tags: 0,
             kicked,
+            durable: false,
         })
     }
 
@@ -604,7 +745,8 @@ impl<'a> Session<'a> {
             Packet::Subscribe(s) => {
                 let mut reasons = Vec::with_capacity(s.filters.len());
                 for (f, opts) in s.filters {
-                    reasons.push(self.subscribe(f, opts.qos).await?);
+                    let durable = self.durable;
+                    reasons.push(self.subscribe(f, opts.qos, durable).await?);
                 }
                 self.emit(&Packet::SubAck(SubAck {
                     packet_id: s.packet_id,
@@ -705,7 +847,8 @@ impl<'a> Session<'a> {
         self.tags.to_be_bytes()
     }
 
-    async fn subscribe(&mut self, f: String, qos: QoS) -> Result<u8, ConnError> {
+    /// Subscribes to `f`; `durable` makes it a durable subscription kept in the brokers.
+    async fn subscribe(&mut self, f: String, qos: QoS, durable: bool) -> Result<u8, ConnError> {
         let Some(address) = topic::filter_address(&self.cfg.topic_prefix, &f) else {
             return Ok(if topic::shared(&f).is_some() {
                 reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
@@ -727,12 +870,18 @@ impl<'a> Session<'a> {
         } else {
             u32::from(self.cfg.inflight)
         };
+        let source = amqp::Terminus {
+            address: Some(address),
+            durable: durable.then_some(2),
+            expiry_policy: durable.then(|| "never".to_owned()),
+            ..amqp::Terminus::default()
+        };
         let link = match self
             .amqp
-            .receiver(&format!("sub:{f}"), Some(&address), credit, presettled)
+            .receiver_from(&link_name(qos, &f), source, credit, presettled)
             .await
         {
-            Ok((link, _)) => link,
+            Ok(link) => link,
             Err(amqp::client::ClientError::Refused(e)) => {
                 tracing::debug!("subscription {f} refused: {e:?}");
                 return Ok(reason::UNSPECIFIED_ERROR);
@@ -744,6 +893,37 @@ impl<'a> Session<'a> {
         self.links.insert(link, f.clone());
         self.subs.insert(f, Sub { link, qos, literal });
         Ok(qos as u8)
+    }
+
+    /// Ends a subscription kept from an earlier session: attach it and detach it closed.
+    async fn unsubscribe_kept(&mut self, f: &str, qos: QoS) -> Result<(), ConnError> {
+        let Some(address) = topic::filter_address(&self.cfg.topic_prefix, f) else {
+            return Ok(());
+        };
+        let source = amqp::Terminus {
+            address: Some(address),
+            durable: Some(2),
+            expiry_policy: Some("never".to_owned()),
+            ..amqp::Terminus::default()
+        };
+        match self
+            .amqp
+            .receiver_from(&link_name(qos, f), source, 0, qos == QoS::AtMostOnce)
+            .await
+        {
+            Ok(link) => self.amqp.conn.detach(link, None, true),
+            Err(amqp::client::ClientError::Refused(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Ends every subscription (closing detaches: durable ones are deleted).
+    fn unsubscribe_all(&mut self) {
+        for (_, sub) in self.subs.drain() {
+            self.amqp.conn.detach(sub.link, None, true);
+        }
+        self.links.clear();
     }
 
     fn on_amqp(&mut self, e: Event) -> Result<(), ConnError> {

@@ -368,6 +368,9 @@ pub struct MqttSection {
     pub enabled: bool,
     /// The router the gateway connects to (`enmesh mqtt-gateway`; standalone uses its own).
     pub router: String,
+    /// That router's management HTTP address, where persistent sessions are found
+    /// (`enmesh mqtt-gateway`; standalone uses its own).
+    pub router_http: String,
     /// Enmesh address prefix of MQTT topics (standalone declares it a topic address).
     pub topic_prefix: String,
     pub max_packet_size: u32,
@@ -382,6 +385,7 @@ impl Default for MqttSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             enabled: true,
             router: "127.0.0.1:5672".into(),
+            router_http: "127.0.0.1:8080".into(),
             topic_prefix: "mqtt/".into(),
             max_packet_size: 1024 * 1024,
             max_connections: 100_000,

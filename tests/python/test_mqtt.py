@@ -404,3 +404,112 @@ def test_a_second_connection_with_the_same_client_id_takes_over(router):
     finally:
         first.close()
         second.close()
+
+
+class Persistent:
+    """A paho device with a persistent session (3.1.1 clean session 0, or MQTT 5 with a
+    session expiry), connecting to `port`; records session-present and what it receives."""
+
+    def __init__(self, port, client_id, proto, clean=False):
+        if proto == V311:
+            self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V311,
+                                 clean_session=clean)
+        else:
+            self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V5)
+        self.got, self.present = [], None
+        self.cond = threading.Condition()
+        self.c.on_message = self._on_message
+        self.c.on_connect = lambda c, u, flags, rc, props: setattr(self, "present", flags.session_present)
+        if proto == V311:
+            self.c.connect("127.0.0.1", port, keepalive=30)
+        else:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if clean else 3600
+            self.c.connect("127.0.0.1", port, keepalive=30, clean_start=clean, properties=props)
+        self.c.loop_start()
+        deadline = time.time() + 5
+        while self.present is None and time.time() < deadline:
+            time.sleep(0.01)
+
+    def _on_message(self, c, u, m):
+        with self.cond:
+            self.got.append(m)
+            self.cond.notify_all()
+
+    def wait(self, n, timeout=5):
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.got) >= n, timeout)
+        return list(self.got)
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.mark.parametrize("proto", [V311, V5], ids=["3.1.1", "5"])
+def test_persistent_session_collects_while_away_and_clean_start_ends_it(router, proto):
+    cid = "pers-%d" % proto
+    d = Persistent(router.mqtt_port, cid, proto)
+    assert d.present is False
+    rc, _ = d.c.subscribe("cmd/%s/#" % cid, qos=1)
+    time.sleep(0.5)
+    d.close()
+    amqp = connect(router.amqp_url)
+    try:
+        snd = amqp.create_sender(None)
+        for i in range(3):
+            snd.send(Message(address="mqtt/cmd/%s/x" % cid, body=b"c%d" % i), timeout=5)
+    finally:
+        amqp.close()
+    # Back: the session is there, and so is what arrived meanwhile (no new SUBSCRIBE).
+    d = Persistent(router.mqtt_port, cid, proto)
+    try:
+        assert d.present is True
+        got = d.wait(3)
+        assert [(m.topic, m.payload, m.qos) for m in got] == \
+            [("cmd/%s/x" % cid, b"c%d" % i, 1) for i in range(3)]
+    finally:
+        d.close()
+    # A clean start ends the session: nothing is kept for the device any more.
+    d = Persistent(router.mqtt_port, cid, proto, clean=True)
+    d.close()
+    status, queues = __import__("helpers").http_json("GET", router.http_url + "/api/v1/queues")
+    assert not [q for q in queues if cid in q["address"]], queues
+
+
+def test_persistent_session_resumed_on_a_second_gateway(router, tmp_path):
+    """A device's session lives in the broker, not in a gateway: it goes away from the
+    standalone's gateway and comes back through a separate `enmesh mqtt-gateway` process."""
+    import subprocess
+    from conftest import enmesh_bin
+    gw = subprocess.Popen([str(enmesh_bin()), "mqtt-gateway", "--listen", "127.0.0.1:0",
+                           "--router", "127.0.0.1:%d" % router.amqp_port,
+                           "--router-http", "127.0.0.1:%d" % router.http_port],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = gw.stdout.readline()
+        assert line.startswith("enmesh mqtt-gateway ready mqtt="), line
+        port = int(line.split("mqtt=")[1].split()[0].rsplit(":", 1)[1])
+        d = Persistent(router.mqtt_port, "roamer", V5)
+        d.c.subscribe("fleet/roamer/+", qos=1)
+        time.sleep(0.5)
+        d.close()
+        pub = Device(router, "fleet-ops", V311)
+        for i in range(5):
+            pub.c.publish("fleet/roamer/cmd", b"k%d" % i, qos=1).wait_for_publish(5)
+        pub.close()
+        d = Persistent(port, "roamer", V5)
+        try:
+            assert d.present is True
+            got = d.wait(5)
+            assert [m.payload for m in got] == [b"k%d" % i for i in range(5)]
+            # And new messages keep coming through the second gateway.
+            pub = Device(router, "fleet-ops-2", V5)
+            pub.c.publish("fleet/roamer/cmd", b"live", qos=1).wait_for_publish(5)
+            pub.close()
+            assert [m.payload for m in d.wait(6)][-1] == b"live"
+        finally:
+            d.close()
+    finally:
+        gw.terminate()
+        gw.wait(timeout=10)
