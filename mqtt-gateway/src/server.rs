@@ -32,8 +32,10 @@
 //!   attaches them again: session present, and what arrived meanwhile is delivered. Clean
 //!   start unsubscribes them.
 //!
-//! Not yet (docs/mqtt.md lists them): retained messages, shared subscriptions, topic aliases
-//! from clients, session expiry timers, WebSocket.
+//! - MQTT 5 topic aliases from the device (up to [`TOPIC_ALIASES`]).
+//!
+//! Not yet (docs/mqtt.md lists them): retained messages, shared subscriptions, session expiry
+//! timers, WebSocket.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -55,6 +57,9 @@ use crate::codec::{
     Version, Will, reason,
 };
 use crate::topic;
+
+/// Topic aliases a device may set (MQTT 5, device → gateway).
+const TOPIC_ALIASES: u16 = 64;
 
 /// What the gateway needs to run.
 #[derive(Debug, Clone)]
@@ -167,6 +172,9 @@ enum ConnError {
     Router(#[from] amqp::client::ClientError),
     #[error("{0}")]
     Closed(&'static str),
+    /// A device broke a rule with its own reason code (MQTT 5 DISCONNECT).
+    #[error("{1}")]
+    Reason(u8, &'static str),
 }
 
 async fn write(sock: &mut TcpStream, p: &Packet, v: Version) -> io::Result<()> {
@@ -275,7 +283,7 @@ async fn connection(
         props.subscription_identifier_available = Some(0);
         props.wildcard_subscription_available = Some(1);
         props.maximum_packet_size = u32::try_from(cfg.max_packet_size).ok();
-        props.topic_alias_maximum = Some(0);
+        props.topic_alias_maximum = Some(TOPIC_ALIASES);
     }
     let persistent = cfg.router_http.is_some()
         && match v {
@@ -343,6 +351,10 @@ async fn connection(
         }
         Err(ConnError::Decode(e)) => {
             reason_out = Some((e.reason(), Some(e.to_string())));
+            true
+        }
+        Err(ConnError::Reason(code, why)) => {
+            reason_out = Some((*code, Some((*why).to_owned())));
             true
         }
         Err(_) => true,
@@ -582,6 +594,8 @@ struct Session<'a> {
     kicked: watch::Receiver<bool>,
     /// New subscriptions are kept in the brokers (a persistent session).
     durable: bool,
+    /// Topic aliases the device set (at most [`TOPIC_ALIASES`]).
+    aliases: HashMap<u16, String>,
 }
 
 impl<'a> Session<'a> {
@@ -616,6 +630,7 @@ impl<'a> Session<'a> {
             tags: 0,
             kicked,
             durable: false,
+            aliases: HashMap::new(),
         })
     }
 
@@ -813,10 +828,30 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn publish(&mut self, p: Publish, link: LinkId) -> Result<(), ConnError> {
+    fn publish(&mut self, mut p: Publish, link: LinkId) -> Result<(), ConnError> {
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias > TOPIC_ALIASES {
+                return Err(ConnError::Reason(
+                    reason::TOPIC_ALIAS_INVALID,
+                    "topic alias above the maximum",
+                ));
+            }
+            if p.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        return Err(ConnError::Reason(
+                            reason::PROTOCOL_ERROR,
+                            "topic alias not set",
+                        ));
+                    }
+                }
+            } else {
+                self.aliases.insert(alias, p.topic.clone());
+            }
+        }
         if p.topic.is_empty() {
-            // A topic alias alone: none were granted (topic alias maximum 0).
-            return Err(DecodeError::Protocol("topic alias without a granted maximum").into());
+            return Err(DecodeError::Protocol("PUBLISH without a topic").into());
         }
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.unwrap_or(0);

@@ -513,3 +513,26 @@ def test_persistent_session_resumed_on_a_second_gateway(router, tmp_path):
     finally:
         gw.terminate()
         gw.wait(timeout=10)
+
+
+def test_topic_aliases_from_a_device(router):
+    sub = Device(router, "alias-sub", V5)
+    s = raw(router)
+    try:
+        assert sub.subscribe("ta/#", qos=1) == [1]
+        s.sendall(connect_pkt("alias-dev"))
+        first, body = read_packet(s)
+        assert first == 0x20
+        assert b"\x22\x00\x40" in body  # topic alias maximum 64 in CONNACK's properties
+        # Alias 1 set with the topic, then used alone (empty topic).
+        s.sendall(pkt(0x30, s16(b"ta/x") + b"\x03\x23\x00\x01" + b"one"))
+        s.sendall(pkt(0x30, s16(b"") + b"\x03\x23\x00\x01" + b"two"))
+        got = sub.wait(2)
+        assert [(m.topic, m.payload) for m in got] == [("ta/x", b"one"), ("ta/x", b"two")]
+        # An alias above the maximum: DISCONNECT 0x94.
+        s.sendall(pkt(0x30, s16(b"ta/y") + b"\x03\x23\x00\x63" + b"bad"))
+        first, body = read_packet(s)
+        assert first == 0xE0 and body[0] == 0x94, (first, body)
+    finally:
+        s.close()
+        sub.close()
