@@ -9,6 +9,7 @@
 //! | retain flag | message annotation `x-opt-mqtt-retain` (boolean, when set) |
 //! | message expiry interval (s) | header `ttl` (ms) |
 //! | payload format indicator | message annotation `x-opt-mqtt-payload-format` (ubyte) |
+//! | the publishing client's id | message annotation `x-opt-mqtt-client` (string; for no-local) |
 //! | content type | properties `content-type` |
 //! | response topic `R` | properties `reply-to` = `prefix + R` |
 //! | correlation data | properties `correlation-id` (binary) |
@@ -31,9 +32,11 @@ use crate::topic;
 const QOS: &str = "x-opt-mqtt-qos";
 const RETAIN: &str = "x-opt-mqtt-retain";
 const FORMAT: &str = "x-opt-mqtt-payload-format";
+const CLIENT: &str = "x-opt-mqtt-client";
 
-/// Encodes the AMQP message for PUBLISH `p` (its topic already resolved, alias included).
-pub fn to_amqp(p: &Publish, prefix: &str, out: &mut BytesMut) {
+/// Encodes the AMQP message for PUBLISH `p` from client `client` (its topic already resolved,
+/// alias included).
+pub fn to_amqp(p: &Publish, client: &str, prefix: &str, out: &mut BytesMut) {
     let props = &p.properties;
     let ttl = props
         .message_expiry_interval
@@ -50,6 +53,10 @@ pub fn to_amqp(p: &Publish, prefix: &str, out: &mut BytesMut) {
     if let Some(v) = props.payload_format_indicator {
         ann.push((Value::Symbol(FORMAT.into()), Value::Ubyte(v)));
     }
+    ann.push((
+        Value::Symbol(CLIENT.into()),
+        Value::String(client.to_owned()),
+    ));
     let mut e = Encoder::new(out);
     e.descriptor(MESSAGE_ANNOTATIONS);
     e.value(&Value::Map(ann));
@@ -91,6 +98,8 @@ pub struct Incoming {
     /// The publisher's QoS, if it came through a gateway.
     pub qos: Option<QoS>,
     pub retain: bool,
+    /// The publishing MQTT client, if it came through a gateway.
+    pub publisher: Option<String>,
     pub properties: Properties,
     pub payload: Bytes,
 }
@@ -118,6 +127,7 @@ pub fn from_amqp(msg: &[u8], prefix: &str) -> Result<Incoming, amqp::DecodeError
                         match (k.as_str(), v) {
                             (Some(QOS), Value::Ubyte(q)) => m.qos = QoS::from_u8(q),
                             (Some(RETAIN), Value::Bool(r)) => m.retain = r,
+                            (Some(CLIENT), Value::String(c)) => m.publisher = Some(c),
                             (Some(FORMAT), Value::Ubyte(f)) if f <= 1 => {
                                 m.properties.payload_format_indicator = Some(f)
                             }
@@ -207,7 +217,7 @@ mod tests {
             payload: Bytes::from_static(b"{\"t\":21}"),
         };
         let mut b = BytesMut::new();
-        to_amqp(&p, "mqtt/", &mut b);
+        to_amqp(&p, "dev-7", "mqtt/", &mut b);
         // Readable by the project's generic parser (what the CLI and AMQP tests use).
         let parsed = amqp::message::parse(&b).expect("parse");
         assert_eq!(parsed.to.as_deref(), Some("mqtt/devices/7/telemetry"));
@@ -217,6 +227,7 @@ mod tests {
         assert_eq!(back.topic.as_deref(), Some("devices/7/telemetry"));
         assert_eq!(back.qos, Some(QoS::ExactlyOnce));
         assert!(back.retain);
+        assert_eq!(back.publisher.as_deref(), Some("dev-7"));
         assert_eq!(back.properties.message_expiry_interval, Some(30));
         assert_eq!(back.properties.payload_format_indicator, Some(1));
         assert_eq!(

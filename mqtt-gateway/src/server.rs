@@ -54,7 +54,7 @@ use tokio::sync::watch;
 use crate::bridge;
 use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, QoS, SubAck,
-    Version, Will, reason,
+    SubOptions, Version, Will, reason,
 };
 use crate::topic;
 
@@ -280,7 +280,7 @@ async fn connection(
     if v == Version::V5 {
         props.retain_available = Some(0);
         props.shared_subscription_available = Some(0);
-        props.subscription_identifier_available = Some(0);
+        props.subscription_identifier_available = Some(1);
         props.wildcard_subscription_available = Some(1);
         props.maximum_packet_size = u32::try_from(cfg.max_packet_size).ok();
         props.topic_alias_maximum = Some(TOPIC_ALIASES);
@@ -300,7 +300,7 @@ async fn connection(
             .min(c.properties.session_expiry_interval.unwrap_or(0)),
     ));
     let (generation, mut kicked) = clients.register(&client_id);
-    let mut s = match Session::new(sock, amqp, v, c, cfg, kicked.clone()).await {
+    let mut s = match Session::new(sock, amqp, v, c, client_id.clone(), cfg, kicked.clone()).await {
         Ok(s) => s,
         Err(e) => {
             clients.unregister(&client_id, generation);
@@ -325,7 +325,7 @@ async fn connection(
         if clean_start {
             s.unsubscribe_kept(&f, qos).await?;
         } else {
-            s.subscribe(f, qos, true).await?;
+            s.subscribe(f, SubOptions::qos(qos), None, true).await?;
             session_present = true;
         }
     }
@@ -420,7 +420,7 @@ async fn publish_will(cfg: &Config, client_id: &str, w: Will) -> Result<(), Conn
             c.pump().await?;
         }
         let mut msg = BytesMut::new();
-        bridge::to_amqp(&p, &cfg.topic_prefix, &mut msg);
+        bridge::to_amqp(&p, client_id, &cfg.topic_prefix, &mut msg);
         let Some(id) = c.conn.send(link, b"will", &msg, settled, 0) else {
             return Err(ConnError::Closed("will link gone"));
         };
@@ -554,7 +554,9 @@ fn rand_u64() -> u64 {
 /// A subscription's link towards the device.
 struct Sub {
     link: LinkId,
-    qos: QoS,
+    opts: SubOptions,
+    /// Its subscription identifier (MQTT 5), sent with each delivery.
+    id: Option<u32>,
     /// The filter, when it has no wildcard: the topic of deliveries that name none.
     literal: Option<String>,
 }
@@ -596,6 +598,11 @@ struct Session<'a> {
     durable: bool,
     /// Topic aliases the device set (at most [`TOPIC_ALIASES`]).
     aliases: HashMap<u16, String>,
+    client_id: String,
+    /// QoS 1/2 messages the device accepts unacknowledged (its receive maximum).
+    receive_max: u16,
+    /// Deliveries waiting for a slot under `receive_max` (bounded by the links' credit).
+    held: VecDeque<amqp::Delivery>,
 }
 
 impl<'a> Session<'a> {
@@ -604,6 +611,7 @@ impl<'a> Session<'a> {
         mut amqp: Client,
         v: Version,
         c: Connect,
+        client_id: String,
         cfg: &'a Config,
         kicked: watch::Receiver<bool>,
     ) -> Result<Session<'a>, ConnError> {
@@ -631,6 +639,9 @@ impl<'a> Session<'a> {
             kicked,
             durable: false,
             aliases: HashMap::new(),
+            client_id,
+            receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX),
+            held: VecDeque::new(),
         })
     }
 
@@ -744,24 +755,25 @@ impl<'a> Session<'a> {
                 }
                 self.emit(&Packet::PubComp(ack));
             }
-            Packet::PubAck(a) => self.acknowledged(a.packet_id, QoS::AtLeastOnce),
+            Packet::PubAck(a) => self.acknowledged(a.packet_id)?,
             Packet::PubRec(a) => {
                 if let Some(o) = self.out.get_mut(&a.packet_id) {
                     if a.reason >= 0x80 {
                         // Refused by the device: done with it (accepted: it will not retry).
-                        self.acknowledged(a.packet_id, QoS::ExactlyOnce);
+                        self.acknowledged(a.packet_id)?;
                     } else {
                         o.released = true;
                         self.emit(&Packet::PubRel(Ack::new(a.packet_id)));
                     }
                 }
             }
-            Packet::PubComp(a) => self.acknowledged(a.packet_id, QoS::ExactlyOnce),
+            Packet::PubComp(a) => self.acknowledged(a.packet_id)?,
             Packet::Subscribe(s) => {
                 let mut reasons = Vec::with_capacity(s.filters.len());
+                let id = s.properties.subscription_identifiers.first().copied();
                 for (f, opts) in s.filters {
                     let durable = self.durable;
-                    reasons.push(self.subscribe(f, opts.qos, durable).await?);
+                    reasons.push(self.subscribe(f, opts, id, durable).await?);
                 }
                 self.emit(&Packet::SubAck(SubAck {
                     packet_id: s.packet_id,
@@ -865,7 +877,7 @@ impl<'a> Session<'a> {
             }
         }
         let mut msg = BytesMut::new();
-        bridge::to_amqp(&p, &self.cfg.topic_prefix, &mut msg);
+        bridge::to_amqp(&p, &self.client_id, &self.cfg.topic_prefix, &mut msg);
         let settled = p.qos == QoS::AtMostOnce;
         let tag = self.next_tag();
         let Some(delivery_id) = self.amqp.conn.send(link, &tag, &msg, settled, 0) else {
@@ -883,7 +895,14 @@ impl<'a> Session<'a> {
     }
 
     /// Subscribes to `f`; `durable` makes it a durable subscription kept in the brokers.
-    async fn subscribe(&mut self, f: String, qos: QoS, durable: bool) -> Result<u8, ConnError> {
+    async fn subscribe(
+        &mut self,
+        f: String,
+        opts: SubOptions,
+        id: Option<u32>,
+        durable: bool,
+    ) -> Result<u8, ConnError> {
+        let qos = opts.qos;
         let Some(address) = topic::filter_address(&self.cfg.topic_prefix, &f) else {
             return Ok(if topic::shared(&f).is_some() {
                 reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
@@ -926,7 +945,15 @@ impl<'a> Session<'a> {
         // Events that arrived while attaching are handled by the main loop.
         let literal = (!f.contains(['+', '#'])).then(|| f.clone());
         self.links.insert(link, f.clone());
-        self.subs.insert(f, Sub { link, qos, literal });
+        self.subs.insert(
+            f,
+            Sub {
+                link,
+                opts,
+                id,
+                literal,
+            },
+        );
         Ok(qos as u8)
     }
 
@@ -1045,7 +1072,8 @@ impl<'a> Session<'a> {
         let Some(sub) = self.subs.get(f) else {
             return Ok(());
         };
-        let (link, sub_qos, literal) = (sub.link, sub.qos, sub.literal.clone());
+        let (link, opts, sub_id, literal) = (sub.link, sub.opts, sub.id, sub.literal.clone());
+        let sub_qos = opts.qos;
         let m = match bridge::from_amqp(&d.payload, &self.cfg.topic_prefix) {
             Ok(m) => m,
             Err(_) => {
@@ -1053,12 +1081,30 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         };
-        let Some(topic) = m.topic.or(literal) else {
+        if opts.no_local && m.publisher.as_deref() == Some(self.client_id.as_str()) {
+            // Its own message on a no-local subscription: taken, not sent.
+            self.consumed(link, &d);
+            return Ok(());
+        }
+        let Some(topic) = m.topic.clone().or(literal) else {
             // No topic to give it: an AMQP message without `to` on a wildcard subscription.
             self.reject(&d);
             return Ok(());
         };
         let qos = m.qos.unwrap_or(QoS::AtLeastOnce).min(sub_qos);
+        if qos != QoS::AtMostOnce && !d.settled && self.out.len() >= usize::from(self.receive_max) {
+            // The device's receive maximum is reached: wait for an acknowledgement.
+            self.held.push_back(d);
+            return Ok(());
+        }
+        let mut properties = if self.v == Version::V5 {
+            m.properties
+        } else {
+            Properties::default()
+        };
+        properties.subscription_identifiers = sub_id.into_iter().collect();
+        let retain = opts.retain_as_published && m.retain;
+        let payload = m.payload;
         let qos = if d.settled { QoS::AtMostOnce } else { qos };
         let packet_id = if qos == QoS::AtMostOnce {
             None
@@ -1077,30 +1123,28 @@ impl<'a> Session<'a> {
         let p = Packet::Publish(Publish {
             dup: false,
             qos,
-            retain: false,
+            retain,
             topic,
             packet_id,
-            properties: if self.v == Version::V5 {
-                m.properties
-            } else {
-                Properties::default()
-            },
-            payload: m.payload,
+            properties,
+            payload,
         });
         self.emit(&p);
         if packet_id.is_none() {
-            if !d.settled {
-                self.amqp.conn.disposition(
-                    link,
-                    d.delivery_id,
-                    true,
-                    Some(DeliveryState::Accepted),
-                );
-            }
-            let credit = self.amqp.conn.receiver_credit(link);
-            self.amqp.conn.set_credit(link, credit + 1, false);
+            self.consumed(link, &d);
         }
         Ok(())
+    }
+
+    /// A delivery done with at once (QoS 0 out, or skipped): accepted, and its credit back.
+    fn consumed(&mut self, link: LinkId, d: &amqp::Delivery) {
+        if !d.settled {
+            self.amqp
+                .conn
+                .disposition(link, d.delivery_id, true, Some(DeliveryState::Accepted));
+        }
+        let credit = self.amqp.conn.receiver_credit(link);
+        self.amqp.conn.set_credit(link, credit + 1, false);
     }
 
     fn reject(&mut self, d: &amqp::Delivery) {
@@ -1125,16 +1169,20 @@ impl<'a> Session<'a> {
     }
 
     /// The device acknowledged outbound `packet_id` (PUBACK for QoS 1, PUBCOMP for QoS 2).
-    fn acknowledged(&mut self, packet_id: u16, _qos: QoS) {
+    fn acknowledged(&mut self, packet_id: u16) -> Result<(), ConnError> {
         let Some(o) = self.out.remove(&packet_id) else {
-            return;
+            return Ok(());
         };
-        let _ = o.released;
         self.amqp
             .conn
             .disposition(o.link, o.delivery_id, true, Some(DeliveryState::Accepted));
         let credit = self.amqp.conn.receiver_credit(o.link);
         self.amqp.conn.set_credit(o.link, credit + 1, false);
+        // A slot under the device's receive maximum: the next held delivery goes out.
+        if let Some(d) = self.held.pop_front() {
+            self.deliver(d)?;
+        }
+        Ok(())
     }
 }
 

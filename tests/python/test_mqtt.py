@@ -536,3 +536,61 @@ def test_topic_aliases_from_a_device(router):
     finally:
         s.close()
         sub.close()
+
+
+def test_subscription_identifiers_no_local_and_retain_as_published(router):
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+    me = Device(router, "opts-me", V5)
+    other = Device(router, "opts-other", V5)
+    try:
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.SubscriptionIdentifier = 42
+        me.c.subscribe([("so/#", SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True))],
+                       properties=props)
+        other.c.subscribe([("so/#", SubscribeOptions(qos=1))])
+        time.sleep(0.5)
+        me.c.publish("so/mine", b"m", qos=1).wait_for_publish(5)
+        other.c.publish("so/theirs", b"t", qos=1, retain=True).wait_for_publish(5)
+        got_me = me.wait(1)
+        got_other = other.wait(2)
+        time.sleep(0.3)
+        # No-local: my own message does not come back to me; it does to the other subscriber.
+        assert [(m.topic, m.retain) for m in me.got] == [("so/theirs", True)]
+        assert got_me[0].properties.SubscriptionIdentifier == [42]
+        # Without retain-as-published the flag is cleared on delivery.
+        assert sorted((m.topic, m.retain) for m in other.got) == [("so/mine", False), ("so/theirs", False)]
+    finally:
+        me.close()
+        other.close()
+
+
+def test_receive_maximum_bounds_unacknowledged_deliveries(router):
+    pub = Device(router, "rm-pub", V311)
+    s = raw(router)
+    try:
+        body = s16(b"MQTT") + bytes([5, 0x02]) + struct.pack(">H", 30)
+        props = b"\x21\x00\x02"  # receive maximum 2
+        body += varint(len(props)) + props + s16(b"rm-dev")
+        s.sendall(pkt(0x10, body))
+        assert read_packet(s)[0] == 0x20
+        s.sendall(pkt(0x82, struct.pack(">H", 1) + b"\x00" + s16(b"rm/#") + b"\x01"))
+        assert read_packet(s)[0] == 0x90
+        for i in range(5):
+            pub.c.publish("rm/x", b"%d" % i, qos=1).wait_for_publish(5)
+        ids = []
+        s.settimeout(1.0)
+        try:
+            while True:
+                first, b = read_packet(s)
+                assert first & 0xF0 == 0x30
+                ids.append(struct.unpack(">H", b[2 + 4:2 + 4 + 2])[0])
+        except socket.timeout:
+            pass
+        assert len(ids) == 2, ids  # nothing more until an acknowledgement
+        s.settimeout(5)
+        s.sendall(pkt(0x40, struct.pack(">H", ids[0])))
+        first, b = read_packet(s)
+        assert first & 0xF0 == 0x30
+    finally:
+        s.close()
+        pub.close()
