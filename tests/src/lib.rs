@@ -94,6 +94,8 @@ pub struct Router {
     pub amqp: SocketAddr,
     /// HTTP (management, health, metrics) listener address.
     pub http: SocketAddr,
+    /// MQTT listener address (the standalone's gateway).
+    pub mqtt: Option<SocketAddr>,
     config_path: Option<PathBuf>,
     log_path: PathBuf,
     /// The broker shard's data; removed on drop unless the caller owns it.
@@ -147,6 +149,8 @@ impl Router {
             "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
+            "--mqtt",
+            "127.0.0.1:0",
         ]);
         if let Some(p) = &config_path {
             cmd.arg("--config").arg(p);
@@ -173,12 +177,16 @@ impl Router {
 
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut seen = Vec::new();
+        let mut mqtt = None;
         let (amqp, http) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(addrs) = parse_ready_line(&line) {
                         break addrs;
+                    }
+                    if let Some(a) = line.strip_prefix("enmesh mqtt listening mqtt=") {
+                        mqtt = a.trim().parse().ok();
                     }
                     seen.push(line);
                 }
@@ -197,6 +205,7 @@ impl Router {
             child,
             amqp,
             http,
+            mqtt,
             config_path,
             log_path,
             data_dir,
