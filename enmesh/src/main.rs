@@ -49,6 +49,9 @@ enum Cmd {
         /// `mqtt.router_http`).
         #[arg(long)]
         router_http: Option<String>,
+        /// MQTT over WebSocket listen address (default `mqtt.ws_listen`, off if unset).
+        #[arg(long)]
+        ws: Option<SocketAddr>,
     },
     /// Send messages to an address.
     Send {
@@ -148,6 +151,10 @@ struct ServerArgs {
     /// Standalone: MQTT listen address (overrides `mqtt.listen`, default 127.0.0.1:1883).
     #[arg(long)]
     mqtt: Option<SocketAddr>,
+    /// Standalone: MQTT over WebSocket listen address (overrides `mqtt.ws_listen`; off unless
+    /// one of them is given).
+    #[arg(long)]
+    mqtt_ws: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -243,7 +250,8 @@ fn main() -> ExitCode {
                 listen,
                 router,
                 router_http,
-            } => serve_gateway(config, listen, router, router_http).await,
+                ws,
+            } => serve_gateway(config, listen, router, router_http, ws).await,
             Cmd::Router(a) => serve(a, false).await,
             Cmd::Broker(a) => serve_broker(a).await,
             Cmd::Send {
@@ -341,9 +349,11 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
             http_at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         println!("enmesh mqtt listening mqtt={}", m.local_addr()?);
+        let ws = bind_ws(a.mqtt_ws.or(config.mqtt.ws_listen)).await?;
         let cfg = gateway_config(&config.mqtt, router_at.to_string(), http_at.to_string());
         tokio::spawn(mqtt_gateway::server::serve(
             m,
+            ws,
             std::sync::Arc::new(cfg),
             rx.clone(),
         ));
@@ -356,6 +366,16 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
     // Announced only once the broker shard is open and connections are being accepted.
     router::run(config, listener, http, rx, move || println!("{ready_line}")).await?;
     Ok(())
+}
+
+/// Binds the MQTT-over-WebSocket listener, if one is asked for, and says where it listens.
+async fn bind_ws(at: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(at) = at else { return Ok(None) };
+    let l = tokio::net::TcpListener::bind(at)
+        .await
+        .with_context(|| format!("cannot listen on {at}"))?;
+    println!("enmesh mqtt-ws listening ws={}", l.local_addr()?);
+    Ok(Some(l))
 }
 
 /// A receiver that turns true on SIGTERM or Ctrl-C.
@@ -418,6 +438,7 @@ async fn serve_gateway(
     listen: Option<SocketAddr>,
     router: Option<String>,
     router_http: Option<String>,
+    ws: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let config = match &config {
         Some(p) => Config::load(p)?,
@@ -435,9 +456,10 @@ async fn serve_gateway(
         "enmesh mqtt-gateway ready mqtt={} router={router}",
         l.local_addr()?
     );
+    let ws = bind_ws(ws.or(config.mqtt.ws_listen)).await?;
     let http = router_http.unwrap_or_else(|| config.mqtt.router_http.clone());
     let cfg = gateway_config(&config.mqtt, router, http);
-    mqtt_gateway::server::serve(l, std::sync::Arc::new(cfg), rx).await?;
+    mqtt_gateway::server::serve(l, ws, std::sync::Arc::new(cfg), rx).await?;
     Ok(())
 }
 

@@ -10,3 +10,4 @@ pub mod bridge;
 pub mod codec;
 pub mod server;
 pub mod topic;
+pub mod ws;

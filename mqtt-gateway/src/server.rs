@@ -126,39 +126,66 @@ impl Clients {
     }
 }
 
-/// Accepts MQTT connections on `listener` until `shutdown` turns true.
+/// Accepts MQTT connections on `listener` (and MQTT over WebSocket on `ws`) until `shutdown`
+/// turns true. Both share the client registry and the connection limit.
 pub async fn serve(
     listener: TcpListener,
+    ws: Option<TcpListener>,
     cfg: Arc<Config>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let live = Arc::new(AtomicUsize::new(0));
     let clients = Arc::new(Clients::default());
     loop {
-        tokio::select! {
+        let (accepted, websocket) = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
-            accepted = listener.accept() => {
-                let (sock, _) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("mqtt accept: {e}");
-                        continue;
-                    }
-                };
-                let _ = sock.set_nodelay(true);
-                let cfg = cfg.clone();
-                let live = live.clone();
-                let clients = clients.clone();
-                let n = live.fetch_add(1, Ordering::AcqRel);
-                tokio::spawn(async move {
-                    let busy = n >= cfg.max_connections;
-                    if let Err(e) = connection(sock, &cfg, &clients, busy).await {
-                        tracing::debug!("mqtt connection: {e}");
-                    }
-                    live.fetch_sub(1, Ordering::AcqRel);
-                });
+            a = listener.accept() => (a, false),
+            a = accept_on(&ws) => (a, true),
+        };
+        let (sock, _) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("mqtt accept: {e}");
+                continue;
             }
-        }
+        };
+        let _ = sock.set_nodelay(true);
+        let cfg = cfg.clone();
+        let live = live.clone();
+        let clients = clients.clone();
+        let n = live.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            let busy = n >= cfg.max_connections;
+            let io: Result<Io, ConnError> = if websocket {
+                match tokio::time::timeout(
+                    cfg.connect_timeout,
+                    crate::ws::accept(sock, cfg.max_packet_size),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => Ok(Box::new(s)),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err(ConnError::Closed("no WebSocket handshake in time")),
+                }
+            } else {
+                Ok(Box::new(sock))
+            };
+            let r = match io {
+                Ok(io) => connection(io, &cfg, &clients, busy).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                tracing::debug!("mqtt connection: {e}");
+            }
+            live.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+async fn accept_on(l: &Option<TcpListener>) -> io::Result<(TcpStream, std::net::SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -177,10 +204,16 @@ enum ConnError {
     Reason(u8, &'static str),
 }
 
-async fn write(sock: &mut TcpStream, p: &Packet, v: Version) -> io::Result<()> {
+/// A device's byte stream: TCP, or the inside of a WebSocket.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+type Io = Box<dyn Stream>;
+
+async fn write(sock: &mut Io, p: &Packet, v: Version) -> io::Result<()> {
     let mut b = BytesMut::new();
     codec::encode(p, v, &mut b);
-    sock.write_all(&b).await
+    sock.write_all(&b).await?;
+    sock.flush().await
 }
 
 fn connack(reason: u8, properties: Properties) -> Packet {
@@ -193,7 +226,7 @@ fn connack(reason: u8, properties: Properties) -> Packet {
 
 /// Reads packets until CONNECT arrives (or the timeout); answers bad ones.
 async fn read_connect(
-    sock: &mut TcpStream,
+    sock: &mut Io,
     buf: &mut BytesMut,
     cfg: &Config,
 ) -> Result<Connect, ConnError> {
@@ -228,7 +261,7 @@ async fn read_connect(
 }
 
 async fn connection(
-    mut sock: TcpStream,
+    mut sock: Io,
     cfg: &Config,
     clients: &Clients,
     busy: bool,
@@ -570,7 +603,7 @@ struct Outbound {
 }
 
 struct Session<'a> {
-    sock: TcpStream,
+    sock: Io,
     amqp: Client,
     v: Version,
     cfg: &'a Config,
@@ -607,7 +640,7 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     async fn new(
-        sock: TcpStream,
+        sock: Io,
         mut amqp: Client,
         v: Version,
         c: Connect,
@@ -653,6 +686,7 @@ impl<'a> Session<'a> {
         if !self.wbuf.is_empty() {
             let b = self.wbuf.split();
             self.sock.write_all(&b).await?;
+            self.sock.flush().await?;
         }
         self.amqp.flush().await?;
         Ok(())

@@ -364,6 +364,9 @@ pub struct MqttSection {
     /// Where the gateway listens for MQTT (standalone: default 127.0.0.1:1883; `--mqtt`
     /// overrides; `enmesh mqtt-gateway`: `--listen` overrides).
     pub listen: SocketAddr,
+    /// MQTT over WebSocket (subprotocol `mqtt`), if set (standalone: `--mqtt-ws` overrides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws_listen: Option<SocketAddr>,
     /// Standalone: whether to run the gateway at all.
     pub enabled: bool,
     /// The router the gateway connects to (`enmesh mqtt-gateway`; standalone uses its own).
@@ -383,6 +386,7 @@ impl Default for MqttSection {
     fn default() -> Self {
         MqttSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            ws_listen: None,
             enabled: true,
             router: "127.0.0.1:5672".into(),
             router_http: "127.0.0.1:8080".into(),

@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 READY_RE = re.compile(r"enmesh ready amqp=(\S+):(\d+) http=(\S+):(\d+)")
 MQTT_RE = re.compile(r"enmesh mqtt listening mqtt=(\S+):(\d+)")
+MQTT_WS_RE = re.compile(r"enmesh mqtt-ws listening ws=(\S+):(\d+)")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
@@ -60,7 +61,8 @@ class Router:
         if mode == "standalone":
             # Each standalone router keeps its broker shard's data in its own directory, and
             # serves MQTT on a port of its own (printed before the ready line).
-            args += ["--data", str(self.tmpdir / ("%s-data" % name)), "--mqtt", "127.0.0.1:0"]
+            args += ["--data", str(self.tmpdir / ("%s-data" % name)), "--mqtt", "127.0.0.1:0",
+                     "--mqtt-ws", "127.0.0.1:0"]
         if config is not None:
             self.config_path = self.tmpdir / ("%s.yaml" % name)
             self.config_path.write_text(config)
@@ -72,6 +74,7 @@ class Router:
         self.amqp_host = self.http_host = None
         self.amqp_port = self.http_port = None
         self.mqtt_port = None
+        self.mqtt_ws_port = None
         self._ready = threading.Event()
         self._stderr = open(self.stderr_path, "wb")
         env = dict(os.environ)
@@ -101,6 +104,9 @@ class Router:
                 mq = MQTT_RE.search(line)
                 if mq:
                     self.mqtt_port = int(mq.group(2))
+                ws = MQTT_WS_RE.search(line)
+                if ws:
+                    self.mqtt_ws_port = int(ws.group(2))
                 m = READY_RE.search(line)
                 if m:
                     self.amqp_host, self.amqp_port = m.group(1), int(m.group(2))

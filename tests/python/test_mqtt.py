@@ -594,3 +594,42 @@ def test_receive_maximum_bounds_unacknowledged_deliveries(router):
     finally:
         s.close()
         pub.close()
+
+
+@pytest.mark.parametrize("proto", [V311, V5], ids=["3.1.1", "5"])
+def test_mqtt_over_websocket_meets_mqtt_over_tcp(router, proto):
+    ws = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="ws-%d" % proto, protocol=proto,
+                     transport="websockets")
+    ws.ws_set_options(path="/mqtt")
+    got = []
+    ws.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    ws.connect("127.0.0.1", router.mqtt_ws_port, keepalive=30)
+    ws.loop_start()
+    tcp = Device(router, "tcp-%d" % proto, proto)
+    try:
+        ws.subscribe("web/#", qos=1)
+        time.sleep(0.5)
+        # TCP → WebSocket, and a large message across several frames' worth.
+        tcp.c.publish("web/a", b"hi", qos=1).wait_for_publish(5)
+        tcp.c.publish("web/big", b"x" * 200_000, qos=1).wait_for_publish(5)
+        # WebSocket → TCP.
+        assert tcp.subscribe("back/#") == [1]
+        ws.publish("back/b", b"from the browser", qos=1).wait_for_publish(5)
+        assert [(m.topic, m.payload) for m in tcp.wait(1)] == [("back/b", b"from the browser")]
+        deadline = time.time() + 5
+        while len(got) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert got == [("web/a", b"hi"), ("web/big", b"x" * 200_000)]
+    finally:
+        ws.disconnect()
+        ws.loop_stop()
+        tcp.close()
+
+
+def test_websocket_port_refuses_plain_http(router):
+    s = socket.create_connection(("127.0.0.1", router.mqtt_ws_port), timeout=5)
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400")
+    finally:
+        s.close()
