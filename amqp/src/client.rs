@@ -35,6 +35,16 @@ pub struct Client {
 impl Client {
     /// Connects (SASL ANONYMOUS), opens and begins one session.
     pub async fn connect(addr: &str, container_id: &str) -> Result<Client, ClientError> {
+        Self::connect_with(addr, container_id, 1 << 16).await
+    }
+
+    /// Like [`Client::connect`] with an input buffer of `capacity` bytes to start with (it
+    /// grows as needed): many long-lived, mostly idle clients keep small ones.
+    pub async fn connect_with(
+        addr: &str,
+        container_id: &str,
+        capacity: usize,
+    ) -> Result<Client, ClientError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let cfg = Config {
@@ -46,7 +56,7 @@ impl Client {
         let mut c = Client {
             stream,
             conn,
-            inbuf: BytesMut::with_capacity(1 << 16),
+            inbuf: BytesMut::with_capacity(capacity),
             events: VecDeque::new(),
             channel: 0,
         };

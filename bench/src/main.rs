@@ -32,6 +32,8 @@ enum Cmd {
     Idle(IdleArgs),
     /// MQTT publisher → server → subscriber throughput and latency (any MQTT 3.1.1 server).
     Mqtt(mqtt::MqttArgs),
+    /// MQTT: CONNECT rate, then memory per idle connection (each with one subscription).
+    MqttIdle(mqtt::IdleArgs),
 }
 
 mod mqtt;
@@ -114,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Amqp(a) => amqp_bench(a).await,
             Cmd::Idle(a) => idle_bench(a).await,
             Cmd::Mqtt(a) => mqtt::run(a),
+            Cmd::MqttIdle(a) => mqtt::idle(a),
         }
     })
 }

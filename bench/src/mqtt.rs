@@ -286,3 +286,55 @@ pub fn run(a: MqttArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Args, Clone)]
+pub struct IdleArgs {
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    url: String,
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    #[arg(long)]
+    server_pid: u32,
+    #[arg(long, default_value = "enmesh")]
+    label: String,
+}
+
+/// Opens `connections` MQTT connections one after another (CONNECT, then SUBSCRIBE to a topic
+/// of its own, each waited for), reports the CONNECT rate, waits, and reports the server's
+/// RSS growth per connection.
+pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
+    let before = sample(a.server_pid).context("cannot read the server process")?;
+    let start = Instant::now();
+    let mut conns = Vec::with_capacity(a.connections);
+    for i in 0..a.connections {
+        let mut c = Conn::connect(&a.url, &format!("idle-{i}"))?;
+        c.s.set_nonblocking(false)?;
+        c.send(&Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            properties: Properties::default(),
+            filters: vec![(format!("idle/{i}"), SubOptions::qos(QoS::AtLeastOnce))],
+        }));
+        c.flush()?;
+        match c.read_blocking()? {
+            Packet::SubAck(_) => {}
+            p => bail!("no SUBACK: {p:?}"),
+        }
+        conns.push(c);
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = sample(a.server_pid).context("cannot read the server process")?;
+    let per = after.rss_kb.saturating_sub(before.rss_kb) as f64 * 1024.0 / a.connections as f64;
+    println!(
+        "{}: mqtt idle connections={} (1 subscription each) connect+subscribe rate={:.0}/s \
+         rss_before={} KiB rss_after={} KiB per_connection={:.0} B",
+        a.label,
+        a.connections,
+        a.connections as f64 / connect_secs,
+        before.rss_kb,
+        after.rss_kb,
+        per
+    );
+    drop(conns);
+    Ok(())
+}

@@ -298,7 +298,7 @@ async fn connection(
     } else {
         c.client_id.clone()
     };
-    let amqp = match Client::connect(&cfg.router, &container_id(&client_id)).await {
+    let amqp = match Client::connect_with(&cfg.router, &container_id(&client_id), 2048).await {
         Ok(a) => a,
         Err(e) => {
             write(
@@ -489,7 +489,7 @@ fn link_name(qos: QoS, filter: &str) -> String {
 /// from the router's queue list.
 async fn session_subscriptions(http: &str, client_id: &str) -> io::Result<Vec<(QoS, String)>> {
     let prefix = format!("$sub:{}:sub:", container_id(client_id));
-    let body = http_get(http, "/api/v1/queues").await?;
+    let body = http_get(http, &format!("/api/v1/queues?prefix={}", percent(&prefix))).await?;
     let list: Vec<serde_json::Value> =
         serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut out = Vec::new();
@@ -505,6 +505,19 @@ async fn session_subscriptions(http: &str, client_id: &str) -> io::Result<Vec<(Q
         }
     }
     Ok(out)
+}
+
+/// Percent-encodes everything but unreserved characters (for a query value).
+fn percent(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A minimal HTTP/1.1 GET (the router's management API on a trusted address); the body of a

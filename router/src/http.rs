@@ -107,9 +107,25 @@ fn queue_json(q: &broker::shard::QueueInfo) -> serde_json::Value {
     })
 }
 
+/// `?prefix=P` keeps the queues whose address starts with P.
+#[derive(serde::Deserialize)]
+struct QueueQuery {
+    prefix: Option<String>,
+}
+
 /// Queues held by the broker shard (subscriptions appear as `$sub:NAME`).
-async fn queues(State(api): State<Api>) -> Result<Response, StatusCode> {
-    let list: Vec<serde_json::Value> = api.queues().await?.iter().map(queue_json).collect();
+async fn queues(
+    State(api): State<Api>,
+    axum::extract::Query(q): axum::extract::Query<QueueQuery>,
+) -> Result<Response, StatusCode> {
+    let prefix = q.prefix.unwrap_or_default();
+    let list: Vec<serde_json::Value> = api
+        .queues()
+        .await?
+        .iter()
+        .filter(|i| i.address.starts_with(&prefix))
+        .map(queue_json)
+        .collect();
     Ok(Json(list).into_response())
 }
 
