@@ -428,6 +428,7 @@ fn gateway_config(
         max_packet_size: m.max_packet_size as usize,
         max_connections: m.max_connections,
         inflight: m.inflight,
+        max_publish_rate: m.max_publish_rate,
         ..mqtt_gateway::server::Config::default()
     }
 }

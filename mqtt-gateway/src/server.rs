@@ -33,6 +33,8 @@
 //!   start unsubscribes them.
 //!
 //! - MQTT 5 topic aliases from the device (up to [`TOPIC_ALIASES`]).
+//! - A per-connection publish rate (`max_publish_rate`): over it, the device is not read until
+//!   its budget refills (back-pressure, not disconnection).
 //!
 //! Not yet (docs/mqtt.md lists them): retained messages, shared subscriptions, session expiry
 //! timers, WebSocket.
@@ -79,6 +81,9 @@ pub struct Config {
     /// The router's management HTTP address (host:port), where persistent sessions are found;
     /// without it every session is clean.
     pub router_http: Option<String>,
+    /// PUBLISHes per second one connection may send (0: no limit). Beyond it the gateway stops
+    /// reading from the device until the budget refills (bursts of one second's worth).
+    pub max_publish_rate: u32,
 }
 
 impl Default for Config {
@@ -91,6 +96,7 @@ impl Default for Config {
             inflight: 64,
             connect_timeout: Duration::from_secs(10),
             router_http: None,
+            max_publish_rate: 0,
         }
     }
 }
@@ -644,6 +650,8 @@ struct Session<'a> {
     durable: bool,
     /// Topic aliases the device set (at most [`TOPIC_ALIASES`]).
     aliases: HashMap<u16, String>,
+    /// The device's publish rate budget.
+    budget: Budget,
     client_id: String,
     /// QoS 1/2 messages the device accepts unacknowledged (its receive maximum).
     receive_max: u16,
@@ -685,6 +693,7 @@ impl<'a> Session<'a> {
             kicked,
             durable: false,
             aliases: HashMap::new(),
+            budget: Budget::new(cfg.max_publish_rate),
             client_id,
             receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX),
             held: VecDeque::new(),
@@ -735,7 +744,10 @@ impl<'a> Session<'a> {
                 .conn
                 .tick(Instant::now())
                 .map_err(amqp::client::ClientError::from)?;
-            let wake = [keep_alive, amqp_timer].into_iter().flatten().min();
+            let refill = (!self.waiting.is_empty())
+                .then(|| self.budget.next())
+                .flatten();
+            let wake = [keep_alive, amqp_timer, refill].into_iter().flatten().min();
             let read_mqtt = self.can_publish();
             let woke = {
                 let Session {
@@ -771,6 +783,7 @@ impl<'a> Session<'a> {
                     self.drain_waiting()?;
                 }
                 Woke::Timer => {
+                    self.drain_waiting()?;
                     if keep_alive.is_some_and(|k| Instant::now() >= k) {
                         if self.v == Version::V5 {
                             let d = Packet::Disconnect(Disconnect {
@@ -876,7 +889,7 @@ impl<'a> Session<'a> {
             } else {
                 self.pub1
             };
-            if self.amqp.conn.credit(link) == 0 {
+            if self.amqp.conn.credit(link) == 0 || !self.budget.take(Instant::now()) {
                 break;
             }
             let Some(p) = self.waiting.pop_front() else {
@@ -1230,6 +1243,45 @@ impl<'a> Session<'a> {
             self.deliver(d)?;
         }
         Ok(())
+    }
+}
+
+/// A token bucket: `rate` PUBLISHes per second, at most one second's worth saved up.
+struct Budget {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Budget {
+    fn new(rate: u32) -> Budget {
+        Budget {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one (always, without a limit).
+    fn take(&mut self, now: Instant) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next token is there (none without a limit).
+    fn next(&self) -> Option<Instant> {
+        (self.rate > 0.0)
+            .then(|| self.at + Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0)))
     }
 }
 

@@ -380,6 +380,8 @@ pub struct MqttSection {
     pub max_connections: usize,
     /// Unacknowledged QoS 1/2 messages per subscription towards a device.
     pub inflight: u16,
+    /// PUBLISHes per second per connection (0: no limit); over it the device is read slower.
+    pub max_publish_rate: u32,
 }
 
 impl Default for MqttSection {
@@ -394,6 +396,7 @@ impl Default for MqttSection {
             max_packet_size: 1024 * 1024,
             max_connections: 100_000,
             inflight: 64,
+            max_publish_rate: 0,
         }
     }
 }

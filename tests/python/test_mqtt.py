@@ -638,3 +638,29 @@ def test_websocket_port_refuses_plain_http(router):
         assert s.recv(100).startswith(b"HTTP/1.1 400")
     finally:
         s.close()
+
+
+def test_publish_rate_limit_slows_a_device_down_without_dropping(tmp_path):
+    from conftest import Router
+    r = Router(config="mqtt:\n  max_publish_rate: 50\n", tmpdir=tmp_path, name="ratelimited")
+    try:
+        sub = Device(r, "rl-sub", V311)
+        assert sub.subscribe("rl/#", qos=1) == [1]
+        s = raw(r)
+        s.sendall(connect_pkt("rl-pub", level=4))
+        assert read_packet(s)[0] == 0x20
+        t = time.time()
+        # 100 QoS 1 PUBLISHes at once: 50 from the budget, the rest at 50 per second.
+        s.sendall(b"".join(pkt(0x32, s16(b"rl/x") + struct.pack(">H", i + 1) + b"m")
+                           for i in range(100)))
+        acks = 0
+        while acks < 100:
+            first, _ = read_packet(s)
+            acks += first == 0x40
+        elapsed = time.time() - t
+        assert elapsed >= 0.8, elapsed
+        assert len(sub.wait(100, timeout=10)) == 100
+        s.close()
+        sub.close()
+    finally:
+        r.close()
