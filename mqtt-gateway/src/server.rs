@@ -617,8 +617,6 @@ struct Sub {
 struct Outbound {
     link: LinkId,
     delivery_id: u32,
-    /// QoS 2: PUBREC received, PUBREL sent.
-    released: bool,
 }
 
 struct Session<'a> {
@@ -817,12 +815,12 @@ impl<'a> Session<'a> {
             }
             Packet::PubAck(a) => self.acknowledged(a.packet_id)?,
             Packet::PubRec(a) => {
-                if let Some(o) = self.out.get_mut(&a.packet_id) {
+                if self.out.contains_key(&a.packet_id) {
                     if a.reason >= 0x80 {
                         // Refused by the device: done with it (accepted: it will not retry).
                         self.acknowledged(a.packet_id)?;
                     } else {
-                        o.released = true;
+                        // PUBCOMP, which completes it, follows.
                         self.emit(&Packet::PubRel(Ack::new(a.packet_id)));
                     }
                 }
@@ -1175,7 +1173,6 @@ impl<'a> Session<'a> {
                 Outbound {
                     link,
                     delivery_id: d.delivery_id,
-                    released: false,
                 },
             );
             Some(id)
