@@ -392,28 +392,36 @@ fn shutdown_on_signal() -> std::io::Result<tokio::sync::watch::Receiver<bool>> {
     Ok(rx)
 }
 
-/// Declares the MQTT topic prefix a topic address, unless the configuration says otherwise.
+/// Declares the MQTT topic prefix a topic address and the retained-message prefix a queue
+/// prefix, unless the configuration declares them already.
 fn declare_mqtt_topics(config: &mut Config) {
-    let prefix = config.mqtt.topic_prefix.clone();
-    if config
-        .addresses
-        .iter()
-        .any(|a| a.prefix.as_deref() == Some(&prefix) || a.name.as_deref() == Some(&prefix))
-    {
-        return;
+    let topics = config.mqtt.topic_prefix.clone();
+    let retained = config.mqtt.retained_prefix.clone();
+    for (prefix, kind) in [
+        (topics, router::config::AddressType::Topic),
+        (retained, router::config::AddressType::Queue),
+    ] {
+        if prefix.is_empty()
+            || config
+                .addresses
+                .iter()
+                .any(|a| a.prefix.as_deref() == Some(&prefix) || a.name.as_deref() == Some(&prefix))
+        {
+            continue;
+        }
+        config.addresses.push(router::config::AddressDecl {
+            name: None,
+            prefix: Some(prefix),
+            pattern: None,
+            kind,
+            dead_letter: None,
+            max_delivery_attempts: None,
+            max_ttl_ms: None,
+            durable: None,
+            expiry_address: None,
+            topic: None,
+        });
     }
-    config.addresses.push(router::config::AddressDecl {
-        name: None,
-        prefix: Some(prefix),
-        pattern: None,
-        kind: router::config::AddressType::Topic,
-        dead_letter: None,
-        max_delivery_attempts: None,
-        max_ttl_ms: None,
-        durable: None,
-        expiry_address: None,
-        topic: None,
-    });
 }
 
 fn gateway_config(
@@ -429,6 +437,7 @@ fn gateway_config(
         max_connections: m.max_connections,
         inflight: m.inflight,
         max_publish_rate: m.max_publish_rate,
+        retained_prefix: (!m.retained_prefix.is_empty()).then(|| m.retained_prefix.clone()),
         ..mqtt_gateway::server::Config::default()
     }
 }

@@ -90,6 +90,40 @@ pub fn to_amqp(p: &Publish, client: &str, prefix: &str, out: &mut BytesMut) {
     e.binary(&p.payload);
 }
 
+/// Copies AMQP message `msg` with its `to` set to `address` (the message's other sections as
+/// they are): a retained copy goes to the retained queue, not to the topic.
+pub fn retarget(msg: &[u8], address: &str, out: &mut BytesMut) {
+    let mut d = Decoder::new(msg);
+    while !d.is_empty() {
+        let start = msg.len() - d.remaining();
+        let mut probe = d.clone();
+        let is_props = matches!(probe.descriptor(), Ok(Some(PROPERTIES)));
+        if d.skip().is_err() {
+            break;
+        }
+        let end = msg.len() - d.remaining();
+        if !is_props {
+            out.extend_from_slice(&msg[start..end]);
+            continue;
+        }
+        // Rewrite `to` (field 2), keep the rest of the list.
+        let Ok(mut l) = probe.list() else { break };
+        let mut fields = Vec::new();
+        while let Ok(Some(v)) = l.next_field() {
+            fields.push(v);
+        }
+        while fields.len() < 3 {
+            fields.push(Value::Null);
+        }
+        fields[2] = Value::String(address.to_owned());
+        let mut f = Fields::new(out, PROPERTIES);
+        for v in &fields {
+            f.value(Some(v).filter(|v| **v != Value::Null));
+        }
+        f.finish();
+    }
+}
+
 /// What a delivery from the router becomes for an MQTT subscriber.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Incoming {
@@ -247,5 +281,19 @@ mod tests {
             vec![("unit".into(), "C".into())]
         );
         assert_eq!(back.payload, p.payload);
+        // Retargeted to a retained queue: only `to` changes.
+        let mut r = BytesMut::new();
+        retarget(&b, "mqtt-retained/devices/7/telemetry", &mut r);
+        let parsed = amqp::message::parse(&r).expect("parse");
+        assert_eq!(
+            parsed.to.as_deref(),
+            Some("mqtt-retained/devices/7/telemetry")
+        );
+        let again = from_amqp(&r, "mqtt/").expect("from_amqp");
+        assert_eq!(again.topic, None);
+        assert_eq!(
+            (again.properties, again.payload, again.qos, again.retain),
+            (back.properties, back.payload, back.qos, back.retain)
+        );
     }
 }

@@ -36,8 +36,11 @@
 //! - A per-connection publish rate (`max_publish_rate`): over it, the device is not read until
 //!   its budget refills (back-pressure, not disconnection).
 //!
-//! Not yet (docs/mqtt.md lists them): retained messages, shared subscriptions, session expiry
-//! timers, WebSocket.
+//! - Retained messages: one queue per topic (`retained_prefix`), purged and refilled on each
+//!   retained PUBLISH, read without taking (released) at SUBSCRIBE.
+//!
+//! Not yet (docs/mqtt.md lists them): shared subscriptions, session expiry timers, devices
+//! multiplexed over shared AMQP connections.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -84,6 +87,9 @@ pub struct Config {
     /// PUBLISHes per second one connection may send (0: no limit). Beyond it the gateway stops
     /// reading from the device until the budget refills (bursts of one second's worth).
     pub max_publish_rate: u32,
+    /// Address prefix of the queues holding retained messages (one queue per topic, declared
+    /// a queue prefix in the router); retain is not available without it and `router_http`.
+    pub retained_prefix: Option<String>,
 }
 
 impl Default for Config {
@@ -97,6 +103,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             router_http: None,
             max_publish_rate: 0,
+            retained_prefix: None,
         }
     }
 }
@@ -317,7 +324,7 @@ async fn connection(
         }
     };
     if v == Version::V5 {
-        props.retain_available = Some(0);
+        props.retain_available = Some(u8::from(retained_store(cfg).is_some()));
         props.shared_subscription_available = Some(0);
         props.subscription_identifier_available = Some(1);
         props.wildcard_subscription_available = Some(1);
@@ -480,6 +487,11 @@ async fn publish_will(cfg: &Config, client_id: &str, w: Will) -> Result<(), Conn
         .map_err(|_| ConnError::Closed("will not published in time"))?
 }
 
+/// Where retained messages live, if the gateway keeps them: (router HTTP, queue prefix).
+fn retained_store(cfg: &Config) -> Option<(&str, &str)> {
+    Some((cfg.router_http.as_deref()?, cfg.retained_prefix.as_deref()?))
+}
+
 /// The AMQP container id of a device's connection: `mqtt:` and the client id with `%` and
 /// `:` escaped, so that `<container>:sub:` prefixes of two clients never overlap.
 fn container_id(client_id: &str) -> String {
@@ -526,13 +538,26 @@ fn percent(s: &str) -> String {
     out
 }
 
+/// Percent-encodes a path's segments (keeps `/`).
+fn percent_path(s: &str) -> String {
+    s.split('/').map(percent).collect::<Vec<_>>().join("/")
+}
+
 /// A minimal HTTP/1.1 GET (the router's management API on a trusted address); the body of a
 /// 200 answer, at most 64 MiB.
 async fn http_get(host: &str, path: &str) -> io::Result<Vec<u8>> {
+    http(host, "GET", path).await
+}
+
+/// A minimal HTTP/1.1 request without a body; the body of a 2xx answer, at most 64 MiB.
+async fn http(host: &str, method: &str, path: &str) -> io::Result<Vec<u8>> {
     let run = async {
         let mut s = TcpStream::connect(host).await?;
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await?;
         let mut buf = Vec::new();
@@ -542,7 +567,7 @@ async fn http_get(host: &str, path: &str) -> io::Result<Vec<u8>> {
             .position(|w| w == b"\r\n\r\n")
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no HTTP header end"))?;
         let head = String::from_utf8_lossy(&buf[..split]).to_string();
-        if !head.starts_with("HTTP/1.1 200") {
+        if !head.starts_with("HTTP/1.1 2") {
             return Err(io::Error::other(format!(
                 "HTTP: {}",
                 head.lines().next().unwrap_or("")
@@ -615,8 +640,9 @@ struct Sub {
 
 /// An outbound QoS 1/2 message the device has not acknowledged yet.
 struct Outbound {
-    link: LinkId,
-    delivery_id: u32,
+    /// The AMQP delivery to accept once the device acknowledged (none for a retained message,
+    /// which stays where it is).
+    from: Option<(LinkId, u32)>,
 }
 
 struct Session<'a> {
@@ -802,6 +828,9 @@ impl<'a> Session<'a> {
     async fn on_packet(&mut self, p: Packet) -> Result<Option<End>, ConnError> {
         match p {
             Packet::Publish(p) => {
+                if p.retain {
+                    self.retain(&p).await?;
+                }
                 self.waiting.push_back(p);
                 self.drain_waiting()?;
             }
@@ -1003,8 +1032,9 @@ impl<'a> Session<'a> {
         // Events that arrived while attaching are handled by the main loop.
         let literal = (!f.contains(['+', '#'])).then(|| f.clone());
         self.links.insert(link, f.clone());
+        let new = !self.subs.contains_key(&f);
         self.subs.insert(
-            f,
+            f.clone(),
             Sub {
                 link,
                 opts,
@@ -1012,7 +1042,154 @@ impl<'a> Session<'a> {
                 literal,
             },
         );
+        // Retained messages: at subscribe (handling 0), or only for a new subscription (1).
+        if opts.retain_handling == 0 || (opts.retain_handling == 1 && new) {
+            self.send_retained(&f, opts, id).await?;
+        }
         Ok(qos as u8)
+    }
+
+    /// Replaces topic `p.topic`'s retained message by `p` (an empty payload just clears it):
+    /// the topic's retained queue is purged, then `p` is stored there.
+    async fn retain(&mut self, p: &Publish) -> Result<(), ConnError> {
+        let Some((http_at, prefix)) = retained_store(self.cfg) else {
+            return Ok(());
+        };
+        let topic = match p.properties.topic_alias.and_then(|a| self.aliases.get(&a)) {
+            Some(t) if p.topic.is_empty() => t.clone(),
+            _ => p.topic.clone(),
+        };
+        let queue = format!("{prefix}{topic}");
+        http(
+            http_at,
+            "POST",
+            &format!("/api/v1/purge/{}", percent_path(&queue)),
+        )
+        .await?;
+        if p.payload.is_empty() {
+            return Ok(());
+        }
+        let mut stored = p.clone();
+        stored.topic = topic;
+        stored.properties.topic_alias = None;
+        let mut msg = BytesMut::new();
+        bridge::to_amqp(&stored, &self.client_id, &self.cfg.topic_prefix, &mut msg);
+        // Sent settled on the anonymous relay, to the retained queue rather than the topic.
+        let mut to = BytesMut::new();
+        bridge::retarget(&msg, &queue, &mut to);
+        while self.amqp.conn.credit(self.pub0) == 0 {
+            self.amqp.pump().await?;
+        }
+        let tag = self.next_tag();
+        self.amqp.conn.send(self.pub0, &tag, &to, true, 0);
+        self.amqp.flush().await?;
+        Ok(())
+    }
+
+    /// Sends the retained messages whose topics match `f` (each its topic's last one).
+    async fn send_retained(
+        &mut self,
+        f: &str,
+        opts: SubOptions,
+        id: Option<u32>,
+    ) -> Result<(), ConnError> {
+        let Some((http_at, prefix)) = retained_store(self.cfg) else {
+            return Ok(());
+        };
+        let (http_at, prefix) = (http_at.to_owned(), prefix.to_owned());
+        // Only queues under the filter's literal head can match.
+        let head: String = f.split(['+', '#']).next().unwrap_or("").to_owned();
+        let body = http_get(
+            &http_at,
+            &format!(
+                "/api/v1/queues?prefix={}",
+                percent(&format!("{prefix}{head}"))
+            ),
+        )
+        .await?;
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&body)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        for q in list {
+            let (Some(queue), Some(depth)) = (q["address"].as_str(), q["depth"].as_u64()) else {
+                continue;
+            };
+            let Some(topic) = queue.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            if depth == 0 || !topic::matches(f, topic) {
+                continue;
+            }
+            let topic = topic.to_owned();
+            let queue = queue.to_owned();
+            if let Some(m) = self.browse_last(&queue, depth).await? {
+                let qos = m.qos.unwrap_or(QoS::AtLeastOnce).min(opts.qos);
+                let packet_id = (qos != QoS::AtMostOnce).then(|| {
+                    let id = self.free_id();
+                    self.out.insert(id, Outbound { from: None });
+                    id
+                });
+                let mut properties = if self.v == Version::V5 {
+                    m.properties
+                } else {
+                    Properties::default()
+                };
+                properties.subscription_identifiers = id.into_iter().collect();
+                self.emit(&Packet::Publish(Publish {
+                    dup: false,
+                    qos,
+                    retain: true,
+                    topic,
+                    packet_id,
+                    properties,
+                    payload: m.payload,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a retained queue without taking from it (deliveries are released) and returns
+    /// its newest message.
+    async fn browse_last(
+        &mut self,
+        queue: &str,
+        depth: u64,
+    ) -> Result<Option<bridge::Incoming>, ConnError> {
+        let n = u32::try_from(depth.min(64)).unwrap_or(64);
+        let link = match self
+            .amqp
+            .receiver_from("retained", amqp::Terminus::with_address(queue), n, false)
+            .await
+        {
+            Ok(l) => l,
+            Err(amqp::client::ClientError::Refused(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while got.len() < n as usize {
+            let d = tokio::time::timeout_at(
+                deadline,
+                self.amqp
+                    .wait(|e| matches!(e, Event::Delivery(d) if d.link == link)),
+            )
+            .await;
+            match d {
+                Ok(Ok(Event::Delivery(d))) => got.push(d),
+                Ok(Err(e)) => return Err(e.into()),
+                _ => break,
+            }
+        }
+        for d in &got {
+            self.amqp
+                .conn
+                .disposition(link, d.delivery_id, true, Some(DeliveryState::Released));
+        }
+        self.amqp.conn.detach(link, None, true);
+        self.amqp.flush().await?;
+        Ok(got
+            .last()
+            .and_then(|d| bridge::from_amqp(&d.payload, &self.cfg.topic_prefix).ok()))
     }
 
     /// Ends a subscription kept from an earlier session: attach it and detach it closed.
@@ -1171,8 +1348,7 @@ impl<'a> Session<'a> {
             self.out.insert(
                 id,
                 Outbound {
-                    link,
-                    delivery_id: d.delivery_id,
+                    from: Some((link, d.delivery_id)),
                 },
             );
             Some(id)
@@ -1230,11 +1406,14 @@ impl<'a> Session<'a> {
         let Some(o) = self.out.remove(&packet_id) else {
             return Ok(());
         };
+        let Some((link, delivery_id)) = o.from else {
+            return Ok(());
+        };
         self.amqp
             .conn
-            .disposition(o.link, o.delivery_id, true, Some(DeliveryState::Accepted));
-        let credit = self.amqp.conn.receiver_credit(o.link);
-        self.amqp.conn.set_credit(o.link, credit + 1, false);
+            .disposition(link, delivery_id, true, Some(DeliveryState::Accepted));
+        let credit = self.amqp.conn.receiver_credit(link);
+        self.amqp.conn.set_credit(link, credit + 1, false);
         // A slot under the device's receive maximum: the next held delivery goes out.
         if let Some(d) = self.held.pop_front() {
             self.deliver(d)?;

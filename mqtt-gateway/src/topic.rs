@@ -35,6 +35,25 @@ pub fn shared(f: &str) -> Option<(&str, &str)> {
     Some((group, filter))
 }
 
+/// Whether MQTT topic name `t` matches filter `f` (`+` one level, `#` the rest; topics
+/// starting with `$` match no wildcard at the first level, §4.7.2).
+pub fn matches(f: &str, t: &str) -> bool {
+    if t.starts_with('$') && f.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut fl = f.split('/');
+    let mut tl = t.split('/');
+    loop {
+        match (fl.next(), tl.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// The Enmesh topic filter for MQTT filter `f`, or `None` if it cannot be served.
 pub fn filter_address(prefix: &str, f: &str) -> Option<String> {
     if !valid_filter(f) || f.starts_with('$') {
@@ -88,5 +107,7 @@ mod tests {
         assert_eq!(shared("$share/g"), None);
         assert_eq!(address_topic("mqtt/", "mqtt/a/b"), Some("a/b"));
         assert_eq!(address_topic("mqtt/", "other"), None);
+        assert!(matches("a/+/c", "a/b/c") && matches("a/#", "a") && matches("#", "a/b"));
+        assert!(!matches("a/+", "a/b/c") && !matches("a/b", "a") && !matches("+/x", "$SYS/x"));
     }
 }

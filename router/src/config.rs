@@ -382,6 +382,9 @@ pub struct MqttSection {
     pub inflight: u16,
     /// PUBLISHes per second per connection (0: no limit); over it the device is read slower.
     pub max_publish_rate: u32,
+    /// Address prefix of the queues that hold retained messages, one per topic (standalone
+    /// declares it a queue prefix); empty: retain not available.
+    pub retained_prefix: String,
 }
 
 impl Default for MqttSection {
@@ -397,6 +400,7 @@ impl Default for MqttSection {
             max_connections: 100_000,
             inflight: 64,
             max_publish_rate: 0,
+            retained_prefix: "mqtt-retained/".into(),
         }
     }
 }

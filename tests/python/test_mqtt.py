@@ -664,3 +664,38 @@ def test_publish_rate_limit_slows_a_device_down_without_dropping(tmp_path):
         sub.close()
     finally:
         r.close()
+
+
+def test_retained_messages_set_replace_clear_and_sent_on_subscribe(router):
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+    pub = Device(router, "rt-pub", V311)
+    try:
+        for topic, body in [("rt/a", b"v1"), ("rt/a", b"v2"), ("rt/b", b"b1")]:
+            pub.c.publish(topic, body, qos=1, retain=True).wait_for_publish(5)
+        first = Device(router, "rt-sub-1", V5)
+        assert first.subscribe("rt/+", qos=1) == [1]
+        got = first.wait(2)
+        time.sleep(0.3)
+        assert sorted((m.topic, m.payload, m.retain) for m in first.got) == \
+            [("rt/a", b"v2", True), ("rt/b", b"b1", True)]
+        # A live message to a subscriber that exists: not flagged retained.
+        pub.c.publish("rt/b", b"b2", qos=1).wait_for_publish(5)
+        live = first.wait(3)[-1]
+        assert (live.topic, live.payload, live.retain) == ("rt/b", b"b2", False)
+        first.close()
+        # An empty retained payload clears the topic's retained message.
+        pub.c.publish("rt/a", b"", qos=1, retain=True).wait_for_publish(5)
+        second = Device(router, "rt-sub-2", V311)
+        assert second.subscribe("rt/#", qos=1) == [1]
+        second.wait(1)
+        time.sleep(0.3)
+        assert [(m.topic, m.payload) for m in second.got] == [("rt/b", b"b1")]
+        second.close()
+        # Retain handling 2: none sent at subscribe.
+        third = Device(router, "rt-sub-3", V5)
+        third.c.subscribe([("rt/#", SubscribeOptions(qos=1, retainHandling=2))])
+        time.sleep(0.7)
+        assert third.got == []
+        third.close()
+    finally:
+        pub.close()
