@@ -204,7 +204,21 @@ impl Client {
         credit: u32,
         presettled: bool,
     ) -> Result<LinkId, ClientError> {
-        let (id, _) = self
+        Ok(self
+            .attach_receiver(name, source, credit, presettled)
+            .await?
+            .0)
+    }
+
+    /// Attaches a receiver, grants `credit`; returns it and the source the peer answered with.
+    async fn attach_receiver(
+        &mut self,
+        name: &str,
+        source: Terminus,
+        credit: u32,
+        presettled: bool,
+    ) -> Result<(LinkId, Option<Terminus>), ClientError> {
+        let (id, attach) = self
             .attach(AttachRequest {
                 name: name.to_owned(),
                 role: Role::Receiver,
@@ -216,7 +230,7 @@ impl Client {
             .await?;
         self.conn.set_credit(id, credit, false);
         self.flush().await?;
-        Ok(id)
+        Ok((id, attach.source))
     }
 
     /// Attaches a receiver and grants `credit`. With `address` None the source is dynamic;
@@ -228,22 +242,14 @@ impl Client {
         credit: u32,
         presettled: bool,
     ) -> Result<(LinkId, Option<String>), ClientError> {
-        let (id, attach) = self
-            .attach(AttachRequest {
-                name: name.to_owned(),
-                role: Role::Receiver,
-                source: Some(Terminus {
-                    address: address.map(str::to_owned),
-                    dynamic: address.is_none(),
-                    ..Terminus::default()
-                }),
-                target: Some(Terminus::default()),
-                snd_settle_mode: if presettled { 1 } else { 2 },
-                rcv_settle_mode: 0,
-            })
+        let source = Terminus {
+            address: address.map(str::to_owned),
+            dynamic: address.is_none(),
+            ..Terminus::default()
+        };
+        let (id, answered) = self
+            .attach_receiver(name, source, credit, presettled)
             .await?;
-        self.conn.set_credit(id, credit, false);
-        self.flush().await?;
-        Ok((id, attach.source.and_then(|s| s.address)))
+        Ok((id, answered.and_then(|s| s.address)))
     }
 }

@@ -21,32 +21,18 @@ from helpers import connect
 V311, V5 = mqtt.MQTTv311, mqtt.MQTTv5
 
 
-class Device:
-    """A paho client on its own network thread, collecting what it receives."""
+class Collector:
+    """What a paho client receives, in order, with a wait for the first n."""
 
-    def __init__(self, router, client_id, proto=V5, **kw):
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kw)
+    def _collect(self):
         self.got = []
         self.cond = threading.Condition()
         self.c.on_message = self._on_message
-        self.suback = None
-        self.c.on_subscribe = lambda c, u, mid, codes, props: setattr(self, "suback", codes)
-        self.c.connect("127.0.0.1", router.mqtt_port, keepalive=30)
-        self.c.loop_start()
 
     def _on_message(self, c, u, m):
         with self.cond:
             self.got.append(m)
             self.cond.notify_all()
-
-    def subscribe(self, topic, qos=1):
-        self.suback = None
-        rc, mid = self.c.subscribe(topic, qos=qos)
-        deadline = time.time() + 5
-        while self.suback is None and time.time() < deadline:
-            time.sleep(0.01)
-        assert self.suback is not None, "no SUBACK"
-        return [int(getattr(x, "value", x)) for x in self.suback]
 
     def wait(self, n, timeout=5):
         with self.cond:
@@ -56,6 +42,27 @@ class Device:
     def close(self):
         self.c.disconnect()
         self.c.loop_stop()
+
+
+class Device(Collector):
+    """A paho client on its own network thread, collecting what it receives."""
+
+    def __init__(self, router, client_id, proto=V5, **kw):
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kw)
+        self._collect()
+        self.suback = None
+        self.c.on_subscribe = lambda c, u, mid, codes, props: setattr(self, "suback", codes)
+        self.c.connect("127.0.0.1", router.mqtt_port, keepalive=30)
+        self.c.loop_start()
+
+    def subscribe(self, topic, qos=1):
+        self.suback = None
+        rc, mid = self.c.subscribe(topic, qos=qos)
+        deadline = time.time() + 5
+        while self.suback is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert self.suback is not None, "no SUBACK"
+        return [int(getattr(x, "value", x)) for x in self.suback]
 
 
 @pytest.mark.parametrize("proto", [V311, V5], ids=["3.1.1", "5"])
@@ -406,7 +413,7 @@ def test_a_second_connection_with_the_same_client_id_takes_over(router):
         second.close()
 
 
-class Persistent:
+class Persistent(Collector):
     """A paho device with a persistent session (3.1.1 clean session 0, or MQTT 5 with a
     session expiry), connecting to `port`; records session-present and what it receives."""
 
@@ -416,9 +423,8 @@ class Persistent:
                                  clean_session=clean)
         else:
             self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V5)
-        self.got, self.present = [], None
-        self.cond = threading.Condition()
-        self.c.on_message = self._on_message
+        self.present = None
+        self._collect()
         self.c.on_connect = lambda c, u, flags, rc, props: setattr(self, "present", flags.session_present)
         if proto == V311:
             self.c.connect("127.0.0.1", port, keepalive=30)
@@ -431,19 +437,6 @@ class Persistent:
         while self.present is None and time.time() < deadline:
             time.sleep(0.01)
 
-    def _on_message(self, c, u, m):
-        with self.cond:
-            self.got.append(m)
-            self.cond.notify_all()
-
-    def wait(self, n, timeout=5):
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.got) >= n, timeout)
-        return list(self.got)
-
-    def close(self):
-        self.c.disconnect()
-        self.c.loop_stop()
 
 
 @pytest.mark.parametrize("proto", [V311, V5], ids=["3.1.1", "5"])
