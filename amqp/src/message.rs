@@ -171,12 +171,17 @@ pub struct Parsed {
     pub reply_to: Option<String>,
     pub correlation_id: Option<Value>,
     pub creation_time_ms: Option<i64>,
+    pub content_type: Option<String>,
+    /// The header's time to live (ms).
+    pub ttl_ms: Option<u32>,
+    pub message_annotations: Option<Value>,
     pub application_properties: Option<Value>,
     /// The body: concatenated data sections, or the amqp-value (string/binary) bytes.
     pub body: Bytes,
 }
 
-/// Reads the common parts of a message (CLI and bench; not the forwarding path).
+/// Reads the common parts of a message (CLI, bench, MQTT gateway; not the router's
+/// forwarding path).
 pub fn parse(msg: &[u8]) -> Result<Parsed, DecodeError> {
     let mut p = Parsed::default();
     let mut d = Decoder::new(msg);
@@ -185,6 +190,17 @@ pub fn parse(msg: &[u8]) -> Result<Parsed, DecodeError> {
         let mut probe = d.clone();
         let code = probe.descriptor()?;
         match code {
+            Some(HEADER) => {
+                let mut l = probe.list()?;
+                l.skip()?; // durable
+                l.skip()?; // priority
+                p.ttl_ms = l.any_uint()?;
+                d.skip()?;
+            }
+            Some(MESSAGE_ANNOTATIONS) => {
+                p.message_annotations = Some(probe.value()?);
+                d.skip()?;
+            }
             Some(PROPERTIES) => {
                 let mut l = probe.list()?;
                 p.message_id = l.value()?;
@@ -193,7 +209,9 @@ pub fn parse(msg: &[u8]) -> Result<Parsed, DecodeError> {
                 l.skip()?;
                 p.reply_to = l.address()?;
                 p.correlation_id = l.value()?;
-                l.skip()?; // content-type
+                if let Some(Value::Symbol(s) | Value::String(s)) = l.value()? {
+                    p.content_type = Some(s);
+                }
                 l.skip()?; // content-encoding
                 l.skip()?; // absolute-expiry-time
                 if let Some(Value::Timestamp(t)) = l.value()? {
@@ -295,6 +313,12 @@ mod tests {
         assert_eq!(fields[0], Some(Value::Bool(true)));
         assert_eq!(fields[2], Some(Value::Uint(500)));
         assert_eq!(fields[4], Some(Value::Uint(3)));
-        assert_eq!(parse(&m2).unwrap(), parse(&b).unwrap());
+        // The rest of the message is unchanged (the header's ttl, checked above, aside: parse
+        // reports it).
+        let rest = Parsed {
+            ttl_ms: None,
+            ..parse(&m2).unwrap()
+        };
+        assert_eq!(rest, parse(&b).unwrap());
     }
 }

@@ -24,7 +24,7 @@
 use amqp::Value;
 use amqp::codec::{Decoder, Encoder, Fields};
 use amqp::message::{APPLICATION_PROPERTIES, DATA, HEADER, MESSAGE_ANNOTATIONS, PROPERTIES};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codec::{Properties, Publish, QoS};
 use crate::topic;
@@ -46,20 +46,31 @@ pub fn to_amqp(p: &Publish, client: &str, prefix: &str, out: &mut BytesMut) {
         f.boolean(Some(p.qos != QoS::AtMostOnce)).null().uint(ttl);
         f.finish();
     }
-    let mut ann = vec![(Value::Symbol(QOS.into()), Value::Ubyte(p.qos as u8))];
-    if p.retain {
-        ann.push((Value::Symbol(RETAIN.into()), Value::Bool(true)));
-    }
-    if let Some(v) = props.payload_format_indicator {
-        ann.push((Value::Symbol(FORMAT.into()), Value::Ubyte(v)));
-    }
-    ann.push((
-        Value::Symbol(CLIENT.into()),
-        Value::String(client.to_owned()),
-    ));
+    // The annotations map, written in place (no `Value` tree per message): a map32 header
+    // whose size and count are patched once the entries are in.
     let mut e = Encoder::new(out);
     e.descriptor(MESSAGE_ANNOTATIONS);
-    e.value(&Value::Map(ann));
+    e.buf.put_u8(amqp::codec::code::MAP32);
+    let at = e.buf.len();
+    e.buf.put_u64(0);
+    let mut count = 4u32;
+    e.symbol(QOS);
+    e.ubyte(p.qos as u8);
+    e.symbol(CLIENT);
+    e.string(client);
+    if p.retain {
+        e.symbol(RETAIN);
+        e.boolean(true);
+        count += 2;
+    }
+    if let Some(v) = props.payload_format_indicator {
+        e.symbol(FORMAT);
+        e.ubyte(v);
+        count += 2;
+    }
+    let size = (e.buf.len() - at - 4) as u32;
+    e.buf[at..at + 4].copy_from_slice(&size.to_be_bytes());
+    e.buf[at + 4..at + 8].copy_from_slice(&count.to_be_bytes());
     let to = topic::name_address(prefix, &p.topic);
     let reply_to = props
         .response_topic
@@ -138,92 +149,55 @@ pub struct Incoming {
     pub payload: Bytes,
 }
 
-/// Reads an AMQP message (as delivered) for MQTT. Unknown sections are skipped; a body that
-/// is an `amqp-value` string or binary becomes the payload as is.
+/// Reads an AMQP message (as delivered) for MQTT, through [`amqp::message::parse`]: unknown
+/// sections are skipped; an `amqp-value` body becomes the payload as its bytes.
 pub fn from_amqp(msg: &[u8], prefix: &str) -> Result<Incoming, amqp::DecodeError> {
-    let mut m = Incoming::default();
-    let mut body = BytesMut::new();
-    let mut d = Decoder::new(msg);
-    while !d.is_empty() {
-        let mut probe = d.clone();
-        match probe.descriptor()? {
-            Some(HEADER) => {
-                let mut l = probe.list()?;
-                l.skip()?; // durable
-                l.skip()?; // priority
-                if let Some(ttl) = l.any_uint()? {
-                    m.properties.message_expiry_interval = Some(ttl.div_ceil(1000));
+    let p = amqp::message::parse(msg)?;
+    let mut m = Incoming {
+        topic: p
+            .to
+            .as_deref()
+            .and_then(|t| topic::address_topic(prefix, t))
+            .map(str::to_owned),
+        payload: p.body,
+        ..Incoming::default()
+    };
+    m.properties.message_expiry_interval = p.ttl_ms.map(|ttl| ttl.div_ceil(1000));
+    m.properties.content_type = p.content_type;
+    m.properties.response_topic = p
+        .reply_to
+        .as_deref()
+        .and_then(|r| topic::address_topic(prefix, r))
+        .map(str::to_owned);
+    m.properties.correlation_data = match p.correlation_id {
+        Some(Value::Binary(b)) => Some(b),
+        Some(Value::String(s)) => Some(Bytes::from(s.into_bytes())),
+        Some(Value::Ulong(n)) => Some(Bytes::copy_from_slice(&n.to_be_bytes())),
+        Some(Value::Uuid(u)) => Some(Bytes::copy_from_slice(&u)),
+        _ => None,
+    };
+    if let Some(Value::Map(entries)) = p.message_annotations {
+        for (k, v) in entries {
+            match (k.as_str(), v) {
+                (Some(QOS), Value::Ubyte(q)) => m.qos = QoS::from_u8(q),
+                (Some(RETAIN), Value::Bool(r)) => m.retain = r,
+                (Some(CLIENT), Value::String(c)) => m.publisher = Some(c),
+                (Some(FORMAT), Value::Ubyte(f)) if f <= 1 => {
+                    m.properties.payload_format_indicator = Some(f)
                 }
-            }
-            Some(MESSAGE_ANNOTATIONS) => {
-                if let Value::Map(entries) = probe.value()? {
-                    for (k, v) in entries {
-                        match (k.as_str(), v) {
-                            (Some(QOS), Value::Ubyte(q)) => m.qos = QoS::from_u8(q),
-                            (Some(RETAIN), Value::Bool(r)) => m.retain = r,
-                            (Some(CLIENT), Value::String(c)) => m.publisher = Some(c),
-                            (Some(FORMAT), Value::Ubyte(f)) if f <= 1 => {
-                                m.properties.payload_format_indicator = Some(f)
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
-            Some(PROPERTIES) => {
-                let mut l = probe.list()?;
-                l.skip()?; // message-id
-                l.skip()?; // user-id
-                let to = l.address()?;
-                l.skip()?; // subject
-                let reply_to = l.address()?;
-                let correlation = l.value()?;
-                let content_type = l.value()?;
-                m.topic = to
-                    .as_deref()
-                    .and_then(|t| topic::address_topic(prefix, t))
-                    .map(str::to_owned);
-                m.properties.response_topic = reply_to
-                    .as_deref()
-                    .and_then(|r| topic::address_topic(prefix, r))
-                    .map(str::to_owned);
-                m.properties.correlation_data = match correlation {
-                    Some(Value::Binary(b)) => Some(b),
-                    Some(Value::String(s)) => Some(Bytes::from(s.into_bytes())),
-                    Some(Value::Ulong(n)) => Some(Bytes::copy_from_slice(&n.to_be_bytes())),
-                    Some(Value::Uuid(u)) => Some(Bytes::copy_from_slice(&u)),
-                    _ => None,
-                };
-                if let Some(Value::Symbol(s) | Value::String(s)) = content_type {
-                    m.properties.content_type = Some(s);
-                }
-            }
-            Some(APPLICATION_PROPERTIES) => {
-                if let Value::Map(entries) = probe.value()? {
-                    for (k, v) in entries {
-                        if let (Some(k), Some(v)) = (k.as_str(), v.as_str()) {
-                            m.properties
-                                .user_properties
-                                .push((k.to_owned(), v.to_owned()));
-                        }
-                    }
-                }
-            }
-            Some(DATA) => {
-                if let Value::Binary(b) = probe.value()? {
-                    body.extend_from_slice(&b);
-                }
-            }
-            Some(amqp::message::AMQP_VALUE) => match probe.value()? {
-                Value::Binary(b) => body.extend_from_slice(&b),
-                Value::String(s) => body.extend_from_slice(s.as_bytes()),
                 _ => {}
-            },
-            _ => {}
+            }
         }
-        d.skip()?;
     }
-    m.payload = body.freeze();
+    if let Some(Value::Map(entries)) = p.application_properties {
+        for (k, v) in entries {
+            if let (Some(k), Some(v)) = (k.as_str(), v.as_str()) {
+                m.properties
+                    .user_properties
+                    .push((k.to_owned(), v.to_owned()));
+            }
+        }
+    }
     Ok(m)
 }
 
