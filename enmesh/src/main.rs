@@ -438,6 +438,7 @@ fn gateway_config(
         inflight: m.inflight,
         max_publish_rate: m.max_publish_rate,
         retained_prefix: (!m.retained_prefix.is_empty()).then(|| m.retained_prefix.clone()),
+        devices_per_connection: m.devices_per_connection,
         ..mqtt_gateway::server::Config::default()
     }
 }

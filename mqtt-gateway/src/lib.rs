@@ -8,6 +8,7 @@
 
 pub mod bridge;
 pub mod codec;
+pub mod mux;
 pub mod server;
 pub mod topic;
 pub mod ws;

@@ -1,10 +1,11 @@
-//! The gateway's server: accepts MQTT connections and bridges each to the router over its own
-//! AMQP connection (container id `mqtt:<client id>`).
+//! The gateway's server: accepts MQTT connections and bridges each to the router over links
+//! of its own on a shared AMQP connection ([`crate::mux`], container id `mqtt`).
 //!
-//! Per MQTT connection, one task owns everything (one owner for each piece of state): the MQTT
-//! socket, the AMQP client, the packet-id tables. It reads MQTT only while the router gives
-//! credit to publish (back-pressure reaches the device as a TCP read pause) and writes MQTT
-//! with `write_all` (a slow device stalls its own task, and through it its AMQP links).
+//! Per MQTT connection, one task owns everything about it (one owner for each piece of state):
+//! the MQTT socket, its port on the shared connection, the packet-id tables. It reads MQTT
+//! only while its publishing links have credit (back-pressure reaches the device as a TCP read
+//! pause) and writes MQTT with `write_all` (a slow device stalls its own task, and through it
+//! only its own links).
 //!
 //! - PUBLISH → the anonymous relay (`to` = `prefix + topic`): QoS 0 settled, QoS 1 and 2
 //!   unsettled; PUBACK / PUBREC once the router says `accepted` (stored, for a topic address).
@@ -26,9 +27,9 @@
 //!
 //! - Persistent sessions (3.1.1 clean session 0; MQTT 5 session expiry > 0) live in the
 //!   brokers: each subscription is a durable subscription named by the AMQP container id
-//!   `mqtt:<client id>` and the link name `sub:<qos>:<filter>`, which keeps collecting while
-//!   the device is away. On a reconnect (to this gateway or any other in front of the same
-//!   routers) the gateway finds them in the router's queue list (`$sub:mqtt:<id>:sub:...`) and
+//!   `mqtt` and the link name `<client id>:<qos>:<filter>`, which keeps collecting while the
+//!   device is away. On a reconnect (to this gateway or any other in front of the same
+//!   routers) the gateway finds them in the router's queue list (`$sub:mqtt:<id>:...`) and
 //!   attaches them again: session present, and what arrived meanwhile is delivered. Clean
 //!   start unsubscribes them.
 //!
@@ -39,8 +40,7 @@
 //! - Retained messages: one queue per topic (`retained_prefix`), purged and refilled on each
 //!   retained PUBLISH, read without taking (released) at SUBSCRIBE.
 //!
-//! Not yet (docs/mqtt.md lists them): shared subscriptions, session expiry timers, devices
-//! multiplexed over shared AMQP connections.
+//! Not yet (docs/mqtt.md lists them): shared subscriptions, session expiry timers.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -49,8 +49,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use amqp::client::Client;
-use amqp::{DeliveryState, Event, LinkId, Role};
+use amqp::connection::AttachRequest;
+use amqp::{DeliveryState, LinkId, Role};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -61,10 +61,14 @@ use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, QoS, SubAck,
     SubOptions, Version, Will, reason,
 };
+use crate::mux::{self, Ev, Pool, Port};
 use crate::topic;
 
 /// Topic aliases a device may set (MQTT 5, device → gateway).
 const TOPIC_ALIASES: u16 = 64;
+
+/// Most router-side events handled before the device's output is written.
+const BATCH: usize = 256;
 
 /// What the gateway needs to run.
 #[derive(Debug, Clone)]
@@ -90,6 +94,8 @@ pub struct Config {
     /// Address prefix of the queues holding retained messages (one queue per topic, declared
     /// a queue prefix in the router); retain is not available without it and `router_http`.
     pub retained_prefix: Option<String>,
+    /// Devices sharing one AMQP connection to the router ([`crate::mux`]).
+    pub devices_per_connection: usize,
 }
 
 impl Default for Config {
@@ -104,6 +110,7 @@ impl Default for Config {
             router_http: None,
             max_publish_rate: 0,
             retained_prefix: None,
+            devices_per_connection: 500,
         }
     }
 }
@@ -149,6 +156,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let live = Arc::new(AtomicUsize::new(0));
     let clients = Arc::new(Clients::default());
+    let pool = Pool::new(cfg.router.clone(), cfg.devices_per_connection);
     loop {
         let (accepted, websocket) = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
@@ -166,6 +174,7 @@ pub async fn serve(
         let cfg = cfg.clone();
         let live = live.clone();
         let clients = clients.clone();
+        let pool = pool.clone();
         let n = live.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             let busy = n >= cfg.max_connections;
@@ -184,7 +193,7 @@ pub async fn serve(
                 Ok(Box::new(sock))
             };
             let r = match io {
-                Ok(io) => connection(io, &cfg, &clients, busy).await,
+                Ok(io) => connection(io, &cfg, &clients, &pool, busy).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = r {
@@ -277,6 +286,7 @@ async fn connection(
     mut sock: Io,
     cfg: &Config,
     clients: &Clients,
+    pool: &Arc<Pool>,
     busy: bool,
 ) -> Result<(), ConnError> {
     let mut buf = BytesMut::with_capacity(4096);
@@ -311,8 +321,8 @@ async fn connection(
     } else {
         c.client_id.clone()
     };
-    let amqp = match Client::connect_with(&cfg.router, &container_id(&client_id), 2048).await {
-        Ok(a) => a,
+    let port = match pool.join().await {
+        Ok(p) => p,
         Err(e) => {
             write(
                 &mut sock,
@@ -346,13 +356,7 @@ async fn connection(
             .min(c.properties.session_expiry_interval.unwrap_or(0)),
     ));
     let (generation, mut kicked) = clients.register(&client_id);
-    let mut s = match Session::new(sock, amqp, v, c, client_id.clone(), cfg, kicked.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            clients.unregister(&client_id, generation);
-            return Err(e);
-        }
-    };
+    let mut s = Session::new(sock, port, v, c, client_id.clone(), cfg, kicked.clone());
     // The session kept in the brokers: resumed, or ended by a clean start.
     let kept = match &cfg.router_http {
         Some(http) => match session_subscriptions(http, &client_id).await {
@@ -416,6 +420,8 @@ async fn connection(
         let _ = write(&mut s.sock, &d, v).await;
     }
     let _ = s.sock.shutdown().await;
+    // The device's links go (not closing: a persistent session's subscriptions stay).
+    drop(s);
     if let (true, Some(w)) = (send_will, will) {
         let cancelled = if will_delay.is_zero() {
             false
@@ -426,20 +432,22 @@ async fn connection(
                 _ = kicked.wait_for(|k| *k) => true,
             }
         };
-        if !cancelled && let Err(e) = publish_will(cfg, &client_id, w).await {
+        if !cancelled && let Err(e) = publish_will(cfg, pool, &client_id, w).await {
             tracing::debug!("will of {client_id} not published: {e}");
         }
     }
     clients.unregister(&client_id, generation);
-    s.amqp.conn.close(None);
-    let _ = s.amqp.flush().await;
     r.map(|_| ())
 }
 
-/// Publishes a will like a PUBLISH from the device, over a connection of its own (a delayed
-/// will may wait longer than the session's AMQP connection would stay idle), and waits up to
-/// 5 s for the router's outcome when its QoS asks for one.
-async fn publish_will(cfg: &Config, client_id: &str, w: Will) -> Result<(), ConnError> {
+/// Publishes a will like a PUBLISH from the device, on a link of its own, and waits up to 5 s
+/// for the router's outcome when its QoS asks for one.
+async fn publish_will(
+    cfg: &Config,
+    pool: &Arc<Pool>,
+    client_id: &str,
+    w: Will,
+) -> Result<(), ConnError> {
     let wp = w.properties;
     let p = Publish {
         dup: false,
@@ -459,27 +467,35 @@ async fn publish_will(cfg: &Config, client_id: &str, w: Will) -> Result<(), Conn
         payload: w.payload,
     };
     let run = async {
-        let mut c = Client::connect(&cfg.router, &format!("mqtt-will:{client_id}")).await?;
+        let mut port = pool.join().await?;
         let settled = p.qos == QoS::AtMostOnce;
-        let link = c.sender("will", None, settled).await?;
-        while c.conn.credit(link) == 0 {
-            c.pump().await?;
+        let name = format!("will:{}", port.id());
+        let link = port.attach(sender_request(name, settled), 0).await?;
+        while port.credit(link) == 0 {
+            match port.events.recv().await {
+                Some(Ev::Credit {
+                    link,
+                    credit,
+                    applied,
+                }) => port.credit_report(link, credit, applied),
+                Some(Ev::LinkClosed { .. }) | Some(Ev::Closed) | None => {
+                    return Err(ConnError::Closed("will link gone"));
+                }
+                Some(_) => {}
+            }
         }
         let mut msg = BytesMut::new();
         bridge::to_amqp(&p, client_id, &cfg.topic_prefix, &mut msg);
-        let Some(id) = c.conn.send(link, b"will", &msg, settled, 0) else {
-            return Err(ConnError::Closed("will link gone"));
-        };
-        c.flush().await?;
+        port.send(link, 0, msg.freeze(), settled)?;
         if !settled {
-            c.wait(|e| {
-                matches!(e, Event::Disposition { role: Role::Receiver, first, last, .. }
-                    if id.wrapping_sub(*first) <= last.wrapping_sub(*first))
-            })
-            .await?;
+            loop {
+                match port.events.recv().await {
+                    Some(Ev::Outcome { .. }) => break,
+                    Some(Ev::Closed) | None => return Err(ConnError::Closed("router gone")),
+                    Some(_) => {}
+                }
+            }
         }
-        c.conn.close(None);
-        c.flush().await?;
         Ok(())
     };
     tokio::time::timeout(Duration::from_secs(5), run)
@@ -492,21 +508,46 @@ fn retained_store(cfg: &Config) -> Option<(&str, &str)> {
     Some((cfg.router_http.as_deref()?, cfg.retained_prefix.as_deref()?))
 }
 
-/// The AMQP container id of a device's connection: `mqtt:` and the client id with `%` and
-/// `:` escaped, so that `<container>:sub:` prefixes of two clients never overlap.
-fn container_id(client_id: &str) -> String {
-    format!("mqtt:{}", client_id.replace('%', "%25").replace(':', "%3A"))
+/// A client id with `%` and `:` escaped, so that the `<client>:` prefixes of two clients'
+/// subscription names never overlap.
+fn escaped(client_id: &str) -> String {
+    client_id.replace('%', "%25").replace(':', "%3A")
 }
 
-/// The link (and durable subscription) name of a subscription.
-fn link_name(qos: QoS, filter: &str) -> String {
-    format!("sub:{}:{filter}", qos as u8)
+/// The link name of a persistent session's subscription, which with the gateway's container
+/// id names its durable subscription in the brokers: `<client>:<qos>:<filter>`.
+fn durable_name(client_id: &str, qos: QoS, filter: &str) -> String {
+    format!("{}:{}:{filter}", escaped(client_id), qos as u8)
+}
+
+/// A sending link on the anonymous relay.
+fn sender_request(name: String, settled: bool) -> AttachRequest {
+    AttachRequest {
+        name,
+        role: Role::Sender,
+        source: Some(amqp::Terminus::default()),
+        target: Some(amqp::Terminus::default()),
+        snd_settle_mode: if settled { 1 } else { 0 },
+        rcv_settle_mode: 0,
+    }
+}
+
+/// A receiving link from `source`.
+fn receiver_request(name: String, source: amqp::Terminus, settled: bool) -> AttachRequest {
+    AttachRequest {
+        name,
+        role: Role::Receiver,
+        source: Some(source),
+        target: Some(amqp::Terminus::default()),
+        snd_settle_mode: if settled { 1 } else { 2 },
+        rcv_settle_mode: 0,
+    }
 }
 
 /// The subscriptions a client's persistent session keeps in the brokers, as `(QoS, filter)`,
 /// from the router's queue list.
 async fn session_subscriptions(http: &str, client_id: &str) -> io::Result<Vec<(QoS, String)>> {
-    let prefix = format!("$sub:{}:sub:", container_id(client_id));
+    let prefix = format!("$sub:{}:{}:", mux::CONTAINER, escaped(client_id));
     let body = http_get(http, &format!("/api/v1/queues?prefix={}", percent(&prefix))).await?;
     let list: Vec<serde_json::Value> =
         serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -647,14 +688,17 @@ struct Outbound {
 
 struct Session<'a> {
     sock: Io,
-    amqp: Client,
+    port: Port,
+    /// Events read while waiting for another (handled first by the main loop).
+    backlog: VecDeque<Ev>,
     v: Version,
     cfg: &'a Config,
     keep_alive: Option<Duration>,
-    pub0: LinkId,
-    pub1: LinkId,
-    /// Our AMQP deliveries (unsettled publishes) → the device's (packet id, QoS).
-    publishing: HashMap<u32, (u16, QoS)>,
+    /// Publishing links, settled (QoS 0) and unsettled; attached at the first PUBLISH.
+    pub0: Option<LinkId>,
+    pub1: Option<LinkId>,
+    /// Our unsettled publishes by tag → the device's (packet id, QoS).
+    publishing: HashMap<u64, (u16, QoS)>,
     /// QoS 2 from the device: forwarded, not yet stored (a resend is dropped).
     qos2_storing: HashSet<u16>,
     /// QoS 2 from the device: stored and PUBREC sent, waiting for PUBREL.
@@ -684,26 +728,25 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    async fn new(
+    fn new(
         sock: Io,
-        mut amqp: Client,
+        port: Port,
         v: Version,
         c: Connect,
         client_id: String,
         cfg: &'a Config,
         kicked: watch::Receiver<bool>,
-    ) -> Result<Session<'a>, ConnError> {
-        let pub0 = amqp.sender("pub0", None, true).await?;
-        let pub1 = amqp.sender("pub1", None, false).await?;
-        Ok(Session {
+    ) -> Session<'a> {
+        Session {
             sock,
-            amqp,
+            port,
+            backlog: VecDeque::new(),
             v,
             cfg,
             keep_alive: (c.keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
-            pub0,
-            pub1,
+            pub0: None,
+            pub1: None,
             publishing: HashMap::new(),
             qos2_storing: HashSet::new(),
             qos2_stored: HashSet::new(),
@@ -721,7 +764,7 @@ impl<'a> Session<'a> {
             client_id,
             receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX),
             held: VecDeque::new(),
-        })
+        }
     }
 
     fn emit(&mut self, p: &Packet) {
@@ -734,19 +777,58 @@ impl<'a> Session<'a> {
             self.sock.write_all(&b).await?;
             self.sock.flush().await?;
         }
-        self.amqp.flush().await?;
         Ok(())
     }
 
+    /// Whether the device may be read: nothing waits for publishing credit.
     fn can_publish(&self) -> bool {
         self.waiting.is_empty()
-            && self.amqp.conn.credit(self.pub0) > 0
-            && self.amqp.conn.credit(self.pub1) > 0
+    }
+
+    /// The publishing link for `qos`, attached on first use.
+    async fn pub_link(&mut self, qos: QoS) -> Result<LinkId, ConnError> {
+        let settled = qos == QoS::AtMostOnce;
+        if let Some(l) = if settled { self.pub0 } else { self.pub1 } {
+            return Ok(l);
+        }
+        let name = format!("pub{}:{}", u8::from(!settled), self.port.id());
+        let link = self.port.attach(sender_request(name, settled), 0).await?;
+        if settled {
+            self.pub0 = Some(link);
+        } else {
+            self.pub1 = Some(link);
+        }
+        Ok(link)
+    }
+
+    /// Waits until `link` has publishing credit, keeping other events for later.
+    async fn wait_credit(&mut self, link: LinkId) -> Result<(), ConnError> {
+        while self.port.credit(link) == 0 {
+            let e = self
+                .port
+                .events
+                .recv()
+                .await
+                .ok_or(ConnError::Closed("router connection gone"))?;
+            match e {
+                Ev::Credit {
+                    link,
+                    credit,
+                    applied,
+                } => self.port.credit_report(link, credit, applied),
+                Ev::Closed => return Err(ConnError::Closed("router connection gone")),
+                e => self.backlog.push_back(e),
+            }
+        }
+        Ok(())
     }
 
     async fn run(&mut self, mut buf: BytesMut) -> Result<End, ConnError> {
         let mut last_heard = Instant::now();
         loop {
+            while let Some(e) = self.backlog.pop_front() {
+                self.on_amqp(e)?;
+            }
             // Everything already buffered first (CONNECT may have arrived with more).
             while self.can_publish() {
                 match codec::decode(&buf, Some(self.v), self.cfg.max_packet_size)? {
@@ -763,23 +845,18 @@ impl<'a> Session<'a> {
             }
             self.flush().await?;
             let keep_alive = self.keep_alive.map(|k| last_heard + k);
-            let amqp_timer = self
-                .amqp
-                .conn
-                .tick(Instant::now())
-                .map_err(amqp::client::ClientError::from)?;
             let refill = (!self.waiting.is_empty())
                 .then(|| self.budget.next())
                 .flatten();
-            let wake = [keep_alive, amqp_timer, refill].into_iter().flatten().min();
+            let wake = [keep_alive, refill].into_iter().flatten().min();
             let read_mqtt = self.can_publish();
             let woke = {
                 let Session {
-                    sock, amqp, kicked, ..
+                    sock, port, kicked, ..
                 } = &mut *self;
                 tokio::select! {
                     r = sock.read_buf(&mut buf), if read_mqtt => Woke::Mqtt(r),
-                    r = amqp.stream.read_buf(&mut amqp.inbuf) => Woke::Amqp(r),
+                    e = port.events.recv() => Woke::Amqp(e),
                     _ = kicked.wait_for(|k| *k) => Woke::Kicked,
                     _ = sleep_until(wake) => Woke::Timer,
                 }
@@ -791,18 +868,16 @@ impl<'a> Session<'a> {
                         return Err(ConnError::Closed("device closed the connection"));
                     }
                 }
-                Woke::Amqp(r) => {
-                    if r? == 0 {
-                        return Err(ConnError::Closed("router closed the connection"));
-                    }
-                    let amqp = &mut self.amqp;
-                    let res = amqp.conn.handle_input(&mut amqp.inbuf, Instant::now());
-                    while let Some(e) = amqp.conn.poll_event() {
-                        amqp.events.push_back(e);
-                    }
-                    res.map_err(amqp::client::ClientError::from)?;
-                    while let Some(e) = self.amqp.events.pop_front() {
-                        self.on_amqp(e)?;
+                Woke::Amqp(e) => {
+                    let Some(e) = e else {
+                        return Err(ConnError::Closed("router connection gone"));
+                    };
+                    self.on_amqp(e)?;
+                    for _ in 0..BATCH {
+                        match self.port.events.try_recv() {
+                            Ok(e) => self.on_amqp(e)?,
+                            Err(_) => break,
+                        }
                     }
                     self.drain_waiting()?;
                 }
@@ -831,6 +906,7 @@ impl<'a> Session<'a> {
                 if p.retain {
                     self.retain(&p).await?;
                 }
+                self.pub_link(p.qos).await?;
                 self.waiting.push_back(p);
                 self.drain_waiting()?;
             }
@@ -874,7 +950,7 @@ impl<'a> Session<'a> {
                     reasons.push(match self.subs.remove(&f) {
                         Some(sub) => {
                             self.links.remove(&sub.link);
-                            self.amqp.conn.detach(sub.link, None, true);
+                            self.port.detach(sub.link, true)?;
                             reason::SUCCESS
                         }
                         None => reason::NO_SUBSCRIPTION_EXISTED,
@@ -916,7 +992,10 @@ impl<'a> Session<'a> {
             } else {
                 self.pub1
             };
-            if self.amqp.conn.credit(link) == 0 || !self.budget.take(Instant::now()) {
+            let Some(link) = link else {
+                return Err(ConnError::Closed("publishing link gone"));
+            };
+            if self.port.credit(link) == 0 || !self.budget.take(Instant::now()) {
                 break;
             }
             let Some(p) = self.waiting.pop_front() else {
@@ -967,18 +1046,16 @@ impl<'a> Session<'a> {
         bridge::to_amqp(&p, &self.client_id, &self.cfg.topic_prefix, &mut msg);
         let settled = p.qos == QoS::AtMostOnce;
         let tag = self.next_tag();
-        let Some(delivery_id) = self.amqp.conn.send(link, &tag, &msg, settled, 0) else {
-            return Err(ConnError::Closed("router link gone"));
-        };
+        self.port.send(link, tag, msg.freeze(), settled)?;
         if let (false, Some(id)) = (settled, p.packet_id) {
-            self.publishing.insert(delivery_id, (id, p.qos));
+            self.publishing.insert(tag, (id, p.qos));
         }
         Ok(())
     }
 
-    fn next_tag(&mut self) -> [u8; 8] {
+    fn next_tag(&mut self) -> u64 {
         self.tags = self.tags.wrapping_add(1);
-        self.tags.to_be_bytes()
+        self.tags
     }
 
     /// Subscribes to `f`; `durable` makes it a durable subscription kept in the brokers.
@@ -1001,9 +1078,10 @@ impl<'a> Session<'a> {
             });
         };
         // A repeated filter replaces the subscription (§3.8.4): the old link goes.
+        let new = !self.subs.contains_key(&f);
         if let Some(old) = self.subs.remove(&f) {
             self.links.remove(&old.link);
-            self.amqp.conn.detach(old.link, None, true);
+            self.port.detach(old.link, true)?;
         }
         let presettled = qos == QoS::AtMostOnce;
         let credit = if presettled {
@@ -1017,9 +1095,14 @@ impl<'a> Session<'a> {
             expiry_policy: durable.then(|| "never".to_owned()),
             ..amqp::Terminus::default()
         };
+        let name = if durable {
+            durable_name(&self.client_id, qos, &f)
+        } else {
+            format!("{}:{}:{f}", self.port.id(), qos as u8)
+        };
         let link = match self
-            .amqp
-            .receiver_from(&link_name(qos, &f), source, credit, presettled)
+            .port
+            .attach(receiver_request(name, source, presettled), credit)
             .await
         {
             Ok(link) => link,
@@ -1032,7 +1115,6 @@ impl<'a> Session<'a> {
         // Events that arrived while attaching are handled by the main loop.
         let literal = (!f.contains(['+', '#'])).then(|| f.clone());
         self.links.insert(link, f.clone());
-        let new = !self.subs.contains_key(&f);
         self.subs.insert(
             f.clone(),
             Sub {
@@ -1077,12 +1159,10 @@ impl<'a> Session<'a> {
         // Sent settled on the anonymous relay, to the retained queue rather than the topic.
         let mut to = BytesMut::new();
         bridge::retarget(&msg, &queue, &mut to);
-        while self.amqp.conn.credit(self.pub0) == 0 {
-            self.amqp.pump().await?;
-        }
+        let link = self.pub_link(QoS::AtMostOnce).await?;
+        self.wait_credit(link).await?;
         let tag = self.next_tag();
-        self.amqp.conn.send(self.pub0, &tag, &to, true, 0);
-        self.amqp.flush().await?;
+        self.port.send(link, tag, to.freeze(), true)?;
         Ok(())
     }
 
@@ -1156,9 +1236,11 @@ impl<'a> Session<'a> {
         depth: u64,
     ) -> Result<Option<bridge::Incoming>, ConnError> {
         let n = u32::try_from(depth.min(64)).unwrap_or(64);
+        let name = format!("retained:{}", self.port.id());
+        let source = amqp::Terminus::with_address(queue);
         let link = match self
-            .amqp
-            .receiver_from("retained", amqp::Terminus::with_address(queue), n, false)
+            .port
+            .attach(receiver_request(name, source, false), n)
             .await
         {
             Ok(l) => l,
@@ -1168,25 +1250,20 @@ impl<'a> Session<'a> {
         let mut got = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while got.len() < n as usize {
-            let d = tokio::time::timeout_at(
-                deadline,
-                self.amqp
-                    .wait(|e| matches!(e, Event::Delivery(d) if d.link == link)),
-            )
-            .await;
-            match d {
-                Ok(Ok(Event::Delivery(d))) => got.push(d),
-                Ok(Err(e)) => return Err(e.into()),
-                _ => break,
+            match tokio::time::timeout_at(deadline, self.port.events.recv()).await {
+                Ok(Some(Ev::Delivery(d))) if d.link == link => got.push(d),
+                Ok(Some(Ev::Closed)) | Ok(None) => {
+                    return Err(ConnError::Closed("router connection gone"));
+                }
+                Ok(Some(e)) => self.backlog.push_back(e),
+                Err(_) => break,
             }
         }
         for d in &got {
-            self.amqp
-                .conn
-                .disposition(link, d.delivery_id, true, Some(DeliveryState::Released));
+            self.port
+                .settle(link, d.delivery_id, DeliveryState::Released, 0)?;
         }
-        self.amqp.conn.detach(link, None, true);
-        self.amqp.flush().await?;
+        self.port.detach(link, true)?;
         Ok(got
             .last()
             .and_then(|d| bridge::from_amqp(&d.payload, &self.cfg.topic_prefix).ok()))
@@ -1203,12 +1280,13 @@ impl<'a> Session<'a> {
             expiry_policy: Some("never".to_owned()),
             ..amqp::Terminus::default()
         };
+        let name = durable_name(&self.client_id, qos, f);
         match self
-            .amqp
-            .receiver_from(&link_name(qos, f), source, 0, qos == QoS::AtMostOnce)
+            .port
+            .attach(receiver_request(name, source, qos == QoS::AtMostOnce), 0)
             .await
         {
-            Ok(link) => self.amqp.conn.detach(link, None, true),
+            Ok(link) => self.port.detach(link, true)?,
             Err(amqp::client::ClientError::Refused(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -1218,34 +1296,26 @@ impl<'a> Session<'a> {
     /// Ends every subscription (closing detaches: durable ones are deleted).
     fn unsubscribe_all(&mut self) {
         for (_, sub) in self.subs.drain() {
-            self.amqp.conn.detach(sub.link, None, true);
+            let _ = self.port.detach(sub.link, true);
         }
         self.links.clear();
     }
 
-    fn on_amqp(&mut self, e: Event) -> Result<(), ConnError> {
+    fn on_amqp(&mut self, e: Ev) -> Result<(), ConnError> {
         match e {
-            Event::Disposition {
-                role: Role::Receiver,
-                first,
-                last,
-                state,
-                ..
-            } => {
-                let mut id = first;
-                loop {
-                    if let Some((packet_id, qos)) = self.publishing.remove(&id) {
-                        self.published(packet_id, qos, state.as_ref())?;
-                    }
-                    if id == last {
-                        break;
-                    }
-                    id = id.wrapping_add(1);
+            Ev::Outcome { tag, state } => {
+                if let Some((packet_id, qos)) = self.publishing.remove(&tag) {
+                    self.published(packet_id, qos, state.as_ref())?;
                 }
             }
-            Event::Delivery(d) => self.deliver(d)?,
-            Event::LinkClosed { link, error, .. } => {
-                if link == self.pub0 || link == self.pub1 {
+            Ev::Credit {
+                link,
+                credit,
+                applied,
+            } => self.port.credit_report(link, credit, applied),
+            Ev::Delivery(d) => self.deliver(d)?,
+            Ev::LinkClosed { link, error } => {
+                if Some(link) == self.pub0 || Some(link) == self.pub1 {
                     return Err(ConnError::Closed("router detached a publishing link"));
                 }
                 if let Some(f) = self.links.remove(&link) {
@@ -1253,8 +1323,7 @@ impl<'a> Session<'a> {
                     self.subs.remove(&f);
                 }
             }
-            Event::Closed(_) => return Err(ConnError::Closed("router closed the connection")),
-            _ => {}
+            Ev::Closed => return Err(ConnError::Closed("router closed the connection")),
         }
         Ok(())
     }
@@ -1295,12 +1364,8 @@ impl<'a> Session<'a> {
         let Some(f) = self.links.get(&d.link) else {
             // A subscription just removed: give the message back.
             if !d.settled {
-                self.amqp.conn.disposition(
-                    d.link,
-                    d.delivery_id,
-                    true,
-                    Some(DeliveryState::Released),
-                );
+                self.port
+                    .settle(d.link, d.delivery_id, DeliveryState::Released, 0)?;
             }
             return Ok(());
         };
@@ -1312,18 +1377,18 @@ impl<'a> Session<'a> {
         let m = match bridge::from_amqp(&d.payload, &self.cfg.topic_prefix) {
             Ok(m) => m,
             Err(_) => {
-                self.reject(&d);
+                self.reject(&d)?;
                 return Ok(());
             }
         };
         if opts.no_local && m.publisher.as_deref() == Some(self.client_id.as_str()) {
             // Its own message on a no-local subscription: taken, not sent.
-            self.consumed(link, &d);
+            self.consumed(link, &d)?;
             return Ok(());
         }
         let Some(topic) = m.topic.clone().or(literal) else {
             // No topic to give it: an AMQP message without `to` on a wildcard subscription.
-            self.reject(&d);
+            self.reject(&d)?;
             return Ok(());
         };
         let qos = m.qos.unwrap_or(QoS::AtLeastOnce).min(sub_qos);
@@ -1364,31 +1429,31 @@ impl<'a> Session<'a> {
         });
         self.emit(&p);
         if packet_id.is_none() {
-            self.consumed(link, &d);
+            self.consumed(link, &d)?;
         }
         Ok(())
     }
 
     /// A delivery done with at once (QoS 0 out, or skipped): accepted, and its credit back.
-    fn consumed(&mut self, link: LinkId, d: &amqp::Delivery) {
-        if !d.settled {
-            self.amqp
-                .conn
-                .disposition(link, d.delivery_id, true, Some(DeliveryState::Accepted));
+    fn consumed(&mut self, link: LinkId, d: &amqp::Delivery) -> Result<(), ConnError> {
+        if d.settled {
+            self.port.add_credit(link, 1)?;
+        } else {
+            self.port
+                .settle(link, d.delivery_id, DeliveryState::Accepted, 1)?;
         }
-        let credit = self.amqp.conn.receiver_credit(link);
-        self.amqp.conn.set_credit(link, credit + 1, false);
+        Ok(())
     }
 
-    fn reject(&mut self, d: &amqp::Delivery) {
-        if !d.settled {
-            self.amqp.conn.disposition(
-                d.link,
-                d.delivery_id,
-                true,
-                Some(DeliveryState::Rejected(None)),
-            );
+    /// A delivery the device cannot be given: rejected, and its credit back.
+    fn reject(&mut self, d: &amqp::Delivery) -> Result<(), ConnError> {
+        if d.settled {
+            self.port.add_credit(d.link, 1)?;
+        } else {
+            self.port
+                .settle(d.link, d.delivery_id, DeliveryState::Rejected(None), 1)?;
         }
+        Ok(())
     }
 
     fn free_id(&mut self) -> u16 {
@@ -1409,11 +1474,8 @@ impl<'a> Session<'a> {
         let Some((link, delivery_id)) = o.from else {
             return Ok(());
         };
-        self.amqp
-            .conn
-            .disposition(link, delivery_id, true, Some(DeliveryState::Accepted));
-        let credit = self.amqp.conn.receiver_credit(link);
-        self.amqp.conn.set_credit(link, credit + 1, false);
+        self.port
+            .settle(link, delivery_id, DeliveryState::Accepted, 1)?;
         // A slot under the device's receive maximum: the next held delivery goes out.
         if let Some(d) = self.held.pop_front() {
             self.deliver(d)?;
@@ -1463,7 +1525,7 @@ impl Budget {
 
 enum Woke {
     Mqtt(io::Result<usize>),
-    Amqp(io::Result<usize>),
+    Amqp(Option<Ev>),
     Kicked,
     Timer,
 }

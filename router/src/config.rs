@@ -385,6 +385,10 @@ pub struct MqttSection {
     /// Address prefix of the queues that hold retained messages, one per topic (standalone
     /// declares it a queue prefix); empty: retain not available.
     pub retained_prefix: String,
+    /// Devices sharing one AMQP connection from the gateway to the router (their links stay
+    /// their own). Keep it × the links per device under the router's
+    /// `max_links_per_connection`.
+    pub devices_per_connection: usize,
 }
 
 impl Default for MqttSection {
@@ -401,6 +405,7 @@ impl Default for MqttSection {
             inflight: 64,
             max_publish_rate: 0,
             retained_prefix: "mqtt-retained/".into(),
+            devices_per_connection: 500,
         }
     }
 }
@@ -464,9 +469,13 @@ impl Config {
             ));
         }
         let m = &self.mqtt;
-        if m.max_packet_size < 128 || m.inflight == 0 || m.max_connections == 0 {
+        if m.max_packet_size < 128
+            || m.inflight == 0
+            || m.max_connections == 0
+            || m.devices_per_connection == 0
+        {
             return Err(ConfigError::Invalid(
-                "mqtt: max_packet_size >= 128, inflight and max_connections > 0".into(),
+                "mqtt: max_packet_size >= 128; inflight, max_connections, devices_per_connection > 0".into(),
             ));
         }
         Ok(())

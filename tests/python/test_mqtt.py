@@ -449,8 +449,8 @@ def test_persistent_session_collects_while_away_and_clean_start_ends_it(router, 
     # The session's subscription, as the gateway finds it (a prefix query of the queue list).
     from urllib.parse import quote
     status, mine = __import__("helpers").http_json(
-        "GET", router.http_url + "/api/v1/queues?prefix=" + quote("$sub:mqtt:%s:sub:" % cid))
-    assert status == 200 and [q["address"] for q in mine] == ["$sub:mqtt:%s:sub:1:cmd/%s/#" % (cid, cid)], mine
+        "GET", router.http_url + "/api/v1/queues?prefix=" + quote("$sub:mqtt:%s:" % cid))
+    assert status == 200 and [q["address"] for q in mine] == ["$sub:mqtt:%s:1:cmd/%s/#" % (cid, cid)], mine
     d.close()
     amqp = connect(router.amqp_url)
     try:

@@ -1,0 +1,603 @@
+//! Devices multiplexed over a few AMQP connections to the router.
+//!
+//! One AMQP connection per device would cost three sockets per device in standalone (device,
+//! gateway → router, router ← gateway) and an AMQP connection's state on both ends; 15k
+//! devices would not fit under a 20k descriptor limit. Instead a [`Pool`] keeps AMQP
+//! connections of up to `per_connection` devices each, and every device task holds a
+//! [`Port`] on one of them.
+//!
+//! Each pooled connection is owned by one task ([`run`]) that owns the AMQP engine, one
+//! session, and the maps from links and deliveries to devices; devices talk to it by message
+//! only (one owner for each piece of state). All devices of a connection share its session;
+//! their links are their own, named by the device (a device's link names are unique on the
+//! connection), so credit, settlement and back-pressure stay per device.
+//!
+//! The channels are unbounded but bounded by the protocol: towards a device, deliveries are
+//! bounded by the credit the device granted and outcomes by what it sent; towards the
+//! connection, a device sends only within the credit the connection reported to it
+//! ([`Ev::Credit`] carries how many of the device's sends the task had applied, so the device
+//! computes its remaining credit exactly), settles only deliveries it received, and waits for
+//! each attach's answer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use amqp::client::{Client, ClientError};
+use amqp::connection::AttachRequest;
+use amqp::{DeliveryState, ErrorCondition, Event, LinkId, Role};
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+
+/// The AMQP container id of every gateway connection: durable subscriptions are named
+/// `<container>:<link name>` by the router, and must be found again through any gateway.
+pub const CONTAINER: &str = "mqtt";
+
+/// What a device hears from its connection.
+#[derive(Debug)]
+pub enum Ev {
+    /// A delivery on one of the device's receiving links.
+    Delivery(amqp::Delivery),
+    /// The router's outcome of an unsettled send (by the device's tag).
+    Outcome {
+        tag: u64,
+        state: Option<DeliveryState>,
+    },
+    /// A sending link's credit: `credit` after `applied` of the device's sends on it.
+    Credit {
+        link: LinkId,
+        credit: u32,
+        applied: u64,
+    },
+    /// One of the device's links is gone.
+    LinkClosed {
+        link: LinkId,
+        error: Option<ErrorCondition>,
+    },
+    /// The AMQP connection is gone.
+    Closed,
+}
+
+type AttachReply = oneshot::Sender<Result<LinkId, Option<ErrorCondition>>>;
+
+enum Cmd {
+    Join {
+        dev: u64,
+        events: mpsc::UnboundedSender<Ev>,
+    },
+    Attach {
+        dev: u64,
+        req: Box<AttachRequest>,
+        credit: u32,
+        reply: AttachReply,
+    },
+    Send {
+        link: LinkId,
+        tag: u64,
+        msg: Bytes,
+        settled: bool,
+    },
+    Settle {
+        link: LinkId,
+        delivery_id: u32,
+        state: DeliveryState,
+        credit: u32,
+    },
+    Credit {
+        link: LinkId,
+        add: u32,
+    },
+    Detach {
+        link: LinkId,
+        closed: bool,
+    },
+    Leave {
+        dev: u64,
+    },
+}
+
+/// One pooled connection, as the pool sees it.
+struct Handle {
+    tx: mpsc::UnboundedSender<Cmd>,
+    devices: Arc<AtomicUsize>,
+}
+
+/// The gateway's AMQP connections to the router.
+pub struct Pool {
+    router: String,
+    per_connection: usize,
+    conns: Mutex<Vec<Handle>>,
+    next_dev: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(router: String, per_connection: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            router,
+            per_connection: per_connection.max(1),
+            conns: Mutex::new(Vec::new()),
+            next_dev: AtomicU64::new(1),
+        })
+    }
+
+    /// A port for one device: on the least loaded live connection with room, or on a new one.
+    pub async fn join(self: &Arc<Self>) -> Result<Port, ClientError> {
+        let dev = self.next_dev.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = self.try_join(dev) {
+            return Ok(p);
+        }
+        // Connected outside the lock; a race may open one connection more than needed.
+        let client = Client::connect_with(&self.router, CONTAINER, 1 << 16).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let devices = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(client, rx));
+        if let Ok(mut g) = self.conns.lock() {
+            g.retain(|h| !h.tx.is_closed());
+            g.push(Handle {
+                tx: tx.clone(),
+                devices: devices.clone(),
+            });
+        }
+        Ok(Port::new(dev, tx, devices))
+    }
+
+    fn try_join(&self, dev: u64) -> Option<Port> {
+        let mut g = self.conns.lock().ok()?;
+        g.retain(|h| !h.tx.is_closed());
+        let h = g
+            .iter()
+            .filter(|h| h.devices.load(Ordering::Relaxed) < self.per_connection)
+            .min_by_key(|h| h.devices.load(Ordering::Relaxed))?;
+        Some(Port::new(dev, h.tx.clone(), h.devices.clone()))
+    }
+
+    /// AMQP connections open now.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().map_or(0, |g| g.len())
+    }
+}
+
+/// A device's access to its connection. Dropping it detaches the device's remaining links
+/// (not closing: durable subscriptions stay).
+pub struct Port {
+    dev: u64,
+    tx: mpsc::UnboundedSender<Cmd>,
+    devices: Arc<AtomicUsize>,
+    pub events: mpsc::UnboundedReceiver<Ev>,
+    /// Per sending link: (credit reported, sends applied when reported, sends made).
+    credit: HashMap<LinkId, (u32, u64, u64)>,
+}
+
+impl Port {
+    fn new(dev: u64, tx: mpsc::UnboundedSender<Cmd>, devices: Arc<AtomicUsize>) -> Port {
+        devices.fetch_add(1, Ordering::Relaxed);
+        let (etx, events) = mpsc::unbounded_channel();
+        let _ = tx.send(Cmd::Join { dev, events: etx });
+        Port {
+            dev,
+            tx,
+            devices,
+            events,
+            credit: HashMap::new(),
+        }
+    }
+
+    /// This device's number, unique in the pool (for link names).
+    pub fn id(&self) -> u64 {
+        self.dev
+    }
+
+    fn cmd(&self, c: Cmd) -> Result<(), ClientError> {
+        self.tx.send(c).map_err(|_| ClientError::Closed(None))
+    }
+
+    /// Attaches a link and waits for the router's answer; a receiver then gets `credit`.
+    pub async fn attach(&mut self, req: AttachRequest, credit: u32) -> Result<LinkId, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        let sender = req.role == Role::Sender;
+        self.cmd(Cmd::Attach {
+            dev: self.dev,
+            req: Box::new(req),
+            credit,
+            reply,
+        })?;
+        let link = answer
+            .await
+            .map_err(|_| ClientError::Closed(None))?
+            .map_err(ClientError::Refused)?;
+        if sender {
+            self.credit.insert(link, (0, 0, 0));
+        }
+        Ok(link)
+    }
+
+    /// Credit the device may still use on sending `link`.
+    pub fn credit(&self, link: LinkId) -> u32 {
+        self.credit.get(&link).map_or(0, |&(c, applied, sent)| {
+            let used = sent.saturating_sub(applied);
+            u32::try_from(u64::from(c).saturating_sub(used)).unwrap_or(0)
+        })
+    }
+
+    /// Records a credit report (call for every [`Ev::Credit`]).
+    pub fn credit_report(&mut self, link: LinkId, credit: u32, applied: u64) {
+        if let Some(c) = self.credit.get_mut(&link) {
+            c.0 = credit;
+            c.1 = applied;
+        }
+    }
+
+    /// Sends on `link` (within [`Port::credit`]); an unsettled send's outcome comes back as
+    /// [`Ev::Outcome`] with `tag`.
+    pub fn send(
+        &mut self,
+        link: LinkId,
+        tag: u64,
+        msg: Bytes,
+        settled: bool,
+    ) -> Result<(), ClientError> {
+        if let Some(c) = self.credit.get_mut(&link) {
+            c.2 += 1;
+        }
+        self.cmd(Cmd::Send {
+            link,
+            tag,
+            msg,
+            settled,
+        })
+    }
+
+    /// Settles a delivery the device received, granting `credit` more on its link.
+    pub fn settle(
+        &self,
+        link: LinkId,
+        delivery_id: u32,
+        state: DeliveryState,
+        credit: u32,
+    ) -> Result<(), ClientError> {
+        self.cmd(Cmd::Settle {
+            link,
+            delivery_id,
+            state,
+            credit,
+        })
+    }
+
+    /// Grants `add` more credit on receiving `link`.
+    pub fn add_credit(&self, link: LinkId, add: u32) -> Result<(), ClientError> {
+        self.cmd(Cmd::Credit { link, add })
+    }
+
+    /// Detaches a link; `closed` ends its terminus (a durable subscription is deleted).
+    pub fn detach(&mut self, link: LinkId, closed: bool) -> Result<(), ClientError> {
+        self.credit.remove(&link);
+        self.cmd(Cmd::Detach { link, closed })
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Cmd::Leave { dev: self.dev });
+        self.devices.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the connection's task keeps about one link.
+struct LinkState {
+    dev: u64,
+    /// Sends the device made on it that were applied (for [`Ev::Credit`]).
+    applied: u64,
+}
+
+/// An attach sent, waiting for the router's answer.
+struct Pending {
+    dev: u64,
+    credit: u32,
+    reply: Option<AttachReply>,
+    refused: bool,
+}
+
+struct Mux {
+    client: Client,
+    devices: HashMap<u64, mpsc::UnboundedSender<Ev>>,
+    links: HashMap<LinkId, LinkState>,
+    pending: HashMap<LinkId, Pending>,
+    /// Unsettled sends by delivery id: (device, its tag).
+    sent: HashMap<u32, (u64, u64)>,
+}
+
+/// Most commands handled before the connection's output is written (and its input read).
+const BATCH: usize = 256;
+
+/// Drives one pooled connection until the router closes it or it fails; every device on it
+/// then hears [`Ev::Closed`].
+async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    let mut m = Mux {
+        client,
+        devices: HashMap::new(),
+        links: HashMap::new(),
+        pending: HashMap::new(),
+        sent: HashMap::new(),
+    };
+    let r = m.serve(&mut rx).await;
+    if let Err(e) = &r {
+        tracing::info!("gateway connection to the router ended: {e}");
+    }
+    rx.close();
+    while let Ok(c) = rx.try_recv() {
+        if let Cmd::Join { events, .. } = c {
+            let _ = events.send(Ev::Closed);
+        }
+    }
+    for (_, d) in m.devices.drain() {
+        let _ = d.send(Ev::Closed);
+    }
+    for (_, p) in m.pending.drain() {
+        if let Some(r) = p.reply {
+            let _ = r.send(Err(None));
+        }
+    }
+}
+
+impl Mux {
+    async fn serve(&mut self, rx: &mut mpsc::UnboundedReceiver<Cmd>) -> Result<(), ClientError> {
+        loop {
+            let next = self.client.conn.tick(Instant::now())?;
+            self.client.flush().await?;
+            let c = &mut self.client;
+            tokio::select! {
+                r = c.stream.read_buf(&mut c.inbuf) => {
+                    if r? == 0 {
+                        return Err(ClientError::Closed(None));
+                    }
+                    let res = c.conn.handle_input(&mut c.inbuf, Instant::now());
+                    while let Some(e) = self.client.conn.poll_event() {
+                        self.on_event(e)?;
+                    }
+                    let c = &mut self.client;
+                    if c.inbuf.capacity() - c.inbuf.len() < 4096 {
+                        c.inbuf.reserve(1 << 16);
+                    }
+                    res?;
+                }
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return Ok(()) };
+                    self.on_cmd(cmd);
+                    for _ in 1..BATCH {
+                        match rx.try_recv() {
+                            Ok(cmd) => self.on_cmd(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep_until(next) => {}
+            }
+        }
+    }
+
+    fn tell(&self, dev: u64, e: Ev) {
+        if let Some(d) = self.devices.get(&dev) {
+            let _ = d.send(e);
+        }
+    }
+
+    fn on_cmd(&mut self, c: Cmd) {
+        let conn = &mut self.client.conn;
+        match c {
+            Cmd::Join { dev, events } => {
+                self.devices.insert(dev, events);
+            }
+            Cmd::Attach {
+                dev,
+                req,
+                credit,
+                reply,
+            } => match conn.attach(self.client.channel, *req) {
+                Some(link) => {
+                    self.pending.insert(
+                        link,
+                        Pending {
+                            dev,
+                            credit,
+                            reply: Some(reply),
+                            refused: false,
+                        },
+                    );
+                }
+                None => {
+                    let _ = reply.send(Err(None));
+                }
+            },
+            Cmd::Send {
+                link,
+                tag,
+                msg,
+                settled,
+            } => {
+                let Some(l) = self.links.get_mut(&link) else {
+                    return;
+                };
+                l.applied += 1;
+                let dev = l.dev;
+                match conn.send(link, &tag.to_be_bytes(), &msg, settled, 0) {
+                    Some(id) if !settled => {
+                        self.sent.insert(id, (dev, tag));
+                    }
+                    Some(_) => {}
+                    None => {
+                        // Over credit (the device miscounted) or the link is going: refused.
+                        if !settled {
+                            self.tell(
+                                dev,
+                                Ev::Outcome {
+                                    tag,
+                                    state: Some(DeliveryState::Released),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            Cmd::Settle {
+                link,
+                delivery_id,
+                state,
+                credit,
+            } => {
+                conn.disposition(link, delivery_id, true, Some(state));
+                if credit > 0 && self.links.contains_key(&link) {
+                    let c = conn.receiver_credit(link);
+                    conn.set_credit(link, c.saturating_add(credit), false);
+                }
+            }
+            Cmd::Credit { link, add } => {
+                if self.links.contains_key(&link) {
+                    let c = conn.receiver_credit(link);
+                    conn.set_credit(link, c.saturating_add(add), false);
+                }
+            }
+            Cmd::Detach { link, closed } => {
+                if self.links.remove(&link).is_some() {
+                    conn.detach(link, None, closed);
+                }
+            }
+            Cmd::Leave { dev } => {
+                self.devices.remove(&dev);
+                let gone: Vec<LinkId> = self
+                    .links
+                    .iter()
+                    .filter(|(_, l)| l.dev == dev)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for link in gone {
+                    self.links.remove(&link);
+                    conn.detach(link, None, false);
+                }
+                // Attaches still waiting are detached when answered (their device is gone).
+            }
+        }
+    }
+
+    fn on_event(&mut self, e: Event) -> Result<(), ClientError> {
+        match e {
+            Event::Attach { link, attach } => {
+                let Some(p) = self.pending.get_mut(&link) else {
+                    return Ok(());
+                };
+                let refused = match attach.role {
+                    Role::Receiver => attach.target.is_none(),
+                    Role::Sender => attach.source.is_none(),
+                };
+                if refused {
+                    // The detach with the reason follows.
+                    p.refused = true;
+                    return Ok(());
+                }
+                let (dev, credit, reply) = (p.dev, p.credit, p.reply.take());
+                self.pending.remove(&link);
+                let conn = &mut self.client.conn;
+                if !self.devices.contains_key(&dev) {
+                    conn.detach(link, None, false);
+                    return Ok(());
+                }
+                if credit > 0 {
+                    conn.set_credit(link, credit, false);
+                }
+                self.links.insert(link, LinkState { dev, applied: 0 });
+                if reply.is_none_or(|r| r.send(Ok(link)).is_err()) {
+                    // Its device stopped waiting.
+                    self.links.remove(&link);
+                    self.client.conn.detach(link, None, false);
+                }
+            }
+            Event::Credit { link, credit, .. } => {
+                if let Some(l) = self.links.get(&link) {
+                    self.tell(
+                        l.dev,
+                        Ev::Credit {
+                            link,
+                            credit,
+                            applied: l.applied,
+                        },
+                    );
+                }
+            }
+            Event::Delivery(d) => match self.links.get(&d.link) {
+                Some(l) => self.tell(l.dev, Ev::Delivery(d)),
+                None => {
+                    // Its device left or detached it: give the message back.
+                    if !d.settled {
+                        self.client.conn.disposition(
+                            d.link,
+                            d.delivery_id,
+                            true,
+                            Some(DeliveryState::Released),
+                        );
+                    }
+                }
+            },
+            Event::Disposition {
+                role: Role::Receiver,
+                first,
+                last,
+                state,
+                ..
+            } => {
+                let span = last.wrapping_sub(first) as usize;
+                let mut done = Vec::new();
+                if span < self.sent.len() {
+                    let mut id = first;
+                    loop {
+                        if let Some(x) = self.sent.remove(&id) {
+                            done.push(x);
+                        }
+                        if id == last {
+                            break;
+                        }
+                        id = id.wrapping_add(1);
+                    }
+                } else {
+                    // A wide range: walk what is outstanding instead.
+                    self.sent.retain(|&id, x| {
+                        let inside = id.wrapping_sub(first) <= last.wrapping_sub(first);
+                        if inside {
+                            done.push(*x);
+                        }
+                        !inside
+                    });
+                }
+                for (dev, tag) in done {
+                    self.tell(
+                        dev,
+                        Ev::Outcome {
+                            tag,
+                            state: state.clone(),
+                        },
+                    );
+                }
+            }
+            Event::LinkClosed { link, error, .. } => {
+                if let Some(mut p) = self.pending.remove(&link) {
+                    if let Some(r) = p.reply.take() {
+                        let _ = r.send(Err(error));
+                    }
+                } else if let Some(l) = self.links.remove(&link) {
+                    self.tell(l.dev, Ev::LinkClosed { link, error });
+                }
+            }
+            Event::Closed(e) => return Err(ClientError::Closed(e)),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
