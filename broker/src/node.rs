@@ -307,9 +307,10 @@ impl ShardHandle {
         self.raft.current_leader().await
     }
 
-    /// Counters of every queue (subscriptions included), as applied so far.
-    pub fn queues(&self) -> Vec<crate::shard::QueueInfo> {
-        self.sm.with_shard(|s| s.info()).unwrap_or_default()
+    /// Counters of the queues (subscriptions included) whose address starts with `prefix`, as
+    /// applied so far.
+    pub fn queues(&self, prefix: &str) -> Vec<crate::shard::QueueInfo> {
+        self.sm.with_shard(|s| s.info(prefix)).unwrap_or_default()
     }
 
     /// Appends `cmd` to the log and returns its log index once it is committed (durable) and

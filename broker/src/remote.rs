@@ -163,8 +163,9 @@ pub type Completion = (Tag, Result<(), StoreError>);
 pub enum ToBroker {
     /// Any request but `Info`.
     Request(Request),
-    /// Queue counters, answered with [`ToRouter::Info`] carrying the same id.
-    Info { id: u64 },
+    /// Counters of the queues under `prefix`, answered with [`ToRouter::Info`] carrying the
+    /// same id.
+    Info { id: u64, prefix: String },
     /// The first frame of a connection: which shard it is for. Answered by
     /// [`ToRouter::NotLeader`] (and the connection closed) when this broker does not lead it.
     Hello { shard: u32 },
@@ -227,9 +228,10 @@ impl ToBroker {
     /// Encodes the frame body (kind byte first).
     pub fn encode(&self, o: &mut Vec<u8>) -> io::Result<()> {
         match self {
-            ToBroker::Info { id } => {
+            ToBroker::Info { id, prefix } => {
                 o.push(100);
                 put_varint(o, *id);
+                put_bytes(o, prefix.as_bytes());
             }
             ToBroker::Hello { shard } => {
                 o.push(101);
@@ -250,7 +252,10 @@ impl ToBroker {
         let mut r = Reader(b);
         let kind = r.u8()?;
         let m = match kind {
-            100 => ToBroker::Info { id: r.varint()? },
+            100 => ToBroker::Info {
+                id: r.varint()?,
+                prefix: r.string()?,
+            },
             101 => ToBroker::Hello {
                 shard: get_u32v(&mut r)?,
             },
@@ -962,9 +967,9 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Send + 'static>(
                     continue;
                 }
                 ToBroker::Bye => return Ok(true),
-                ToBroker::Info { id } => {
+                ToBroker::Info { id, prefix } => {
                     let (reply, answer) = oneshot::channel();
-                    let _ = requests.send(Request::Info { reply });
+                    let _ = requests.send(Request::Info { prefix, reply });
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         if let Ok(queues) = answer.await {
@@ -1189,7 +1194,10 @@ mod tests {
             ToBroker::Admin(Admin::RemoveReplica { shard: 1, id: 2 }),
             ToBroker::Admin(Admin::Lead { shard: 2, to: 3 }),
             ToBroker::Hello { shard: 7 },
-            ToBroker::Info { id: 3 },
+            ToBroker::Info {
+                id: 3,
+                prefix: "$sub:".into(),
+            },
         ] {
             let mut o = Vec::new();
             m.encode(&mut o).unwrap();

@@ -128,7 +128,9 @@ pub enum Request {
         credit: u32,
     },
     /// Counters of every queue, answered without going through the log.
+    /// Counters of the queues whose address starts with `prefix`.
     Info {
+        prefix: String,
         reply: tokio::sync::oneshot::Sender<Vec<QueueInfo>>,
     },
 }
@@ -388,9 +390,9 @@ pub async fn run_replica(
                 let (cmds, tags): (Vec<Cmd>, Vec<Option<Tag>>) = batch
                     .drain(..)
                     .filter_map(|r| match r {
-                        Request::Info { reply } => {
-                            let mut all = handle.queues();
-                            all.extend(volatile.info());
+                        Request::Info { prefix, reply } => {
+                            let mut all = handle.queues(&prefix);
+                            all.extend(volatile.info(&prefix));
                             let _ = reply.send(all);
                             None
                         }

@@ -1104,9 +1104,15 @@ impl Shard {
         Ok(shard)
     }
 
-    pub fn info(&self) -> Vec<QueueInfo> {
+    /// Counters of the queues whose address starts with `prefix`.
+    pub fn info(&self, prefix: &str) -> Vec<QueueInfo> {
+        // Addresses are sorted: the ones under `prefix` are one range.
         self.queues
-            .iter()
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(a, _)| a.starts_with(prefix))
             .map(|(a, q)| QueueInfo {
                 address: a.clone(),
                 shard: 0,
@@ -1230,7 +1236,7 @@ mod tests {
     }
 
     fn queue_depth(s: &Shard, address: &str) -> (usize, usize) {
-        s.info()
+        s.info("")
             .iter()
             .find(|i| i.address == address)
             .map_or((0, 0), |i| (i.depth, i.ready))

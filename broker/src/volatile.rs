@@ -197,8 +197,8 @@ impl Volatile {
         out.deliveries
     }
 
-    pub fn info(&self) -> Vec<QueueInfo> {
-        self.shard.info()
+    pub fn info(&self, prefix: &str) -> Vec<QueueInfo> {
+        self.shard.info(prefix)
     }
 
     /// Messages and body bytes held.

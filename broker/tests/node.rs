@@ -82,7 +82,7 @@ async fn messages_survive_restart_and_acked_ones_stay_acked() {
     let mut node = ShardNode::open(&d.0, 1, 10).await.expect("reopen");
     let depth = node
         .with_shard(|s| {
-            s.info()
+            s.info("")
                 .into_iter()
                 .find(|q| q.address == "orders")
                 .map(|q| q.depth)
@@ -158,7 +158,7 @@ async fn snapshots_compact_the_log_but_never_a_live_message() {
         let mut node = ShardNode::open_with(&d.0, 1, 5, opts)
             .await
             .expect("reopen");
-        let info = node.with_shard(|s| s.info()).unwrap();
+        let info = node.with_shard(|s| s.info("")).unwrap();
         let depth = |a: &str| info.iter().find(|q| q.address == a).map(|q| q.depth);
         assert_eq!(depth("keep"), Some(1));
         assert_eq!(depth("work"), Some(0));
@@ -196,7 +196,7 @@ async fn snapshots_compact_the_log_but_never_a_live_message() {
     let mut node = ShardNode::open_with(&d.0, 1, 9, opts)
         .await
         .expect("reopen");
-    let info = node.with_shard(|s| s.info()).unwrap();
+    let info = node.with_shard(|s| s.info("")).unwrap();
     assert_eq!(
         info.iter().find(|q| q.address == "work").map(|q| q.depth),
         Some(1)

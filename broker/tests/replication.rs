@@ -75,7 +75,7 @@ fn enqueue_sized(i: u32, len: usize) -> Cmd {
 
 fn depth(node: &ShardNode) -> usize {
     node.with_shard(|s| {
-        s.info()
+        s.info("")
             .into_iter()
             .find(|q| q.address == "q")
             .map_or(0, |q| q.depth)
@@ -199,7 +199,7 @@ async fn three_replicas_elect_replicate_fail_over_and_catch_up() {
     // The old leader comes back from its disk and catches up, without divergence.
     let back = open(&dirs[li].0, leader, &members, &brokers[li]).await;
     eventually("old leader catches up", || depth(&back) == 80).await;
-    let bodies = |n: &ShardNode| n.with_shard(|s| s.info().len()).unwrap();
+    let bodies = |n: &ShardNode| n.with_shard(|s| s.info("").len()).unwrap();
     assert_eq!(bodies(&back), bodies(nodes[ni].as_ref().unwrap()));
     for seq in [3u64, 40, 70] {
         let a = back.body(seq).await.ok();

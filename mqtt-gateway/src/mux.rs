@@ -19,10 +19,10 @@
 //! computes its remaining credit exactly), settles only deliveries it received, and waits for
 //! each attach's answer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use amqp::client::{Client, ClientError};
@@ -30,22 +30,39 @@ use amqp::connection::AttachRequest;
 use amqp::{DeliveryState, ErrorCondition, Event, LinkId, Role};
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 /// The AMQP container id of every gateway connection: durable subscriptions are named
 /// `<container>:<link name>` by the router, and must be found again through any gateway.
 pub const CONTAINER: &str = "mqtt";
 
+/// A delivery to a device: what it needs of [`amqp::Delivery`] (events are kept small, since
+/// every device's channel allocates room for a block of them).
+#[derive(Debug)]
+pub struct Delivery {
+    pub link: LinkId,
+    pub delivery_id: u32,
+    pub settled: bool,
+    pub payload: Bytes,
+}
+
+/// The router's outcome of a device's unsettled send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    /// Released or modified: not taken (no consumer), may be sent again.
+    Released,
+    /// Rejected, or no outcome given.
+    Refused,
+}
+
 /// What a device hears from its connection.
 #[derive(Debug)]
 pub enum Ev {
     /// A delivery on one of the device's receiving links.
-    Delivery(amqp::Delivery),
+    Delivery(Delivery),
     /// The router's outcome of an unsettled send (by the device's tag).
-    Outcome {
-        tag: u64,
-        state: Option<DeliveryState>,
-    },
+    Outcome { tag: u64, outcome: Outcome },
     /// A sending link's credit: `credit` after `applied` of the device's sends on it.
     Credit {
         link: LinkId,
@@ -55,7 +72,7 @@ pub enum Ev {
     /// One of the device's links is gone.
     LinkClosed {
         link: LinkId,
-        error: Option<ErrorCondition>,
+        error: Option<Box<ErrorCondition>>,
     },
     /// The AMQP connection is gone.
     Closed,
@@ -66,7 +83,7 @@ type AttachReply = oneshot::Sender<Result<LinkId, Option<ErrorCondition>>>;
 enum Cmd {
     Join {
         dev: u64,
-        events: mpsc::UnboundedSender<Ev>,
+        events: Outbox,
     },
     Attach {
         dev: u64,
@@ -166,7 +183,7 @@ pub struct Port {
     dev: u64,
     tx: mpsc::UnboundedSender<Cmd>,
     devices: Arc<AtomicUsize>,
-    pub events: mpsc::UnboundedReceiver<Ev>,
+    pub events: Inbox,
     /// Per sending link: (credit reported, sends applied when reported, sends made).
     credit: HashMap<LinkId, (u32, u64, u64)>,
 }
@@ -174,7 +191,7 @@ pub struct Port {
 impl Port {
     fn new(dev: u64, tx: mpsc::UnboundedSender<Cmd>, devices: Arc<AtomicUsize>) -> Port {
         devices.fetch_add(1, Ordering::Relaxed);
-        let (etx, events) = mpsc::unbounded_channel();
+        let (etx, events) = inbox();
         let _ = tx.send(Cmd::Join { dev, events: etx });
         Port {
             dev,
@@ -302,7 +319,7 @@ struct Pending {
 
 struct Mux {
     client: Client,
-    devices: HashMap<u64, mpsc::UnboundedSender<Ev>>,
+    devices: HashMap<u64, Outbox>,
     links: HashMap<LinkId, LinkState>,
     pending: HashMap<LinkId, Pending>,
     /// Unsettled sends by delivery id: (device, its tag).
@@ -329,11 +346,11 @@ async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<Cmd>) {
     rx.close();
     while let Ok(c) = rx.try_recv() {
         if let Cmd::Join { events, .. } = c {
-            let _ = events.send(Ev::Closed);
+            events.send(Ev::Closed);
         }
     }
     for (_, d) in m.devices.drain() {
-        let _ = d.send(Ev::Closed);
+        d.send(Ev::Closed);
     }
     for (_, p) in m.pending.drain() {
         if let Some(r) = p.reply {
@@ -380,7 +397,7 @@ impl Mux {
 
     fn tell(&self, dev: u64, e: Ev) {
         if let Some(d) = self.devices.get(&dev) {
-            let _ = d.send(e);
+            d.send(e);
         }
     }
 
@@ -434,7 +451,7 @@ impl Mux {
                                 dev,
                                 Ev::Outcome {
                                     tag,
-                                    state: Some(DeliveryState::Released),
+                                    outcome: Outcome::Released,
                                 },
                             );
                         }
@@ -526,7 +543,15 @@ impl Mux {
                 }
             }
             Event::Delivery(d) => match self.links.get(&d.link) {
-                Some(l) => self.tell(l.dev, Ev::Delivery(d)),
+                Some(l) => self.tell(
+                    l.dev,
+                    Ev::Delivery(Delivery {
+                        link: d.link,
+                        delivery_id: d.delivery_id,
+                        settled: d.settled,
+                        payload: d.payload,
+                    }),
+                ),
                 None => {
                     // Its device left or detached it: give the message back.
                     if !d.settled {
@@ -569,14 +594,15 @@ impl Mux {
                         !inside
                     });
                 }
+                let outcome = match state {
+                    Some(DeliveryState::Accepted) => Outcome::Accepted,
+                    Some(DeliveryState::Released) | Some(DeliveryState::Modified { .. }) => {
+                        Outcome::Released
+                    }
+                    _ => Outcome::Refused,
+                };
                 for (dev, tag) in done {
-                    self.tell(
-                        dev,
-                        Ev::Outcome {
-                            tag,
-                            state: state.clone(),
-                        },
-                    );
+                    self.tell(dev, Ev::Outcome { tag, outcome });
                 }
             }
             Event::LinkClosed { link, error, .. } => {
@@ -585,6 +611,7 @@ impl Mux {
                         let _ = r.send(Err(error));
                     }
                 } else if let Some(l) = self.links.remove(&link) {
+                    let error = error.map(Box::new);
                     self.tell(l.dev, Ev::LinkClosed { link, error });
                 }
             }
@@ -592,6 +619,81 @@ impl Mux {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A device's event queue, unbounded like the channels above (and bounded the same way), but
+/// allocating nothing while empty: a tokio channel preallocates a block of 32 events per
+/// device, and most devices are idle.
+pub struct Inbox {
+    shared: Arc<InboxShared>,
+}
+
+/// The connection's end of an [`Inbox`]; dropping it closes the inbox.
+struct Outbox {
+    shared: Arc<InboxShared>,
+}
+
+struct InboxShared {
+    queue: Mutex<VecDeque<Ev>>,
+    notify: Notify,
+    closed: AtomicBool,
+}
+
+fn inbox() -> (Outbox, Inbox) {
+    let shared = Arc::new(InboxShared {
+        queue: Mutex::new(VecDeque::new()),
+        notify: Notify::new(),
+        closed: AtomicBool::new(false),
+    });
+    (
+        Outbox {
+            shared: shared.clone(),
+        },
+        Inbox { shared },
+    )
+}
+
+impl Outbox {
+    fn send(&self, e: Ev) {
+        if let Ok(mut q) = self.shared.queue.lock() {
+            q.push_back(e);
+        }
+        self.shared.notify.notify_one();
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.notify.notify_one();
+    }
+}
+
+impl Inbox {
+    /// The next event; `None` once the connection dropped its end and all was read.
+    pub async fn recv(&mut self) -> Option<Ev> {
+        loop {
+            if let Some(e) = self.try_recv() {
+                return Some(e);
+            }
+            if self.shared.closed.load(Ordering::Acquire) {
+                return self.try_recv();
+            }
+            // A notification sent since the check above is kept as a permit: none is lost.
+            self.shared.notify.notified().await;
+        }
+    }
+
+    /// The next event if one is queued.
+    pub fn try_recv(&mut self) -> Option<Ev> {
+        let mut q = self.shared.queue.lock().ok()?;
+        let e = q.pop_front();
+        if q.is_empty() && q.capacity() > 8 {
+            // A burst is over: give its room back (idle devices hold nothing).
+            q.shrink_to(0);
+        }
+        e
     }
 }
 

@@ -173,7 +173,8 @@ pub enum Mgmt {
     AddAddress(AddressDecl, oneshot::Sender<Result<(), String>>),
     RemoveAddress(String, oneshot::Sender<bool>),
     /// Counters of the broker's queues (empty without a broker).
-    Queues(oneshot::Sender<Vec<broker::shard::QueueInfo>>),
+    /// The queues whose address starts with the prefix.
+    Queues(String, oneshot::Sender<Vec<broker::shard::QueueInfo>>),
     /// Removes a queue's ready messages; false without a broker.
     Purge(String, oneshot::Sender<bool>),
     /// Which shard serves an address: (its type, the shard; None when not brokered).
@@ -1581,10 +1582,10 @@ impl Core {
                 self.gc_address(&key);
                 let _ = tx.send(found);
             }
-            Mgmt::Queues(reply) => {
+            Mgmt::Queues(prefix, reply) => {
                 if self.store.is_some() {
                     // The shards answer directly; the core only passes the request on.
-                    self.send_store(StoreRequest::Info { reply });
+                    self.send_store(StoreRequest::Info { prefix, reply });
                 } else {
                     let _ = reply.send(Vec::new());
                 }

@@ -35,8 +35,10 @@ impl Api {
         rx.await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
     }
 
-    async fn queues(&self) -> Result<Vec<broker::shard::QueueInfo>, StatusCode> {
-        self.ask(Mgmt::Queues).await
+    /// The queues under `prefix` (filtered in the shards: a device's CONNECT asks for its own
+    /// few among tens of thousands).
+    async fn queues(&self, prefix: String) -> Result<Vec<broker::shard::QueueInfo>, StatusCode> {
+        self.ask(|tx| Mgmt::Queues(prefix, tx)).await
     }
 
     async fn snapshot(&self) -> Result<Snapshot, StatusCode> {
@@ -119,13 +121,7 @@ async fn queues(
     axum::extract::Query(q): axum::extract::Query<QueueQuery>,
 ) -> Result<Response, StatusCode> {
     let prefix = q.prefix.unwrap_or_default();
-    let list: Vec<serde_json::Value> = api
-        .queues()
-        .await?
-        .iter()
-        .filter(|i| i.address.starts_with(&prefix))
-        .map(queue_json)
-        .collect();
+    let list: Vec<serde_json::Value> = api.queues(prefix).await?.iter().map(queue_json).collect();
     Ok(Json(list).into_response())
 }
 
@@ -265,7 +261,7 @@ async fn metrics(State(api): State<Api>) -> Result<Response, StatusCode> {
         }
         reg.register(name, help, fam);
     }
-    let queues = api.queues().await?;
+    let queues = api.queues(String::new()).await?;
     let queue_metrics: [QueueMetric; 7] = [
         (
             "enmesh_queue_depth",

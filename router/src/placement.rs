@@ -99,8 +99,8 @@ impl Placement {
             }
             Request::Detach { consumer } => self.consumers.remove(consumer).unwrap_or(0),
             Request::Info { .. } => {
-                if let Request::Info { reply } = r {
-                    self.info(reply);
+                if let Request::Info { prefix, reply } = r {
+                    self.info(prefix, reply);
                 }
                 return;
             }
@@ -110,12 +110,14 @@ impl Placement {
         }
     }
 
-    /// Asks every shard for its queues and answers with all of them, tagged by shard.
-    fn info(&self, reply: oneshot::Sender<Vec<QueueInfo>>) {
+    /// Asks every shard for its queues under `prefix` and answers with all of them, tagged by
+    /// shard.
+    fn info(&self, prefix: String, reply: oneshot::Sender<Vec<QueueInfo>>) {
         let mut asks = Vec::new();
         for (i, tx) in self.shards.iter().enumerate() {
             let (one, answer) = oneshot::channel();
-            if tx.send(Request::Info { reply: one }).is_ok() {
+            let prefix = prefix.clone();
+            if tx.send(Request::Info { prefix, reply: one }).is_ok() {
                 asks.push((i, answer));
             }
         }
@@ -211,10 +213,13 @@ mod tests {
     async fn info_merges_every_shard_tagged() {
         let (mut p, mut rxs) = shards(3);
         let (reply, answer) = oneshot::channel();
-        p.send(Request::Info { reply });
+        p.send(Request::Info {
+            prefix: String::new(),
+            reply,
+        });
         for (i, rx) in rxs.iter_mut().enumerate() {
             match rx.recv().await {
-                Some(Request::Info { reply }) => {
+                Some(Request::Info { reply, .. }) => {
                     let _ = reply.send(vec![QueueInfo {
                         address: format!("q{i}"),
                         ..Default::default()

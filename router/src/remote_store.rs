@@ -344,11 +344,14 @@ impl Session {
                     out.push(Frame::Binding(n));
                 }
             }
-            Request::Info { reply } => {
+            Request::Info { prefix, reply } => {
                 if connected {
                     self.next_info += 1;
                     self.infos.insert(self.next_info, reply);
-                    out.push(Frame::Now(ToBroker::Info { id: self.next_info }));
+                    out.push(Frame::Now(ToBroker::Info {
+                        id: self.next_info,
+                        prefix,
+                    }));
                 } else {
                     let _ = reply.send(Vec::new());
                 }
