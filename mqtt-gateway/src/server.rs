@@ -40,7 +40,11 @@
 //! - Retained messages: one queue per topic (`retained_prefix`), purged and refilled on each
 //!   retained PUBLISH, read without taking (released) at SUBSCRIBE.
 //!
-//! Not yet (docs/mqtt.md lists them): shared subscriptions, session expiry timers.
+//! - Shared subscriptions `$share/GROUP/FILTER`: the router's shared subscription named by
+//!   the group and filter; in a persistent session, also recorded as a durable subscription of
+//!   the client's own on [`MARKER`] so that a resume joins the group again.
+//!
+//! Not yet (docs/mqtt.md lists them): session expiry timers.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -368,7 +372,7 @@ async fn start<'a>(
     };
     if v == Version::V5 {
         props.retain_available = Some(u8::from(retained_store(cfg).is_some()));
-        props.shared_subscription_available = Some(0);
+        props.shared_subscription_available = Some(1);
         props.subscription_identifier_available = Some(1);
         props.wildcard_subscription_available = Some(1);
         props.maximum_packet_size = u32::try_from(cfg.max_packet_size).ok();
@@ -595,6 +599,28 @@ fn durable_name(client_id: &str, qos: QoS, filter: &str) -> String {
     format!("{}:{}:{filter}", escaped(client_id), qos as u8)
 }
 
+/// The link name of shared subscription `$share/<group>/<filter>`, which names the router's
+/// shared subscription: every member of the group, through any gateway, attaches the same.
+fn shared_name(group: &str, filter: &str) -> String {
+    format!("mqtt:share:{group}:{filter}")
+}
+
+/// Where the records of shared subscriptions in persistent sessions point (under the topic
+/// prefix): a topic no device can publish to (`$share` is not a topic name the gateway accepts).
+const MARKER: &str = "$share";
+
+/// A subscription's source: durable (kept while the device is away) for a persistent session;
+/// `shared` makes the router name it by the link name alone.
+fn source(address: String, durable: bool, shared: bool) -> amqp::Terminus {
+    amqp::Terminus {
+        address: Some(address),
+        durable: durable.then_some(2),
+        expiry_policy: durable.then(|| "never".to_owned()),
+        capabilities: shared.then(|| amqp::Value::Symbol("shared".into())),
+        ..amqp::Terminus::default()
+    }
+}
+
 /// A sending link on the anonymous relay.
 fn sender_request(name: String, settled: bool) -> AttachRequest {
     AttachRequest {
@@ -752,6 +778,8 @@ struct Sub {
     id: Option<u32>,
     /// The filter, when it has no wildcard: the topic of deliveries that name none.
     literal: Option<String>,
+    /// A shared subscription's record in a persistent session ([`Session::attach_marker`]).
+    marker: Option<LinkId>,
 }
 
 /// An outbound QoS 1/2 message the device has not acknowledged yet.
@@ -1085,8 +1113,7 @@ impl<'a> Session<'a> {
                 for f in u.filters {
                     reasons.push(match self.subs.remove(&f) {
                         Some(sub) => {
-                            self.links.remove(&sub.link);
-                            self.port.detach(sub.link, true)?;
+                            self.end_sub(sub, true)?;
                             reason::SUCCESS
                         }
                         None => reason::NO_SUBSCRIPTION_EXISTED,
@@ -1167,6 +1194,26 @@ impl<'a> Session<'a> {
         if p.topic.is_empty() {
             return Err(DecodeError::Protocol("PUBLISH without a topic").into());
         }
+        if p.topic.starts_with('$') {
+            // `$` topics are not for messages between clients (§4.7.2; `$share` records
+            // shared subscriptions): acknowledged as refused (MQTT 5) or dropped (3.1.1, as
+            // a denied topic), never forwarded.
+            if let Some(id) = p.packet_id {
+                let mut ack = Ack::new(id);
+                if self.v == Version::V5 {
+                    ack.reason = reason::TOPIC_NAME_INVALID;
+                }
+                if p.qos == QoS::ExactlyOnce {
+                    if self.v == Version::V311 {
+                        self.qos2_stored.insert(id);
+                    }
+                    self.emit(&Packet::PubRec(ack));
+                } else {
+                    self.emit(&Packet::PubAck(ack));
+                }
+            }
+            return Ok(());
+        }
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.unwrap_or(0);
             if self.qos2_stored.contains(&id) {
@@ -1203,21 +1250,28 @@ impl<'a> Session<'a> {
         durable: bool,
     ) -> Result<u8, ConnError> {
         let qos = opts.qos;
-        let Some(address) = topic::filter_address(&self.cfg.topic_prefix, &f) else {
-            return Ok(if topic::shared(&f).is_some() {
-                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
-            } else if topic::valid_filter(&f) {
+        // `$share/GROUP/FILTER`: the group's members compete for what FILTER collects.
+        let shared = topic::shared(&f);
+        let inner = shared.map_or(f.as_str(), |(_, inner)| inner);
+        let Some(address) = topic::filter_address(&self.cfg.topic_prefix, inner) else {
+            return Ok(if topic::valid_filter(inner) {
                 // `$...` filters, or a literal `*` level (a wildcard in Enmesh).
                 reason::IMPLEMENTATION_SPECIFIC_ERROR
             } else {
                 reason::TOPIC_FILTER_INVALID
             });
         };
+        if shared.is_some() && opts.no_local {
+            // §3.8.3.1.
+            return Err(ConnError::Reason(
+                reason::PROTOCOL_ERROR,
+                "no local on a shared subscription",
+            ));
+        }
         // A repeated filter replaces the subscription (§3.8.4): the old link goes.
         let new = !self.subs.contains_key(&f);
         if let Some(old) = self.subs.remove(&f) {
-            self.links.remove(&old.link);
-            self.port.detach(old.link, true)?;
+            self.end_sub(old, true)?;
         }
         let presettled = qos == QoS::AtMostOnce;
         let credit = if presettled {
@@ -1225,16 +1279,11 @@ impl<'a> Session<'a> {
         } else {
             u32::from(self.cfg.inflight)
         };
-        let source = amqp::Terminus {
-            address: Some(address),
-            durable: durable.then_some(2),
-            expiry_policy: durable.then(|| "never".to_owned()),
-            ..amqp::Terminus::default()
-        };
-        let name = if durable {
-            durable_name(&self.client_id, qos, &f)
-        } else {
-            format!("{}:{}:{f}", self.port.id(), qos as u8)
+        let source = source(address, durable, shared.is_some());
+        let name = match shared {
+            Some((group, inner)) => shared_name(group, inner),
+            None if durable => durable_name(&self.client_id, qos, &f),
+            None => format!("{}:{}:{f}", self.port.id(), qos as u8),
         };
         let link = match self
             .port
@@ -1248,8 +1297,22 @@ impl<'a> Session<'a> {
             }
             Err(e) => return Err(e.into()),
         };
+        // A persistent session's membership of a shared subscription (named by the group, not
+        // by the client) is recorded as a durable subscription of the client's own that
+        // collects nothing, so that a resume finds it like the others.
+        let marker = if shared.is_some() && durable {
+            match self.attach_marker(qos, &f).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    self.port.detach(link, false)?;
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         // Events that arrived while attaching are handled by the main loop.
-        let literal = (!f.contains(['+', '#'])).then(|| f.clone());
+        let literal = (!inner.contains(['+', '#'])).then(|| inner.to_owned());
         self.links.insert(link, f.clone());
         self.subs.insert(
             f.clone(),
@@ -1258,13 +1321,36 @@ impl<'a> Session<'a> {
                 opts,
                 id,
                 literal,
+                marker,
             },
         );
-        // Retained messages: at subscribe (handling 0), or only for a new subscription (1).
-        if opts.retain_handling == 0 || (opts.retain_handling == 1 && new) {
+        // Retained messages: at subscribe (handling 0), or only for a new subscription (1);
+        // never to a shared subscription (§4.8.2).
+        if shared.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new)) {
             self.send_retained(&f, opts, id).await?;
         }
         Ok(qos as u8)
+    }
+
+    /// Attaches the durable subscription that records shared filter `f` in this client's
+    /// persistent session (address [`MARKER`], where nothing is published; no credit).
+    async fn attach_marker(&mut self, qos: QoS, f: &str) -> Result<LinkId, ConnError> {
+        let source = source(format!("{}{MARKER}", self.cfg.topic_prefix), true, false);
+        let name = durable_name(&self.client_id, qos, f);
+        Ok(self
+            .port
+            .attach(receiver_request(name, source, false), 0)
+            .await?)
+    }
+
+    /// Ends a subscription's links (closing: the brokers drop what is only this session's).
+    fn end_sub(&mut self, sub: Sub, closed: bool) -> Result<(), ConnError> {
+        self.links.remove(&sub.link);
+        self.port.detach(sub.link, closed)?;
+        if let Some(m) = sub.marker {
+            self.port.detach(m, closed)?;
+        }
+        Ok(())
     }
 
     /// Replaces topic `p.topic`'s retained message by `p` (an empty payload just clears it):
@@ -1277,6 +1363,9 @@ impl<'a> Session<'a> {
             Some(t) if p.topic.is_empty() => t.clone(),
             _ => p.topic.clone(),
         };
+        if topic.starts_with('$') {
+            return Ok(());
+        }
         let queue = format!("{prefix}{topic}");
         http(
             http_at,
@@ -1407,32 +1496,51 @@ impl<'a> Session<'a> {
 
     /// Ends a subscription kept from an earlier session: attach it and detach it closed.
     async fn unsubscribe_kept(&mut self, f: &str, qos: QoS) -> Result<(), ConnError> {
-        let Some(address) = topic::filter_address(&self.cfg.topic_prefix, f) else {
-            return Ok(());
-        };
-        let source = amqp::Terminus {
-            address: Some(address),
-            durable: Some(2),
-            expiry_policy: Some("never".to_owned()),
-            ..amqp::Terminus::default()
-        };
-        let name = durable_name(&self.client_id, qos, f);
-        match self
-            .port
-            .attach(receiver_request(name, source, qos == QoS::AtMostOnce), 0)
-            .await
-        {
-            Ok(link) => self.port.detach(link, true)?,
-            Err(amqp::client::ClientError::Refused(_)) => {}
-            Err(e) => return Err(e.into()),
+        let prefix = &self.cfg.topic_prefix;
+        let mut ends = Vec::new();
+        match topic::shared(f) {
+            Some((group, inner)) => {
+                let Some(address) = topic::filter_address(prefix, inner) else {
+                    return Ok(());
+                };
+                // The record, then the group's subscription (which the router keeps while
+                // another member reads it).
+                let marker = format!("{prefix}{MARKER}");
+                ends.push((
+                    durable_name(&self.client_id, qos, f),
+                    source(marker, true, false),
+                ));
+                ends.push((shared_name(group, inner), source(address, true, true)));
+            }
+            None => {
+                let Some(address) = topic::filter_address(prefix, f) else {
+                    return Ok(());
+                };
+                ends.push((
+                    durable_name(&self.client_id, qos, f),
+                    source(address, true, false),
+                ));
+            }
+        }
+        for (name, source) in ends {
+            match self
+                .port
+                .attach(receiver_request(name, source, qos == QoS::AtMostOnce), 0)
+                .await
+            {
+                Ok(link) => self.port.detach(link, true)?,
+                Err(amqp::client::ClientError::Refused(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
 
     /// Ends every subscription (closing detaches: durable ones are deleted).
     fn unsubscribe_all(&mut self) {
-        for (_, sub) in self.subs.drain() {
-            let _ = self.port.detach(sub.link, true);
+        let subs: Vec<Sub> = self.subs.drain().map(|(_, s)| s).collect();
+        for sub in subs {
+            let _ = self.end_sub(sub, true);
         }
         self.links.clear();
     }

@@ -718,7 +718,14 @@ impl Core {
             self.inflight.retain(|_, f| f.consumer != link);
             self.send_store(StoreRequest::Detach { consumer: id });
             if let (true, Some(name)) = (closed, c.durable_sub) {
-                self.send_store(StoreRequest::Unsubscribe { name });
+                // Not while another consumer reads it (a shared subscription's other members).
+                let others = self
+                    .consumers
+                    .values()
+                    .any(|o| o.durable_sub.as_deref() == Some(name.as_str()));
+                if !others {
+                    self.send_store(StoreRequest::Unsubscribe { name });
+                }
             }
             if let Some(addr) = self.addresses.get_mut(c.address.as_str()) {
                 addr.stats.consumers = addr.stats.consumers.saturating_sub(1);
@@ -1390,10 +1397,15 @@ impl Core {
             .map(|c| c.container_id.clone())
             .unwrap_or_default();
         self.send(link.conn, ToConn::AttachOk { link: link.link });
-        // A JMS-style durable subscription of its own (not shared, not a declared
-        // subscription address): a closing detach unsubscribes it.
-        let durable_sub = (kind == AddressType::Topic && durable && !shared)
-            .then(|| format!("{container}:{name}"));
+        // A durable subscription (JMS-style, of its own or shared; not a declared subscription
+        // address): a closing detach by its last consumer unsubscribes it.
+        let durable_sub = (kind == AddressType::Topic && durable).then(|| {
+            if shared {
+                format!("shared:{name}")
+            } else {
+                format!("{container}:{name}")
+            }
+        });
         let request = if kind == AddressType::Subscription {
             // A declared subscription: its consumers compete for what it collected.
             StoreRequest::Subscribe {
@@ -1405,7 +1417,9 @@ impl Core {
             }
         } else if kind == AddressType::Topic {
             // JMS-style identity: a durable subscription is container-id + link name; a
-            // shared one is the link name alone; anything else lives as long as the link.
+            // shared one is the link name alone; anything else lives as long as the link. A
+            // shared subscription is durable when its terminus is (else it goes away with its
+            // last consumer; the latest consumer to attach decides).
             let sub = if shared {
                 format!("shared:{name}")
             } else if durable {
@@ -1417,7 +1431,7 @@ impl Core {
                 consumer: id,
                 name: sub,
                 filter: address.to_owned(),
-                durable: durable || shared,
+                durable,
                 credit: 0,
             }
         } else {

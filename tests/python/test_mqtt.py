@@ -249,8 +249,8 @@ def test_malformed_packets_get_a_reason_code_and_only_that_client_goes(router):
 
 def test_invalid_filters_are_refused_in_suback(router):
     # paho checks filters itself: these go out as raw SUBSCRIBE packets.
-    filters = [b"a/#/b", b"a/b+", b"$share/g/x", b"ok/+"]
-    for level, want in [(5, [0x8F, 0x8F, 0x9E, 0x01]), (4, [0x80, 0x80, 0x80, 0x01])]:
+    filters = [b"a/#/b", b"a/b+", b"$share/g+/x", b"ok/+"]
+    for level, want in [(5, [0x8F, 0x8F, 0x8F, 0x01]), (4, [0x80, 0x80, 0x80, 0x01])]:
         s = raw(router)
         try:
             s.sendall(connect_pkt("filters-%d" % level, level=level))
@@ -692,3 +692,101 @@ def test_retained_messages_set_replace_clear_and_sent_on_subscribe(router):
         third.close()
     finally:
         pub.close()
+
+
+def _amqp_publish(router, address, bodies):
+    amqp = connect(router.amqp_url)
+    try:
+        snd = amqp.create_sender(None)
+        for b in bodies:
+            snd.send(Message(address=address, body=b), timeout=5)
+    finally:
+        amqp.close()
+
+
+def test_shared_subscriptions_compete_and_end_with_their_last_member(router):
+    # One member on MQTT 5, one on 3.1.1 (which has no $share, but devices use it), and a
+    # plain subscriber that gets its own copy of everything.
+    a = Device(router, "share-a", V5)
+    b = Device(router, "share-b", V311)
+    plain = Device(router, "share-plain", V5)
+    try:
+        assert a.subscribe("$share/workers/jobs/#") == [1]
+        assert b.subscribe("$share/workers/jobs/#") == [1]
+        assert plain.subscribe("jobs/#") == [1]
+        time.sleep(0.3)
+        want = [b"j%02d" % i for i in range(20)]
+        pub = Device(router, "share-pub", V5)
+        for m in want:
+            pub.c.publish("jobs/x", m, qos=1).wait_for_publish(5)
+        pub.close()
+        deadline = time.time() + 10
+        while len(a.got) + len(b.got) < 20 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        got_a, got_b = [m.payload for m in a.got], [m.payload for m in b.got]
+        assert sorted(got_a + got_b) == want, (got_a, got_b)
+        assert got_a and got_b, "both members take some: a=%s b=%s" % (got_a, got_b)
+        assert all(m.topic == "jobs/x" for m in a.got + b.got)
+        assert [m.payload for m in plain.wait(20)] == want
+        # No local on a shared subscription is a protocol error (MQTT 5 §3.8.3.1).
+        s = raw(router)
+        s.sendall(connect_pkt("share-nolocal"))
+        assert read_packet(s)[0] == 0x20
+        s.sendall(pkt(0x82, struct.pack(">H", 1) + b"\x00" + s16(b"$share/g/t") + b"\x05"))
+        first, body = read_packet(s)
+        assert first == 0xE0 and body[0] == 0x82, (first, body)
+        s.close()
+    finally:
+        a.close()
+        b.close()
+        plain.close()
+    # Both members gone (clean sessions): the group's subscription went with them.
+    time.sleep(0.3)
+    status, queues = __import__("helpers").http_json("GET", router.http_url + "/api/v1/queues")
+    assert not [q for q in queues if "workers" in q["address"]], queues
+
+
+@pytest.mark.parametrize("proto", [V311, V5], ids=["3.1.1", "5"])
+def test_shared_subscription_in_a_persistent_session(router, proto):
+    cid = "share-pers-%d" % proto
+    d = Persistent(router.mqtt_port, cid, proto)
+    assert d.present is False
+    d.c.subscribe("$share/keep/orders/%d/#" % proto, qos=1)
+    time.sleep(0.5)
+    d.close()
+    # The group keeps collecting while its only member is away...
+    _amqp_publish(router, "mqtt/orders/%d/x" % proto, [b"o%d" % i for i in range(3)])
+    # ... and the member's session still has it: session present, the three delivered.
+    d = Persistent(router.mqtt_port, cid, proto)
+    try:
+        assert d.present is True
+        got = d.wait(3)
+        assert [(m.topic, m.payload) for m in got] == \
+            [("orders/%d/x" % proto, b"o%d" % i) for i in range(3)]
+    finally:
+        d.close()
+    # A clean start ends the session and, with its last member gone, the group's subscription.
+    d = Persistent(router.mqtt_port, cid, proto, clean=True)
+    d.close()
+    time.sleep(0.3)
+    status, queues = __import__("helpers").http_json("GET", router.http_url + "/api/v1/queues")
+    assert not [q for q in queues if cid in q["address"] or "keep" in q["address"]], queues
+
+
+def test_dollar_topics_are_not_forwarded(router):
+    sub = Device(router, "dollar-sub", V5)
+    try:
+        assert sub.subscribe("#") == [1]
+        s = raw(router)
+        s.sendall(connect_pkt("dollar-pub"))
+        assert read_packet(s)[0] == 0x20
+        # QoS 1 PUBLISH to "$share": PUBACK 0x90 (topic name invalid), nothing delivered.
+        s.sendall(pkt(0x32, s16(b"$share") + struct.pack(">H", 7) + b"\x00" + b"x"))
+        first, body = read_packet(s)
+        assert first == 0x40 and body[:2] == struct.pack(">H", 7) and body[2] == 0x90, body
+        s.close()
+        time.sleep(0.3)
+        assert sub.got == []
+    finally:
+        sub.close()
