@@ -37,14 +37,35 @@ pub fn find_to(msg: &[u8]) -> Result<Option<String>, DecodeError> {
     Ok(None)
 }
 
-/// What a store needs to know to expire a message: the header's `ttl` (ms) and the
-/// properties' `absolute-expiry-time` (ms since the epoch). Sections after the properties are
-/// not read.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What a store needs to know of a message: the header's `ttl` (ms) and the properties'
+/// `absolute-expiry-time` (ms since the epoch), to expire it; and the message annotations
+/// `x-opt-dedup-id` (string) and `x-opt-dedup-new` (boolean), its deduplication id (a
+/// resend with the same id and body is stored once; `new` marks a new message reusing an id).
+/// Sections after the properties are not read.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Expiry {
     pub ttl_ms: Option<u64>,
     pub absolute_expiry_ms: Option<u64>,
+    pub dedup_id: Option<String>,
+    pub dedup_new: bool,
+    /// With a deduplication id: a hash of what follows the message annotations (where the id
+    /// and the `new` flag are), so that a resend hashes the same as the original.
+    pub dedup_hash: u64,
 }
+
+/// FNV-1a, 64 bits: stable across processes and releases (it is kept in broker snapshots).
+fn fnv64(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in b {
+        h ^= u64::from(x);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Message annotation keys of a deduplication id (see [`Expiry`]).
+pub const DEDUP_ID: &str = "x-opt-dedup-id";
+pub const DEDUP_NEW: &str = "x-opt-dedup-new";
 
 pub fn expiry(msg: &[u8]) -> Result<Expiry, DecodeError> {
     let mut e = Expiry::default();
@@ -59,7 +80,26 @@ pub fn expiry(msg: &[u8]) -> Result<Expiry, DecodeError> {
                 e.ttl_ms = l.any_uint()?.map(u64::from);
                 d.skip()?;
             }
-            Some(DELIVERY_ANNOTATIONS) | Some(MESSAGE_ANNOTATIONS) => d.skip()?,
+            Some(MESSAGE_ANNOTATIONS) => {
+                if let Value::Map(items) = probe.value()? {
+                    for (k, v) in items {
+                        match (k, v) {
+                            (Value::Symbol(k), Value::String(id)) if k == DEDUP_ID => {
+                                e.dedup_id = Some(id);
+                            }
+                            (Value::Symbol(k), Value::Bool(b)) if k == DEDUP_NEW => {
+                                e.dedup_new = b;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                d.skip()?;
+                if e.dedup_id.is_some() {
+                    e.dedup_hash = fnv64(d.rest());
+                }
+            }
+            Some(DELIVERY_ANNOTATIONS) => d.skip()?,
             Some(PROPERTIES) => {
                 let mut l = probe.list()?;
                 for _ in 0..8 {

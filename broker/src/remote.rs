@@ -21,8 +21,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::node::ShardNode;
 use crate::queue::ConsumerId;
-use crate::service::{Delivery, Request, StoreError, Tag};
-use crate::shard::{QueueInfo, Target, get_opt_str, outcome_byte, outcome_from, put_opt_str};
+use crate::service::{Dedup, Delivery, Request, StoreError, Tag};
+use crate::shard::{
+    QueueInfo, Target, get_opt_str, outcome_byte, outcome_from, put_opt_str, put_u64,
+};
 use crate::wire::{Reader, put_bytes, put_opt_u64, put_varint};
 
 /// Largest frame accepted: a message of the router's largest size plus headroom.
@@ -280,6 +282,7 @@ pub fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
             absolute_expiry,
             body,
             done,
+            dedup,
         } => {
             o.push(1);
             put_bytes(o, address.as_bytes());
@@ -287,6 +290,7 @@ pub fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
             put_opt_u64(o, *absolute_expiry);
             put_bytes(o, body);
             put_opt_tag(o, *done);
+            put_dedup(o, dedup.as_deref());
         }
         Request::Publish {
             topic,
@@ -294,6 +298,7 @@ pub fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
             absolute_expiry,
             body,
             done,
+            dedup,
         } => {
             o.push(2);
             put_bytes(o, topic.as_bytes());
@@ -301,6 +306,7 @@ pub fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
             put_opt_u64(o, *absolute_expiry);
             put_bytes(o, body);
             put_opt_tag(o, *done);
+            put_dedup(o, dedup.as_deref());
         }
         Request::Declare {
             address,
@@ -421,6 +427,28 @@ pub fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
+fn put_dedup(o: &mut Vec<u8>, d: Option<&Dedup>) {
+    put_opt_str(o, d.map(|d| d.id.as_str()));
+    if let Some(d) = d {
+        o.push(u8::from(d.new));
+        put_u64(o, d.hash);
+    }
+}
+
+fn get_dedup(r: &mut Reader) -> io::Result<Option<Box<Dedup>>> {
+    let Some(id) = get_opt_str(r)? else {
+        return Ok(None);
+    };
+    if id.len() > crate::shard::MAX_DEDUP_ID {
+        return Err(bad("deduplication id too long"));
+    }
+    Ok(Some(Box::new(Dedup {
+        id,
+        new: r.u8()? != 0,
+        hash: r.u64()?,
+    })))
+}
+
 fn decode_request(kind: u8, r: &mut Reader) -> io::Result<Request> {
     Ok(match kind {
         1 => Request::Enqueue {
@@ -429,6 +457,7 @@ fn decode_request(kind: u8, r: &mut Reader) -> io::Result<Request> {
             absolute_expiry: r.opt_u64()?,
             body: r.bytes()?,
             done: r.opt_u64()?,
+            dedup: get_dedup(r)?,
         },
         2 => Request::Publish {
             topic: r.string()?,
@@ -436,6 +465,7 @@ fn decode_request(kind: u8, r: &mut Reader) -> io::Result<Request> {
             absolute_expiry: r.opt_u64()?,
             body: r.bytes()?,
             done: r.opt_u64()?,
+            dedup: get_dedup(r)?,
         },
         3 => Request::Declare {
             address: r.string()?,
@@ -1091,6 +1121,7 @@ mod tests {
                 absolute_expiry: None,
                 body: b"hello".to_vec(),
                 done: Some(9),
+                dedup: None,
             },
             Request::Publish {
                 topic: "t/a".into(),
@@ -1098,6 +1129,7 @@ mod tests {
                 absolute_expiry: Some(7),
                 body: vec![],
                 done: None,
+                dedup: None,
             },
             Request::Declare {
                 address: "q".into(),
@@ -1150,6 +1182,7 @@ mod tests {
                     absolute_expiry: None,
                     body: b"again".to_vec(),
                     done: Some(3),
+                    dedup: None,
                 }),
             },
             Request::Resume {
@@ -1300,6 +1333,7 @@ mod tests {
                     absolute_expiry: None,
                     body: vec![],
                     done: Some(6),
+                    dedup: None,
                 }),
             },
             2 << LOCAL_BITS,

@@ -47,6 +47,16 @@ pub enum StoreError {
 /// Completions of store requests: `(tag, Ok)` once durable, `(tag, Err(why))` if it failed.
 pub type Completions = mpsc::UnboundedSender<Vec<(Tag, Result<(), StoreError>)>>;
 
+/// A message's deduplication id (see [`Cmd::Dedup`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dedup {
+    pub id: String,
+    /// A new message reusing the id: stored whatever was stored under it before.
+    pub new: bool,
+    /// The message's hash, without the parts that differ between a send and its resend.
+    pub hash: u64,
+}
+
 #[derive(Debug)]
 pub enum Request {
     Enqueue {
@@ -55,6 +65,7 @@ pub enum Request {
         absolute_expiry: Option<u64>,
         body: Vec<u8>,
         done: Option<Tag>,
+        dedup: Option<Box<Dedup>>,
     },
     Publish {
         topic: String,
@@ -62,6 +73,7 @@ pub enum Request {
         absolute_expiry: Option<u64>,
         body: Vec<u8>,
         done: Option<Tag>,
+        dedup: Option<Box<Dedup>>,
     },
     /// Sets a queue's policy (idempotent; sent when an address becomes active).
     Declare {
@@ -151,6 +163,19 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `cmd` inside a [`Cmd::Dedup`] when it has a deduplication id.
+fn deduplicated(cmd: Cmd, dedup: Option<Box<Dedup>>) -> Cmd {
+    match dedup.map(|d| *d) {
+        Some(Dedup { id, new, hash }) => Cmd::Dedup {
+            id,
+            new,
+            hash,
+            cmd: Box::new(cmd),
+        },
+        None => cmd,
+    }
+}
+
 fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
     match r {
         Request::Enqueue {
@@ -159,14 +184,18 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
             absolute_expiry,
             body,
             done,
+            dedup,
         } => (
-            Cmd::Enqueue {
-                address,
-                now,
-                ttl_ms,
-                absolute_expiry,
-                body,
-            },
+            deduplicated(
+                Cmd::Enqueue {
+                    address,
+                    now,
+                    ttl_ms,
+                    absolute_expiry,
+                    body,
+                },
+                dedup,
+            ),
             done,
         ),
         Request::Publish {
@@ -175,14 +204,18 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
             absolute_expiry,
             body,
             done,
+            dedup,
         } => (
-            Cmd::Publish {
-                topic,
-                now,
-                ttl_ms,
-                absolute_expiry,
-                body,
-            },
+            deduplicated(
+                Cmd::Publish {
+                    topic,
+                    now,
+                    ttl_ms,
+                    absolute_expiry,
+                    body,
+                },
+                dedup,
+            ),
             done,
         ),
         Request::Declare {

@@ -104,6 +104,18 @@ pub enum Cmd {
         seq: u64,
         cmd: Box<Cmd>,
     },
+    /// An `Enqueue` or `Publish` with a client's deduplication id (duplicate detection, like
+    /// Artemis's): skipped when `id` was last applied with the same body, unless `new` (the
+    /// client says this is a new message that reuses the id, as an MQTT packet id is reused).
+    /// The MQTT gateway uses it for QoS 2: a PUBLISH resent to another gateway after the first
+    /// one died is stored once.
+    Dedup {
+        id: String,
+        new: bool,
+        /// The message's hash from the router (without the annotations that carry `id`).
+        hash: u64,
+        cmd: Box<Cmd>,
+    },
     /// The consumer known as `old` (every id its router gave it since one was last known
     /// to be applied, oldest first: a resume sent just before another reconnection may never
     /// have reached the log), whose router reconnected (to a new leader, or after a network
@@ -176,6 +188,22 @@ impl Target {
 /// Origins (routers' resend identities) remembered for deduplication: forgotten after this
 /// long without a message, and the least recently used go first past the count limit.
 const ORIGIN_IDLE_MS: u64 = 10 * 60 * 1000;
+/// Deduplication ids remembered per shard ([`Cmd::Dedup`]); past it the oldest quarter goes.
+pub const MAX_DEDUP_IDS: usize = 1 << 20;
+/// Longest deduplication id.
+pub const MAX_DEDUP_ID: usize = 1024;
+/// A deduplication id is forgotten after this long without use.
+const DEDUP_IDLE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// An `Enqueue` or `Publish` (or, with `dedup`, one inside a [`Cmd::Dedup`]).
+fn is_message(c: &Cmd, dedup: bool) -> bool {
+    match c {
+        Cmd::Enqueue { .. } | Cmd::Publish { .. } => true,
+        Cmd::Dedup { cmd, .. } => dedup && is_message(cmd, false),
+        _ => false,
+    }
+}
+
 const MAX_ORIGINS: usize = 65_536;
 
 /// Most old ids one resume names (a router keeps at most this many unconfirmed ones).
@@ -237,7 +265,7 @@ fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_be_bytes());
 }
 
-fn put_u64(out: &mut Vec<u8>, v: u64) {
+pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_be_bytes());
 }
 
@@ -372,6 +400,13 @@ impl Cmd {
                 put_u64(o, *seq);
                 cmd.encode_into(o);
             }
+            Cmd::Dedup { id, new, hash, cmd } => {
+                o.push(15);
+                put_bytes(o, id.as_bytes());
+                o.push(u8::from(*new));
+                put_u64(o, *hash);
+                cmd.encode_into(o);
+            }
             Cmd::Resume {
                 old,
                 new,
@@ -398,7 +433,7 @@ impl Cmd {
     pub fn body(&self) -> Option<&Vec<u8>> {
         match self {
             Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Some(body),
-            Cmd::Once { cmd, .. } => cmd.body(),
+            Cmd::Once { cmd, .. } | Cmd::Dedup { cmd, .. } => cmd.body(),
             _ => None,
         }
     }
@@ -407,7 +442,7 @@ impl Cmd {
     pub fn body_mut(&mut self) -> Option<&mut Vec<u8>> {
         match self {
             Cmd::Enqueue { body, .. } | Cmd::Publish { body, .. } => Some(body),
-            Cmd::Once { cmd, .. } => cmd.body_mut(),
+            Cmd::Once { cmd, .. } | Cmd::Dedup { cmd, .. } => cmd.body_mut(),
             _ => None,
         }
     }
@@ -424,7 +459,7 @@ impl Cmd {
             | Cmd::Tick { now }
             | Cmd::Subscribe { now, .. }
             | Cmd::Resume { now, .. } => *now,
-            Cmd::Once { cmd, .. } => cmd.now(),
+            Cmd::Once { cmd, .. } | Cmd::Dedup { cmd, .. } => cmd.now(),
             Cmd::Declare { .. }
             | Cmd::Purge { .. }
             | Cmd::Unsubscribe { .. }
@@ -504,13 +539,33 @@ impl Cmd {
                 let seq = r.u64()?;
                 let cmd = Cmd::decode(r.0)?;
                 r.0 = &[];
-                // Only messages are deduplicated (and no nesting: decoding stays shallow).
-                if !matches!(cmd, Cmd::Enqueue { .. } | Cmd::Publish { .. }) {
+                // Only messages are deduplicated (nesting at most Once(Dedup(message)):
+                // decoding stays shallow).
+                if !is_message(&cmd, true) {
                     return Err(bad("only a message may be sent once"));
                 }
                 Cmd::Once {
                     origin,
                     seq,
+                    cmd: Box::new(cmd),
+                }
+            }
+            15 => {
+                let id = r.string()?;
+                if id.len() > MAX_DEDUP_ID {
+                    return Err(bad("deduplication id too long"));
+                }
+                let new = r.u8()? != 0;
+                let hash = r.u64()?;
+                let cmd = Cmd::decode(r.0)?;
+                r.0 = &[];
+                if !is_message(&cmd, false) {
+                    return Err(bad("only a message has a deduplication id"));
+                }
+                Cmd::Dedup {
+                    id,
+                    new,
+                    hash,
                     cmd: Box::new(cmd),
                 }
             }
@@ -609,6 +664,8 @@ pub struct Shard {
     delivered: BTreeMap<ConsumerId, u32>,
     /// For [`Cmd::Once`]: the last sequence applied from each origin, and when.
     origins: BTreeMap<u64, (u64, u64)>,
+    /// For [`Cmd::Dedup`]: each id's body hash, and when it was last applied.
+    dedup: BTreeMap<String, (u64, u64)>,
 }
 
 impl Shard {
@@ -713,6 +770,8 @@ impl Shard {
             Cmd::Tick { now } => {
                 self.origins
                     .retain(|_, (_, at)| now.saturating_sub(*at) < ORIGIN_IDLE_MS);
+                self.dedup
+                    .retain(|_, (_, at)| now.saturating_sub(*at) < DEDUP_IDLE_MS);
                 let addresses: Vec<String> = self.queues.keys().cloned().collect();
                 let mut out = Vec::new();
                 for a in addresses {
@@ -755,6 +814,24 @@ impl Shard {
                     // A repeat: its entry holds no message anyone needs.
                     return vec![ShardEffect::Forget { seq: index }];
                 }
+                return self.apply(index, *cmd);
+            }
+            Cmd::Dedup { id, new, hash, cmd } => {
+                let now = cmd.now();
+                if !new && self.dedup.get(&id).is_some_and(|(h, _)| *h == hash) {
+                    if let Some(e) = self.dedup.get_mut(&id) {
+                        e.1 = now;
+                    }
+                    return vec![ShardEffect::Forget { seq: index }];
+                }
+                if self.dedup.len() >= MAX_DEDUP_IDS && !self.dedup.contains_key(&id) {
+                    // Full: the oldest quarter goes (amortised over as many inserts).
+                    let mut ats: Vec<u64> = self.dedup.values().map(|(_, at)| *at).collect();
+                    ats.sort_unstable();
+                    let cut = ats[ats.len() / 4];
+                    self.dedup.retain(|_, (_, at)| *at > cut);
+                }
+                self.dedup.insert(id, (hash, now));
                 return self.apply(index, *cmd);
             }
             Cmd::Resume {
@@ -1052,6 +1129,12 @@ impl Shard {
             put_varint(o, *seq);
             put_varint(o, *at);
         }
+        put_varint(o, self.dedup.len() as u64);
+        for (id, (hash, at)) in &self.dedup {
+            put_bytes(o, id.as_bytes());
+            put_u64(o, *hash);
+            put_varint(o, *at);
+        }
     }
 
     /// Reads what [`Shard::encode`] wrote; damaged input is an error.
@@ -1097,6 +1180,12 @@ impl Shard {
             let seq = r.varint()?;
             let at = r.varint()?;
             shard.origins.insert(origin, (seq, at));
+        }
+        for _ in 0..r.count(10)? {
+            let id = r.string()?;
+            let hash = r.u64()?;
+            let at = r.varint()?;
+            shard.dedup.insert(id, (hash, at));
         }
         if !r.is_empty() {
             return Err(bad("trailing bytes after shard state"));
@@ -1192,6 +1281,12 @@ mod tests {
                 seq: 1,
                 cmd: Box::new(publish("t/a")),
             },
+            Cmd::Once {
+                origin: 2,
+                seq: 9,
+                cmd: Box::new(dedup("mqtt:c:7", false, 42, enqueue("q", 9))),
+            },
+            dedup("x", true, u64::MAX, publish("t/b")),
             Cmd::Resume {
                 old: vec![1 << 50],
                 new: 7,
@@ -1240,6 +1335,62 @@ mod tests {
             .iter()
             .find(|i| i.address == address)
             .map_or((0, 0), |i| (i.depth, i.ready))
+    }
+
+    fn dedup(id: &str, new: bool, hash: u64, cmd: Cmd) -> Cmd {
+        Cmd::Dedup {
+            id: id.into(),
+            new,
+            hash,
+            cmd: Box::new(cmd),
+        }
+    }
+
+    #[test]
+    fn a_message_with_a_deduplication_id_is_stored_once_unless_new() {
+        let mut s = Shard::new();
+        assert!(
+            s.apply(1, dedup("mqtt:c:1", true, 10, enqueue("q", 1)))
+                .is_empty()
+        );
+        // Resent (DUP) through another gateway: the same id and hash, not stored again.
+        assert_eq!(
+            s.apply(2, dedup("mqtt:c:1", false, 10, enqueue("q", 2))),
+            vec![ShardEffect::Forget { seq: 2 }]
+        );
+        assert_eq!(queue_depth(&s, "q"), (1, 1));
+        // A resend of another message under that id (the first attempt never arrived).
+        assert!(
+            s.apply(3, dedup("mqtt:c:1", false, 11, enqueue("q", 3)))
+                .is_empty()
+        );
+        // A new message reusing the id: stored even with the same hash.
+        assert!(
+            s.apply(4, dedup("mqtt:c:1", true, 11, enqueue("q", 4)))
+                .is_empty()
+        );
+        assert_eq!(queue_depth(&s, "q"), (3, 3));
+        // Remembered across a snapshot; forgotten after a long silence.
+        let mut snap = Vec::new();
+        s.encode(&mut snap);
+        let mut b = Shard::decode(&snap).unwrap();
+        assert_eq!(
+            b.apply(5, dedup("mqtt:c:1", false, 11, enqueue("q", 5))),
+            vec![ShardEffect::Forget { seq: 5 }]
+        );
+        b.apply(
+            6,
+            Cmd::Tick {
+                now: DEDUP_IDLE_MS + 10,
+            },
+        );
+        assert!(
+            b.apply(
+                7,
+                dedup("mqtt:c:1", false, 11, enqueue("q", DEDUP_IDLE_MS + 10))
+            )
+            .is_empty()
+        );
     }
 
     #[test]

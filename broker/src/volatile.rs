@@ -85,6 +85,8 @@ impl Volatile {
                 absolute_expiry,
                 body,
                 done,
+                // In-memory queues keep no deduplication ids (nothing survives a restart).
+                dedup: _,
             } if self.queues.contains(&address) => {
                 let len = body.len();
                 if self.bodies.len() >= self.limits.max_messages
@@ -245,6 +247,7 @@ mod tests {
             absolute_expiry: None,
             body: body.to_vec(),
             done: Some(tag),
+            dedup: None,
         }
     }
 

@@ -59,6 +59,7 @@ fn valid_samples() -> Vec<Vec<u8>> {
         absolute_expiry: None,
         body: b"x".to_vec(),
         done: Some(4),
+        dedup: None,
     })
     .encode(&mut f)
     .unwrap();

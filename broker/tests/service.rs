@@ -27,6 +27,7 @@ async fn enqueue_commit_deliver_settle() {
                 absolute_expiry: None,
                 body: format!("job-{i}").into_bytes(),
                 done: Some(i as u64),
+                dedup: None,
             })
             .unwrap();
     }
@@ -81,6 +82,7 @@ async fn enqueue_commit_deliver_settle() {
             absolute_expiry: None,
             body: b"alice".to_vec(),
             done: Some(7777),
+            dedup: None,
         })
         .unwrap();
     let c = done_rx.recv().await.unwrap();

@@ -60,13 +60,23 @@ pub fn to_amqp(p: &Publish, client: &str, prefix: &str, out: &mut BytesMut) {
     e.string(client);
     if p.retain {
         e.symbol(RETAIN);
-        e.boolean(true);
+        e.boolean(!p.dup);
         count += 2;
     }
     if let Some(v) = props.payload_format_indicator {
         e.symbol(FORMAT);
         e.ubyte(v);
         count += 2;
+    }
+    if let (QoS::ExactlyOnce, Some(id)) = (p.qos, p.packet_id) {
+        // Exactly once across gateways: the brokers store a QoS 2 message once per client and
+        // packet id, unless the device says it is new (DUP 0: the id was reused); a resend
+        // (DUP 1) through another gateway after the first died is not stored again.
+        e.symbol(amqp::message::DEDUP_ID);
+        e.string(&format!("mqtt:{client}:{id}"));
+        e.symbol(amqp::message::DEDUP_NEW);
+        e.boolean(!p.dup);
+        count += 4;
     }
     let size = (e.buf.len() - at - 4) as u32;
     e.buf[at..at + 4].copy_from_slice(&size.to_be_bytes());
@@ -204,6 +214,40 @@ pub fn from_amqp(msg: &[u8], prefix: &str) -> Result<Incoming, amqp::DecodeError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_qos_2_resend_carries_the_same_deduplication_id_and_hash() {
+        let mut p = Publish {
+            dup: false,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: "a/b".into(),
+            packet_id: Some(9),
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"reading"),
+        };
+        let mut first = BytesMut::new();
+        to_amqp(&p, "dev:1", "mqtt/", &mut first);
+        p.dup = true;
+        let mut resend = BytesMut::new();
+        to_amqp(&p, "dev:1", "mqtt/", &mut resend);
+        let (a, b) = (
+            amqp::message::expiry(&first).unwrap(),
+            amqp::message::expiry(&resend).unwrap(),
+        );
+        assert_eq!(a.dedup_id.as_deref(), Some("mqtt:dev:1:9"));
+        assert_eq!((a.dedup_new, b.dedup_new), (true, false));
+        assert_eq!((&a.dedup_id, a.dedup_hash), (&b.dedup_id, b.dedup_hash));
+        // Another payload under the same id hashes differently; QoS 1 carries no id.
+        p.payload = Bytes::from_static(b"other");
+        let mut other = BytesMut::new();
+        to_amqp(&p, "dev:1", "mqtt/", &mut other);
+        assert_ne!(amqp::message::expiry(&other).unwrap().dedup_hash, a.dedup_hash);
+        p.qos = QoS::AtLeastOnce;
+        let mut q1 = BytesMut::new();
+        to_amqp(&p, "dev:1", "mqtt/", &mut q1);
+        assert_eq!(amqp::message::expiry(&q1).unwrap().dedup_id, None);
+    }
 
     #[test]
     fn a_publish_survives_the_trip_through_amqp() {

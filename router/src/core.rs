@@ -1306,6 +1306,17 @@ impl Core {
             },
         );
         let body = payload.to_vec();
+        // Ids too long to keep are ignored (the message is stored without one).
+        let dedup = expiry
+            .dedup_id
+            .filter(|id| id.len() <= broker::shard::MAX_DEDUP_ID)
+            .map(|id| {
+                Box::new(broker::service::Dedup {
+                    id,
+                    new: expiry.dedup_new,
+                    hash: expiry.dedup_hash,
+                })
+            });
         let r = if kind == AddressType::Topic {
             StoreRequest::Publish {
                 topic: address.to_owned(),
@@ -1313,6 +1324,7 @@ impl Core {
                 absolute_expiry: expiry.absolute_expiry_ms,
                 body,
                 done: Some(tag),
+                dedup,
             }
         } else {
             StoreRequest::Enqueue {
@@ -1321,6 +1333,7 @@ impl Core {
                 absolute_expiry: expiry.absolute_expiry_ms,
                 body,
                 done: Some(tag),
+                dedup,
             }
         };
         self.send_store(r);

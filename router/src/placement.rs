@@ -198,6 +198,7 @@ mod tests {
             absolute_expiry: None,
             body: vec![],
             done: None,
+            dedup: None,
         });
         p.send(Request::Purge {
             address: "$sub:c:l".into(),

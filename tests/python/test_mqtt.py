@@ -790,3 +790,87 @@ def test_dollar_topics_are_not_forwarded(router):
         assert sub.got == []
     finally:
         sub.close()
+
+
+def _gateway_process(router):
+    """A separate `enmesh mqtt-gateway` in front of the standalone's router: (process, port)."""
+    import subprocess
+    from conftest import enmesh_bin
+    gw = subprocess.Popen([str(enmesh_bin()), "mqtt-gateway", "--listen", "127.0.0.1:0",
+                           "--router", "127.0.0.1:%d" % router.amqp_port,
+                           "--router-http", "127.0.0.1:%d" % router.http_port],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = gw.stdout.readline()
+    assert line.startswith("enmesh mqtt-gateway ready mqtt="), line
+    return gw, int(line.split("mqtt=")[1].split()[0].rsplit(":", 1)[1])
+
+
+def _publish2(pid, payload, dup=False):
+    """An MQTT 5 QoS 2 PUBLISH on audit/q2."""
+    return pkt(0x34 | (0x08 if dup else 0), s16(b"audit/q2") + struct.pack(">H", pid) + b"\x00" + payload)
+
+
+def _expect(s, first, pid):
+    got, body = read_packet(s)
+    assert got == first and body[:2] == struct.pack(">H", pid), (hex(got), body, pid)
+    assert len(body) == 2 or body[2] < 0x80, ("refused", body)
+
+
+def test_qos2_exactly_once_across_a_gateway_restart(router):
+    """QoS 2 from a device through a gateway that is SIGKILLed after storing; the device
+    resends everything (DUP) through a new gateway process: each message stored once (the
+    brokers deduplicate by client and packet id), one never sent before is stored, and a
+    new message reusing an id (DUP 0) is stored again. Audited by an AMQP subscriber."""
+    amqp = connect(router.amqp_url)
+    gws = []
+    try:
+        rcv = amqp.create_receiver("mqtt/audit/q2", credit=500)
+        time.sleep(0.3)
+        gw, port = _gateway_process(router)
+        gws.append(gw)
+        n = 40
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(connect_pkt("q2-roamer", clean=False))
+        assert read_packet(s)[0] == 0x20
+        s.sendall(b"".join(_publish2(i, b"m%d" % i) for i in range(1, n + 1)))
+        for i in range(1, n + 1):
+            _expect(s, 0x50, i)  # PUBREC: stored
+        # The gateway dies before any PUBREL (the device saw none of the PUBRECs, say).
+        gw.kill()
+        gw.wait(timeout=10)
+        s.close()
+        gw, port = _gateway_process(router)
+        gws.append(gw)
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(connect_pkt("q2-roamer", clean=False))
+        assert read_packet(s)[0] == 0x20
+        # Everything resent as in doubt, plus one the first gateway never saw.
+        s.sendall(b"".join(_publish2(i, b"m%d" % i, dup=True) for i in range(1, n + 2)))
+        for i in range(1, n + 2):
+            _expect(s, 0x50, i)
+        s.sendall(b"".join(pkt(0x62, struct.pack(">H", i)) for i in range(1, n + 2)))
+        for i in range(1, n + 2):
+            _expect(s, 0x70, i)  # PUBCOMP
+        # A new message reusing packet id 1 (DUP 0), even with the same payload: stored.
+        s.sendall(_publish2(1, b"m1"))
+        _expect(s, 0x50, 1)
+        s.sendall(pkt(0x62, struct.pack(">H", 1)))
+        _expect(s, 0x70, 1)
+        s.close()
+        got = []
+        while True:
+            try:
+                m = rcv.receive(timeout=2)
+            except Exception:
+                break
+            got.append(bytes(m.body) if not isinstance(m.body, str) else m.body.encode())
+            rcv.accept()
+        want = sorted([b"m%d" % i for i in range(1, n + 2)] + [b"m1"])
+        from collections import Counter
+        diff = (Counter(got) - Counter(want)) + (Counter(want) - Counter(got))
+        assert sorted(got) == want, "duplicates or losses: %s" % dict(diff)
+    finally:
+        amqp.close()
+        for gw in gws:
+            gw.kill()
+            gw.wait(timeout=10)
