@@ -34,6 +34,8 @@ enum Cmd {
     Mqtt(mqtt::MqttArgs),
     /// MQTT: CONNECT rate, then memory per idle connection (each with one subscription).
     MqttIdle(mqtt::IdleArgs),
+    /// MQTT: many publishers and subscribers at once (1k ↔ 1k pairs, or fan-in to one).
+    MqttMany(mqtt::ManyArgs),
 }
 
 mod mqtt;
@@ -117,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Idle(a) => idle_bench(a).await,
             Cmd::Mqtt(a) => mqtt::run(a),
             Cmd::MqttIdle(a) => mqtt::idle(a),
+            Cmd::MqttMany(a) => mqtt::many(a),
         }
     })
 }

@@ -338,3 +338,285 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
     drop(conns);
     Ok(())
 }
+
+#[derive(clap::Args, Clone)]
+pub struct ManyArgs {
+    /// host:port of the MQTT server.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    url: String,
+    /// Topic prefix: publisher i publishes on `<topic>/<i>`.
+    #[arg(long, default_value = "bench/many")]
+    topic: String,
+    /// Publishers.
+    #[arg(long, default_value_t = 1000)]
+    publishers: usize,
+    /// Subscribers: as many as publishers (subscriber i on `<topic>/<i>`: pairs), or 1 (on
+    /// `<topic>/+`: fan-in).
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Messages to send in all (after warm-up).
+    #[arg(long, default_value_t = 200_000)]
+    count: u64,
+    #[arg(long, default_value_t = 20_000)]
+    warmup: u64,
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// 0 or 1 (publish and subscribe).
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// QoS 1: PUBLISHes each publisher sends before their PUBACK.
+    #[arg(long, default_value_t = 10)]
+    window: u32,
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[arg(long, default_value = "enmesh")]
+    label: String,
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// A connection of the many-connection benchmark: non-blocking, registered with mio.
+struct Peer {
+    c: Conn,
+    inflight: u32,
+    next_id: u16,
+}
+
+impl Conn {
+    /// Reads until the socket has nothing more (edge-triggered readiness); every whole packet
+    /// goes to `f`.
+    fn drain(&mut self, mut f: impl FnMut(Packet)) -> anyhow::Result<()> {
+        loop {
+            match self.s.read(&mut self.scratch) {
+                Ok(0) => bail!("closed by the server"),
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&self.scratch[..n]);
+                    while let Some((p, used)) =
+                        codec::decode(&self.inbuf, Some(Version::V311), usize::MAX)?
+                    {
+                        let _ = self.inbuf.split_to(used);
+                        f(p);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// `enmesh-bench mqtt-many`: many publishers and subscribers at once (design.md §9: QoS 1
+/// 1k ↔ 1k; fan-in from 10k publishers to one subscriber), all-out with a per-publisher
+/// window, from one thread over epoll. Reports messages in (acknowledged to publishers) and
+/// out (received by subscribers) per second, and end-to-end latency.
+pub fn many(a: ManyArgs) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    if a.size < 16 {
+        bail!("--size must be at least 16");
+    }
+    let qos = match a.qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => bail!("--qos must be 0 or 1"),
+    };
+    let fan_in = a.subscribers == 1;
+    if !fan_in && a.subscribers != a.publishers {
+        bail!("--subscribers must be 1 (fan-in) or as many as --publishers (pairs)");
+    }
+    let label = a.label.clone();
+    let mut subs = Vec::with_capacity(a.subscribers);
+    for i in 0..a.subscribers {
+        let mut c = Conn::connect(&a.url, &format!("{label}-sub-{i}"))?;
+        c.s.set_nonblocking(false)?;
+        let filter = if fan_in {
+            format!("{}/+", a.topic)
+        } else {
+            format!("{}/{i}", a.topic)
+        };
+        c.send(&Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            properties: Properties::default(),
+            filters: vec![(filter, SubOptions::qos(qos))],
+        }));
+        c.flush()?;
+        match c.read_blocking()? {
+            Packet::SubAck(s) if s.reasons.first().is_some_and(|r| *r < 0x80) => {}
+            p => bail!("subscription refused: {p:?}"),
+        }
+        c.s.set_nonblocking(true)?;
+        subs.push(c);
+    }
+    let mut pubs = Vec::with_capacity(a.publishers);
+    for i in 0..a.publishers {
+        pubs.push(Peer {
+            c: Conn::connect(&a.url, &format!("{label}-pub-{i}"))?,
+            inflight: 0,
+            next_id: 1,
+        });
+    }
+    let mut poll = mio::Poll::new()?;
+    for (i, c) in subs.iter().enumerate() {
+        let fd = c.s.as_raw_fd();
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&fd),
+            mio::Token(i),
+            mio::Interest::READABLE,
+        )?;
+    }
+    for (i, p) in pubs.iter().enumerate() {
+        let fd = p.c.s.as_raw_fd();
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&fd),
+            mio::Token(subs.len() + i),
+            mio::Interest::READABLE,
+        )?;
+    }
+    let mut events = mio::Events::with_capacity(1024);
+    let topics: Vec<String> = (0..a.publishers)
+        .map(|i| format!("{}/{i}", a.topic))
+        .collect();
+    let total = a.warmup + a.count;
+    let window = if qos == QoS::AtLeastOnce {
+        a.window
+    } else {
+        u32::MAX
+    };
+    let base = Instant::now();
+    let mut payload = vec![0u8; a.size];
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let (mut sent, mut received, mut acked) = (0u64, 0u64, 0u64);
+    let before = a.server_pid.and_then(sample);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(a.timeout);
+    let (mut last_rx, mut last_ack) = (start, start);
+    let mut cursor = 0usize;
+    let mut acks: Vec<u16> = Vec::new();
+    while received < total || (qos == QoS::AtLeastOnce && acked < total) {
+        let now = Instant::now();
+        if now > deadline {
+            bail!("timed out: sent={sent} received={received} acked={acked}");
+        }
+        // Send: one PUBLISH per publisher with room in its window, round robin, a bounded
+        // batch per turn so that reading keeps up.
+        let mut batch = 0;
+        let mut idle_pass = 0;
+        while sent < total && batch < 2048 && idle_pass < pubs.len() {
+            let i = cursor;
+            cursor = (cursor + 1) % pubs.len();
+            let p = &mut pubs[i];
+            if p.inflight >= window {
+                idle_pass += 1;
+                continue;
+            }
+            idle_pass = 0;
+            payload[..8].copy_from_slice(&nanos(base).to_be_bytes());
+            payload[8..16].copy_from_slice(&sent.to_be_bytes());
+            let packet_id = (qos == QoS::AtLeastOnce).then(|| {
+                let id = p.next_id;
+                p.next_id = p.next_id.checked_add(1).unwrap_or(1);
+                id
+            });
+            p.c.send(&Packet::Publish(Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: topics[i].clone(),
+                packet_id,
+                properties: Properties::default(),
+                payload: Bytes::copy_from_slice(&payload),
+            }));
+            p.c.flush()?;
+            if qos == QoS::AtLeastOnce {
+                p.inflight += 1;
+            }
+            sent += 1;
+            batch += 1;
+        }
+        let wait = if batch > 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(5)
+        };
+        if let Err(e) = poll.poll(&mut events, Some(wait))
+            && e.kind() != std::io::ErrorKind::Interrupted
+        {
+            return Err(e.into());
+        }
+        for ev in events.iter() {
+            let t = ev.token().0;
+            if t < subs.len() {
+                let c = &mut subs[t];
+                let at = nanos(base);
+                c.drain(|p| {
+                    if let Packet::Publish(p) = p {
+                        received += 1;
+                        if p.payload.len() >= 16 {
+                            let mut ts = [0u8; 8];
+                            ts.copy_from_slice(&p.payload[..8]);
+                            let mut seq = [0u8; 8];
+                            seq.copy_from_slice(&p.payload[8..16]);
+                            if u64::from_be_bytes(seq) >= a.warmup {
+                                let _ =
+                                    hist.record(at.saturating_sub(u64::from_be_bytes(ts)).max(1));
+                            }
+                        }
+                        if let Some(id) = p.packet_id {
+                            acks.push(id);
+                        }
+                    }
+                })?;
+                last_rx = Instant::now();
+                for id in acks.drain(..) {
+                    c.send(&Packet::PubAck(Ack::new(id)));
+                }
+                c.flush()?;
+            } else if let Some(p) = pubs.get_mut(t - subs.len()) {
+                let mut n = 0u32;
+                p.c.drain(|pk| {
+                    if let Packet::PubAck(_) = pk {
+                        n += 1;
+                    }
+                })?;
+                p.inflight = p.inflight.saturating_sub(n);
+                acked += u64::from(n);
+                if n > 0 {
+                    last_ack = Instant::now();
+                }
+            }
+        }
+    }
+    let wall_out = last_rx.duration_since(start).as_secs_f64();
+    let wall_in = if qos == QoS::AtLeastOnce {
+        last_ack.duration_since(start).as_secs_f64()
+    } else {
+        wall_out
+    };
+    let after = a.server_pid.and_then(sample);
+    let (cpu, rss) = match (before, after) {
+        (Some(b), Some(x)) => (
+            format!(
+                "{:.0}%",
+                (x.cpu_ticks - b.cpu_ticks) as f64 / 100.0 / wall_out * 100.0
+            ),
+            format!("{} MiB", x.rss_kb / 1024),
+        ),
+        _ => ("n/a".into(), "n/a".into()),
+    };
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{label}: mqtt-many qos={q} publishers={np} subscribers={ns} window={w} size={size}B \
+         sent={sent} received={received} in_rate={rin:.0} msg/s out_rate={rout:.0} msg/s \
+         latency_us p50={p50:.0} p99={p99:.0} max={max:.0} server_cpu={cpu} server_rss={rss}",
+        q = a.qos,
+        np = a.publishers,
+        ns = a.subscribers,
+        w = a.window,
+        size = a.size,
+        rin = sent as f64 / wall_in,
+        rout = received as f64 / wall_out,
+        p50 = us(0.5),
+        p99 = us(0.99),
+        max = hist.max() as f64 / 1000.0,
+    );
+    Ok(())
+}

@@ -242,7 +242,10 @@ mod tests {
         p.payload = Bytes::from_static(b"other");
         let mut other = BytesMut::new();
         to_amqp(&p, "dev:1", "mqtt/", &mut other);
-        assert_ne!(amqp::message::expiry(&other).unwrap().dedup_hash, a.dedup_hash);
+        assert_ne!(
+            amqp::message::expiry(&other).unwrap().dedup_hash,
+            a.dedup_hash
+        );
         p.qos = QoS::AtLeastOnce;
         let mut q1 = BytesMut::new();
         to_amqp(&p, "dev:1", "mqtt/", &mut q1);
