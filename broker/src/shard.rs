@@ -7,7 +7,7 @@
 //! Time is part of each command (the proposer's clock), so every replica applying the log makes
 //! the same expiry decisions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
 use crate::queue::{
@@ -641,6 +641,82 @@ struct Binding {
     durable: bool,
 }
 
+/// The subscriptions' bindings by queue, indexed for publishing: a topic finds the
+/// subscriptions with its literal filter by lookup and matches only the wildcard ones (a
+/// thousand devices each on its own topic made every PUBLISH match a thousand filters).
+#[derive(Default)]
+struct Bindings {
+    by_queue: BTreeMap<String, Binding>,
+    /// Filters without wildcards → their queues.
+    literal: BTreeMap<String, BTreeSet<String>>,
+    /// Queues whose filter has a wildcard.
+    wild: BTreeSet<String>,
+}
+
+fn is_wild(filter: &str) -> bool {
+    filter.split('/').any(|l| l == "*" || l == "#")
+}
+
+impl Bindings {
+    fn get(&self, queue: &str) -> Option<&Binding> {
+        self.by_queue.get(queue)
+    }
+
+    fn len(&self) -> usize {
+        self.by_queue.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Binding)> {
+        self.by_queue.iter()
+    }
+
+    /// Binds `queue` to `filter` (replacing its earlier binding).
+    fn set(&mut self, queue: String, filter: String, durable: bool) {
+        self.remove(&queue);
+        if is_wild(&filter) {
+            self.wild.insert(queue.clone());
+        } else {
+            self.literal
+                .entry(filter.clone())
+                .or_default()
+                .insert(queue.clone());
+        }
+        self.by_queue.insert(queue, Binding { filter, durable });
+    }
+
+    fn remove(&mut self, queue: &str) {
+        let Some(b) = self.by_queue.remove(queue) else {
+            return;
+        };
+        if !self.wild.remove(queue)
+            && let Some(qs) = self.literal.get_mut(&b.filter)
+        {
+            qs.remove(queue);
+            if qs.is_empty() {
+                self.literal.remove(&b.filter);
+            }
+        }
+    }
+
+    /// The queues of the subscriptions matching `topic`, in queue order (deterministic on
+    /// every replica).
+    fn targets(&self, topic: &str) -> Vec<String> {
+        let mut out: BTreeSet<&String> = self
+            .wild
+            .iter()
+            .filter(|q| {
+                self.by_queue
+                    .get(*q)
+                    .is_some_and(|b| crate::topic::matches(&b.filter, topic))
+            })
+            .collect();
+        if let Some(qs) = self.literal.get(topic) {
+            out.extend(qs.iter());
+        }
+        out.into_iter().cloned().collect()
+    }
+}
+
 /// Purges that remove at most this many messages report each one as forgotten.
 const PURGE_REPORT_MAX: usize = 65_536;
 
@@ -655,7 +731,7 @@ pub struct Shard {
     /// Which queue each attached consumer reads.
     consumers: BTreeMap<ConsumerId, String>,
     /// Subscriptions by queue name.
-    bindings: BTreeMap<String, Binding>,
+    bindings: Bindings,
     /// How many queues hold each message held by more than one (a published message may be
     /// in many); a message held by one queue has no entry, so a queue backlog costs nothing
     /// here.
@@ -704,13 +780,7 @@ impl Shard {
             }
             Cmd::Bind { name, filter } => {
                 let q = sub_queue(&name);
-                self.bindings.insert(
-                    q.clone(),
-                    Binding {
-                        filter,
-                        durable: true,
-                    },
-                );
+                self.bindings.set(q.clone(), filter, true);
                 self.queue(&q);
                 return Vec::new();
             }
@@ -849,12 +919,7 @@ impl Shard {
                 absolute_expiry,
                 body: _,
             } => {
-                let targets: Vec<String> = self
-                    .bindings
-                    .iter()
-                    .filter(|(_, b)| crate::topic::matches(&b.filter, &topic))
-                    .map(|(q, _)| q.clone())
-                    .collect();
+                let targets = self.bindings.targets(&topic);
                 if targets.is_empty() {
                     // Nobody subscribed: the message is not kept.
                     return vec![ShardEffect::Forget { seq: index }];
@@ -896,13 +961,8 @@ impl Shard {
                 durable,
             } => {
                 let q = sub_queue(&name);
-                let b = self.bindings.entry(q.clone()).or_insert(Binding {
-                    filter: filter.clone(),
-                    durable,
-                });
                 // A durable subscription reattached with another filter takes the new one.
-                b.filter = filter;
-                b.durable = durable;
+                self.bindings.set(q.clone(), filter, durable);
                 q
             }
         };
@@ -1109,7 +1169,7 @@ impl Shard {
             put_bytes(o, q.as_bytes());
         }
         put_varint(o, self.bindings.len() as u64);
-        for (q, b) in &self.bindings {
+        for (q, b) in self.bindings.iter() {
             put_bytes(o, q.as_bytes());
             put_bytes(o, b.filter.as_bytes());
             o.push(u8::from(b.durable));
@@ -1164,7 +1224,7 @@ impl Shard {
             let q = r.string()?;
             let filter = r.string()?;
             let durable = r.u8()? != 0;
-            shard.bindings.insert(q, Binding { filter, durable });
+            shard.bindings.set(q, filter, durable);
         }
         let mut seqs = Vec::new();
         get_seq_list(&mut r, &mut seqs)?;
@@ -1335,6 +1395,30 @@ mod tests {
             .iter()
             .find(|i| i.address == address)
             .map_or((0, 0), |i| (i.depth, i.ready))
+    }
+
+    #[test]
+    fn indexed_bindings_find_what_matching_every_filter_finds() {
+        let filters = [
+            "a/b", "a/*", "a/#", "#", "a/b/c", "x/y", "a*b", "*/b", "a/b",
+        ];
+        let mut b = Bindings::default();
+        for (i, f) in filters.iter().enumerate() {
+            b.set(format!("q{i}"), (*f).to_owned(), false);
+        }
+        // Re-binding moves a queue from one index to the other; removal leaves no trace.
+        b.set("q1".into(), "x/y".into(), true);
+        b.set("q4".into(), "*/c".into(), true);
+        b.remove("q5");
+        for topic in ["a/b", "a/c", "a/b/c", "x/y", "a*b", "z", "b/c"] {
+            let naive: Vec<String> = b
+                .iter()
+                .filter(|(_, x)| crate::topic::matches(&x.filter, topic))
+                .map(|(q, _)| q.clone())
+                .collect();
+            assert_eq!(b.targets(topic), naive, "{topic}");
+        }
+        assert!(b.literal.values().all(|qs| !qs.contains("q5")));
     }
 
     fn dedup(id: &str, new: bool, hash: u64, cmd: Cmd) -> Cmd {

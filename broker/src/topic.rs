@@ -9,6 +9,10 @@ pub const MAX_LEVELS: usize = 256;
 /// Whether `filter` matches `topic`. Linear in the product of their level counts (dynamic
 /// programming, no backtracking), so a hostile filter with many `#` cannot blow up.
 pub fn matches(filter: &str, topic: &str) -> bool {
+    if !filter.contains(['*', '#']) {
+        // No wildcard character at all: only the same name matches (no allocation).
+        return filter == topic && topic.split('/').count() <= MAX_LEVELS;
+    }
     let p: Vec<&str> = filter.split('/').collect();
     let a: Vec<&str> = topic.split('/').collect();
     if p.len() > MAX_LEVELS || a.len() > MAX_LEVELS {
