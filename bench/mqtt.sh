@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MQTT, one publisher → one subscriber on one topic, 100 B payloads (design.md §9 MQTT rows):
 # Enmesh standalone (its MQTT gateway; topics are brokered topic addresses) against mosquitto
-# 2.0.11 (Debian), same load generator (`enmesh-bench mqtt`, MQTT 3.1.1), same run. Server on
+# 2.0.11 and ActiveMQ 5.17's MQTT transport (both Debian; AMQ=0 skips ActiveMQ), same load generator (`enmesh-bench mqtt`, MQTT 3.1.1), same run. Server on
 # core 0, load generator on core 1. QoS 0 all-out, QoS 1 with 100 PUBLISHes in flight; median
 # of RUNS; then latency at LAT_RATE msg/s.
 #
@@ -29,6 +29,8 @@ fi
 bench="$root/target/release/enmesh-bench"
 E_PORT=${E_PORT:-18851}
 M_PORT=${M_PORT:-18852}
+A_PORT=${A_PORT:-18853}
+AMQ=${AMQ:-1}
 
 median() {  # LABEL PORT PID ARGS...
   local label=$1 port=$2 pid=$3 lines=() i; shift 3
@@ -53,7 +55,7 @@ rm -rf "$out/enmesh-data"
 taskset -c 0 "$root/target/release/enmesh" standalone --listen 127.0.0.1:0 --http 127.0.0.1:0 \
   --mqtt "127.0.0.1:$E_PORT" --data "$out/enmesh-data" > "$out/enmesh.log" 2>&1 &
 epid=$!
-trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true' EXIT
+trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true; bash bench/peers/activemq.sh stop "$A_PORT"' EXIT
 for _ in $(seq 100); do grep -q "enmesh ready" "$out/enmesh.log" && break; sleep 0.1; done
 E=$(run_all enmesh "$E_PORT" "$epid")
 kill "$epid"; wait "$epid" 2>/dev/null || true
@@ -73,12 +75,22 @@ sleep 0.5
 M=$(run_all mosquitto "$M_PORT" "$mpid")
 kill "$mpid"; wait "$mpid" 2>/dev/null || true
 
+A=""
+if [ "$AMQ" = 1 ]; then
+  echo "== activemq 5.17 (MQTT)" >&2
+  apid=$(taskset -c 0 bash bench/peers/activemq.sh start "$A_PORT")
+  A=$(run_all activemq "$A_PORT" "$apid")
+  bash bench/peers/activemq.sh stop "$A_PORT"
+fi
+
 {
   echo "# bench/mqtt.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) RUNS=$RUNS COUNT=$COUNT"
-  printf '%s\n%s\n' "$E" "$M"
+  printf '%s\n%s\n%s\n' "$E" "$M" "$A"
   for q in 0 1; do
     e=$(grep "qos=$q " <<<"$E" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
     m=$(grep "qos=$q " <<<"$M" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
+    a=$(grep "qos=$q " <<<"$A" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
     awk -v e="$e" -v m="$m" -v q="$q" 'BEGIN { if (m > 0) printf "ratio qos %d enmesh/mosquitto: %.2fx\n", q, e / m }'
+    awk -v e="$e" -v m="${a:-0}" -v q="$q" 'BEGIN { if (m > 0) printf "ratio qos %d enmesh/activemq: %.2fx\n", q, e / m }'
   done
 } | tee "$out/summary.txt"
