@@ -329,6 +329,11 @@ pub fn encode_request(r: &Request, o: &mut Vec<u8>) -> io::Result<()> {
             put_bytes(o, name.as_bytes());
             put_bytes(o, filter.as_bytes());
         }
+        Request::Expire { name, keep_ms } => {
+            o.push(14);
+            put_bytes(o, name.as_bytes());
+            put_opt_u64(o, *keep_ms);
+        }
         Request::Unsubscribe { name } => {
             o.push(5);
             put_bytes(o, name.as_bytes());
@@ -480,6 +485,10 @@ fn decode_request(kind: u8, r: &mut Reader) -> io::Result<Request> {
             filter: r.string()?,
         },
         5 => Request::Unsubscribe { name: r.string()? },
+        14 => Request::Expire {
+            name: r.string()?,
+            keep_ms: r.opt_u64()?,
+        },
         6 => Request::Attach {
             consumer: r.varint()?,
             address: r.string()?,
@@ -1144,6 +1153,10 @@ mod tests {
                 filter: "t/#".into(),
             },
             Request::Unsubscribe { name: "n".into() },
+            Request::Expire {
+                name: "n".into(),
+                keep_ms: Some(3_600_000),
+            },
             Request::Attach {
                 consumer: 4,
                 address: "q".into(),

@@ -94,6 +94,11 @@ pub enum Request {
     Unsubscribe {
         name: String,
     },
+    /// See [`Cmd::Expire`].
+    Expire {
+        name: String,
+        keep_ms: Option<u64>,
+    },
     Attach {
         consumer: ConsumerId,
         address: String,
@@ -237,6 +242,7 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
         ),
         Request::Bind { name, filter } => (Cmd::Bind { name, filter }, None),
         Request::Unsubscribe { name } => (Cmd::Unsubscribe { name }, None),
+        Request::Expire { name, keep_ms } => (Cmd::Expire { name, keep_ms, now }, None),
         Request::Attach {
             consumer,
             address,

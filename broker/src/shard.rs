@@ -89,6 +89,15 @@ pub enum Cmd {
     Unsubscribe {
         name: String,
     },
+    /// Subscription `name` is deleted once it has had no consumer for `keep_ms` (AMQP source
+    /// expiry-policy other than `never` with a timeout; MQTT 5's session expiry interval);
+    /// `None`: kept while it has none (a durable subscription). Set again by each attach that
+    /// says so; a consumer attaching meanwhile stops the clock.
+    Expire {
+        name: String,
+        keep_ms: Option<u64>,
+        now: u64,
+    },
     /// Creates (or re-filters) durable subscription `name` on topics matching `filter` with no
     /// consumer: it collects messages from now on (the `subscription` address type).
     Bind {
@@ -389,6 +398,12 @@ impl Cmd {
                 o.push(11);
                 put_bytes(o, name.as_bytes());
             }
+            Cmd::Expire { name, keep_ms, now } => {
+                o.push(16);
+                put_bytes(o, name.as_bytes());
+                put_opt_u64(o, *keep_ms);
+                put_u64(o, *now);
+            }
             Cmd::Bind { name, filter } => {
                 o.push(12);
                 put_bytes(o, name.as_bytes());
@@ -458,6 +473,7 @@ impl Cmd {
             | Cmd::Detach { now, .. }
             | Cmd::Tick { now }
             | Cmd::Subscribe { now, .. }
+            | Cmd::Expire { now, .. }
             | Cmd::Resume { now, .. } => *now,
             Cmd::Once { cmd, .. } | Cmd::Dedup { cmd, .. } => cmd.now(),
             Cmd::Declare { .. }
@@ -530,6 +546,11 @@ impl Cmd {
                 body: r.bytes()?,
             },
             11 => Cmd::Unsubscribe { name: r.string()? },
+            16 => Cmd::Expire {
+                name: r.string()?,
+                keep_ms: r.opt_u64()?,
+                now: r.u64()?,
+            },
             12 => Cmd::Bind {
                 name: r.string()?,
                 filter: r.string()?,
@@ -639,6 +660,10 @@ pub struct QueueInfo {
 struct Binding {
     filter: String,
     durable: bool,
+    /// Deleted after this long without a consumer ([`Cmd::Expire`]).
+    keep_ms: Option<u64>,
+    /// Since when it has had no consumer (kept only with `keep_ms`).
+    idle_since: Option<u64>,
 }
 
 /// The subscriptions' bindings by queue, indexed for publishing: a topic finds the
@@ -670,8 +695,10 @@ impl Bindings {
         self.by_queue.iter()
     }
 
-    /// Binds `queue` to `filter` (replacing its earlier binding).
+    /// Binds `queue` to `filter` (replacing its earlier binding, keeping its expiry; a
+    /// consumer is attaching, so its idle clock stops).
     fn set(&mut self, queue: String, filter: String, durable: bool) {
+        let keep_ms = self.by_queue.get(&queue).and_then(|b| b.keep_ms);
         self.remove(&queue);
         if is_wild(&filter) {
             self.wild.insert(queue.clone());
@@ -681,7 +708,44 @@ impl Bindings {
                 .or_default()
                 .insert(queue.clone());
         }
-        self.by_queue.insert(queue, Binding { filter, durable });
+        self.by_queue.insert(
+            queue,
+            Binding {
+                filter,
+                durable,
+                keep_ms,
+                idle_since: None,
+            },
+        );
+    }
+
+    /// Sets `queue`'s expiry; `idle_since` if it has no consumer now.
+    fn expire(&mut self, queue: &str, keep_ms: Option<u64>, idle_since: Option<u64>) {
+        if let Some(b) = self.by_queue.get_mut(queue) {
+            b.keep_ms = keep_ms;
+            b.idle_since = keep_ms.and(idle_since);
+        }
+    }
+
+    /// Its last consumer left `queue` at `now`: an expiring subscription's clock starts.
+    fn idle(&mut self, queue: &str, now: u64) {
+        if let Some(b) = self.by_queue.get_mut(queue)
+            && b.keep_ms.is_some()
+        {
+            b.idle_since = Some(now);
+        }
+    }
+
+    /// Subscriptions whose time without a consumer ran out at `now`.
+    fn expired(&self, now: u64) -> Vec<String> {
+        self.by_queue
+            .iter()
+            .filter(|(_, b)| match (b.keep_ms, b.idle_since) {
+                (Some(keep), Some(since)) => now.saturating_sub(since) >= keep,
+                _ => false,
+            })
+            .map(|(q, _)| q.clone())
+            .collect()
     }
 
     fn remove(&mut self, queue: &str) {
@@ -842,8 +906,11 @@ impl Shard {
                     .retain(|_, (_, at)| now.saturating_sub(*at) < ORIGIN_IDLE_MS);
                 self.dedup
                     .retain(|_, (_, at)| now.saturating_sub(*at) < DEDUP_IDLE_MS);
-                let addresses: Vec<String> = self.queues.keys().cloned().collect();
                 let mut out = Vec::new();
+                for q in self.bindings.expired(now) {
+                    out.extend(self.unsubscribe(&q));
+                }
+                let addresses: Vec<String> = self.queues.keys().cloned().collect();
                 for a in addresses {
                     let fx = self.queue(&a).queue.tick(now);
                     out.extend(self.resolve(&a, fx, now));
@@ -938,6 +1005,12 @@ impl Shard {
                 return out;
             }
             Cmd::Unsubscribe { name } => return self.unsubscribe(&sub_queue(&name)),
+            Cmd::Expire { name, keep_ms, now } => {
+                let q = sub_queue(&name);
+                let idle = self.queues.get(&q).is_none_or(|e| e.queue.consumers() == 0);
+                self.bindings.expire(&q, keep_ms, idle.then_some(now));
+                return Vec::new();
+            }
         };
         self.resolve(&address, fx, now)
     }
@@ -1037,13 +1110,15 @@ impl Shard {
         self.delivered.remove(&consumer);
         let fx = self.queue(&address).queue.detach(consumer, now);
         let mut out = self.resolve(&address, fx, now);
-        let orphan = self.bindings.get(&address).is_some_and(|b| !b.durable)
-            && self
-                .queues
-                .get(&address)
-                .is_some_and(|q| q.queue.consumers() == 0);
+        let alone = self
+            .queues
+            .get(&address)
+            .is_some_and(|q| q.queue.consumers() == 0);
+        let orphan = alone && self.bindings.get(&address).is_some_and(|b| !b.durable);
         if orphan {
             out.extend(self.unsubscribe(&address));
+        } else if alone {
+            self.bindings.idle(&address, now);
         }
         out
     }
@@ -1173,6 +1248,8 @@ impl Shard {
             put_bytes(o, q.as_bytes());
             put_bytes(o, b.filter.as_bytes());
             o.push(u8::from(b.durable));
+            put_opt_u64(o, b.keep_ms);
+            put_opt_u64(o, b.idle_since);
         }
         put_seqs(o, self.refs.len(), self.refs.keys().copied());
         for n in self.refs.values() {
@@ -1224,7 +1301,10 @@ impl Shard {
             let q = r.string()?;
             let filter = r.string()?;
             let durable = r.u8()? != 0;
-            shard.bindings.set(q, filter, durable);
+            let keep_ms = r.opt_u64()?;
+            let idle_since = r.opt_u64()?;
+            shard.bindings.set(q.clone(), filter, durable);
+            shard.bindings.expire(&q, keep_ms, idle_since);
         }
         let mut seqs = Vec::new();
         get_seq_list(&mut r, &mut seqs)?;
@@ -1347,6 +1427,11 @@ mod tests {
                 cmd: Box::new(dedup("mqtt:c:7", false, 42, enqueue("q", 9))),
             },
             dedup("x", true, u64::MAX, publish("t/b")),
+            Cmd::Expire {
+                name: "s".into(),
+                keep_ms: Some(60_000),
+                now: 3,
+            },
             Cmd::Resume {
                 old: vec![1 << 50],
                 new: 7,
@@ -1786,6 +1871,66 @@ mod tests {
             vec![ShardEffect::Forget { seq: 5 }]
         );
         assert_eq!(s.oldest_live(), None);
+    }
+
+    #[test]
+    fn an_expiring_subscription_goes_after_its_time_without_a_consumer() {
+        let mut s = Shard::new();
+        let expire = |keep_ms, now| Cmd::Expire {
+            name: "e".into(),
+            keep_ms,
+            now,
+        };
+        s.apply(1, subscribe(1, "e", "dev/#", true));
+        s.apply(2, expire(Some(1000), 0));
+        s.apply(
+            3,
+            Cmd::Detach {
+                consumer: 1,
+                now: 100,
+            },
+        );
+        // Kept within the time (collecting), the clock stopped by a consumer coming back.
+        s.apply(4, Cmd::Tick { now: 1000 });
+        assert!(s.apply(5, publish("dev/x")).is_empty());
+        assert_eq!(
+            s.apply(6, subscribe(2, "e", "dev/#", true)),
+            vec![deliver(2, 5)]
+        );
+        s.apply(7, Cmd::Tick { now: 5000 });
+        assert_eq!(queue_depth(&s, "$sub:e"), (1, 0));
+        // Gone for good 1 s after the last consumer left; a snapshot keeps the clock.
+        s.apply(
+            8,
+            Cmd::Detach {
+                consumer: 2,
+                now: 6000,
+            },
+        );
+        let mut snap = Vec::new();
+        s.encode(&mut snap);
+        let mut b = Shard::decode(&snap).unwrap();
+        b.apply(9, Cmd::Tick { now: 6999 });
+        assert_eq!(b.info("$sub:e").len(), 1);
+        b.apply(10, Cmd::Tick { now: 7000 });
+        assert!(b.info("$sub:e").is_empty());
+        assert!(
+            b.apply(11, publish("dev/x"))
+                .iter()
+                .all(|e| matches!(e, ShardEffect::Forget { .. }))
+        );
+        // Expiry None: kept for good.
+        b.apply(12, subscribe(3, "f", "dev/#", true));
+        b.apply(13, expire(None, 0));
+        b.apply(
+            14,
+            Cmd::Detach {
+                consumer: 3,
+                now: 0,
+            },
+        );
+        b.apply(15, Cmd::Tick { now: u64::MAX / 2 });
+        assert_eq!(b.info("$sub:f").len(), 1);
     }
 
     #[test]

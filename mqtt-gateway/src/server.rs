@@ -31,7 +31,8 @@
 //!   device is away. On a reconnect (to this gateway or any other in front of the same
 //!   routers) the gateway finds them in the router's queue list (`$sub:mqtt:<id>:...`) and
 //!   attaches them again: session present, and what arrived meanwhile is delivered. Clean
-//!   start unsubscribes them.
+//!   start unsubscribes them. An MQTT 5 session expiry interval travels as the sources'
+//!   expiry-policy `link-detach` with that timeout: the brokers end the session ([`Keep`]).
 //!
 //! - MQTT 5 topic aliases from the device (up to [`TOPIC_ALIASES`]).
 //! - A per-connection publish rate (`max_publish_rate`): over it, the device is not read until
@@ -43,8 +44,6 @@
 //! - Shared subscriptions `$share/GROUP/FILTER`: the router's shared subscription named by
 //!   the group and filter; in a persistent session, also recorded as a durable subscription of
 //!   the client's own on [`MARKER`] so that a resume joins the group again.
-//!
-//! Not yet (docs/mqtt.md lists them): session expiry timers.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -378,11 +377,17 @@ async fn start<'a>(
         props.maximum_packet_size = u32::try_from(cfg.max_packet_size).ok();
         props.topic_alias_maximum = Some(TOPIC_ALIASES);
     }
-    let persistent = cfg.router_http.is_some()
-        && match v {
-            Version::V311 => !c.clean_start,
-            Version::V5 => c.properties.session_expiry_interval.unwrap_or(0) > 0,
-        };
+    let keep = match (cfg.router_http.is_some(), v) {
+        (false, _) => Keep::No,
+        (true, Version::V311) if c.clean_start => Keep::No,
+        (true, Version::V311) => Keep::Always,
+        (true, Version::V5) => match c.properties.session_expiry_interval.unwrap_or(0) {
+            0 => Keep::No,
+            u32::MAX => Keep::Always,
+            s => Keep::For(s),
+        },
+    };
+    let persistent = keep != Keep::No;
     let clean_start = c.clean_start;
     let will = c.will.clone();
     // Will delay (MQTT 5), bounded by the session expiry interval (§3.1.3.2.2).
@@ -409,15 +414,19 @@ async fn start<'a>(
             None => Vec::new(),
         };
         let mut session_present = false;
+        // Resumed subscriptions attach their durable subscriptions again, with this
+        // connection's expiry (a connection that keeps no session ends them when it ends).
+        s.keep = if keep == Keep::No { Keep::Always } else { keep };
         for (qos, f) in kept {
             if clean_start {
                 s.unsubscribe_kept(&f, qos).await?;
             } else {
-                s.subscribe(f, SubOptions::qos(qos), None, true).await?;
+                let k = s.keep;
+                s.subscribe(f, SubOptions::qos(qos), None, k).await?;
                 session_present = true;
             }
         }
-        s.durable = persistent;
+        s.keep = keep;
         let mut ack = connack(reason::SUCCESS, props);
         if let Packet::ConnAck(a) = &mut ack {
             a.session_present = session_present;
@@ -609,13 +618,32 @@ fn shared_name(group: &str, filter: &str) -> String {
 /// prefix): a topic no device can publish to (`$share` is not a topic name the gateway accepts).
 const MARKER: &str = "$share";
 
-/// A subscription's source: durable (kept while the device is away) for a persistent session;
-/// `shared` makes the router name it by the link name alone.
-fn source(address: String, durable: bool, shared: bool) -> amqp::Terminus {
+/// How long a persistent session outlives its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Not at all (a clean session).
+    No,
+    /// For good (3.1.1 clean session 0; MQTT 5 session expiry 0xFFFFFFFF).
+    Always,
+    /// This many seconds (MQTT 5 session expiry interval).
+    For(u32),
+}
+
+/// A subscription's source: durable for a persistent session (kept while the device is away,
+/// for good with expiry-policy `never`, or for the session expiry interval: expiry-policy
+/// `link-detach` with that timeout, which the brokers enforce, so it holds through gateway
+/// restarts); `shared` makes the router name it by the link name alone.
+fn source(address: String, keep: Keep, shared: bool) -> amqp::Terminus {
+    let (durable, expiry_policy, timeout) = match keep {
+        Keep::No => (None, None, None),
+        Keep::Always => (Some(2), Some("never".to_owned()), None),
+        Keep::For(s) => (Some(2), Some("link-detach".to_owned()), Some(s)),
+    };
     amqp::Terminus {
         address: Some(address),
-        durable: durable.then_some(2),
-        expiry_policy: durable.then(|| "never".to_owned()),
+        durable,
+        expiry_policy,
+        timeout,
         capabilities: shared.then(|| amqp::Value::Symbol("shared".into())),
         ..amqp::Terminus::default()
     }
@@ -817,8 +845,8 @@ struct Session<'a> {
     tags: u64,
     /// Turns true when another connection takes this client id over.
     kicked: watch::Receiver<bool>,
-    /// New subscriptions are kept in the brokers (a persistent session).
-    durable: bool,
+    /// Whether and how long new subscriptions are kept in the brokers (a persistent session).
+    keep: Keep,
     /// Topic aliases the device set (at most [`TOPIC_ALIASES`]).
     aliases: HashMap<u16, String>,
     /// The device's publish rate budget.
@@ -861,7 +889,7 @@ impl<'a> Session<'a> {
             wbuf: BytesMut::new(),
             tags: 0,
             kicked,
-            durable: false,
+            keep: Keep::No,
             aliases: HashMap::new(),
             budget: Budget::new(cfg.max_publish_rate),
             client_id,
@@ -1062,8 +1090,7 @@ impl<'a> Session<'a> {
                 let mut reasons = Vec::with_capacity(s.filters.len());
                 let id = s.properties.subscription_identifiers.first().copied();
                 for (f, opts) in s.filters {
-                    let durable = self.durable;
-                    reasons.push(self.subscribe(f, opts, id, durable).await?);
+                    reasons.push(self.subscribe(f, opts, id, self.keep).await?);
                 }
                 self.emit(&Packet::SubAck(SubAck {
                     packet_id: s.packet_id,
@@ -1247,8 +1274,9 @@ impl<'a> Session<'a> {
         f: String,
         opts: SubOptions,
         id: Option<u32>,
-        durable: bool,
+        keep: Keep,
     ) -> Result<u8, ConnError> {
+        let durable = keep != Keep::No;
         let qos = opts.qos;
         // `$share/GROUP/FILTER`: the group's members compete for what FILTER collects.
         let shared = topic::shared(&f);
@@ -1279,7 +1307,7 @@ impl<'a> Session<'a> {
         } else {
             u32::from(self.cfg.inflight)
         };
-        let source = source(address, durable, shared.is_some());
+        let source = source(address, keep, shared.is_some());
         let name = match shared {
             Some((group, inner)) => shared_name(group, inner),
             None if durable => durable_name(&self.client_id, qos, &f),
@@ -1335,7 +1363,11 @@ impl<'a> Session<'a> {
     /// Attaches the durable subscription that records shared filter `f` in this client's
     /// persistent session (address [`MARKER`], where nothing is published; no credit).
     async fn attach_marker(&mut self, qos: QoS, f: &str) -> Result<LinkId, ConnError> {
-        let source = source(format!("{}{MARKER}", self.cfg.topic_prefix), true, false);
+        let source = source(
+            format!("{}{MARKER}", self.cfg.topic_prefix),
+            self.keep,
+            false,
+        );
         let name = durable_name(&self.client_id, qos, f);
         Ok(self
             .port
@@ -1508,9 +1540,12 @@ impl<'a> Session<'a> {
                 let marker = format!("{prefix}{MARKER}");
                 ends.push((
                     durable_name(&self.client_id, qos, f),
-                    source(marker, true, false),
+                    source(marker, Keep::Always, false),
                 ));
-                ends.push((shared_name(group, inner), source(address, true, true)));
+                ends.push((
+                    shared_name(group, inner),
+                    source(address, Keep::Always, true),
+                ));
             }
             None => {
                 let Some(address) = topic::filter_address(prefix, f) else {
@@ -1518,7 +1553,7 @@ impl<'a> Session<'a> {
                 };
                 ends.push((
                     durable_name(&self.client_id, qos, f),
-                    source(address, true, false),
+                    source(address, Keep::Always, false),
                 ));
             }
         }

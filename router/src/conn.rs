@@ -429,11 +429,22 @@ impl Task<'_> {
         }
         let presettled = state.presettled;
         let name = attach.name.clone();
-        // A durable subscription (JMS and others): durable terminus, expiry-policy never.
+        // A durable subscription (JMS and others): durable terminus, expiry-policy never; or
+        // another expiry policy with a timeout, kept that long without a consumer (MQTT 5
+        // session expiry).
         let source = attach.source.as_ref().filter(|_| dir == Dir::Consumer);
-        let durable = source.is_some_and(|s| {
-            s.durable.unwrap_or(0) > 0 && s.expiry_policy.as_deref() == Some("never")
+        let keep_ms = source.and_then(|s| {
+            let expiring = !matches!(s.expiry_policy.as_deref(), Some("never"));
+            (s.durable.unwrap_or(0) > 0 && expiring)
+                .then_some(s.timeout)
+                .flatten()
+                .filter(|t| *t > 0)
+                .map(|t| u64::from(t) * 1000)
         });
+        let durable = keep_ms.is_some()
+            || source.is_some_and(|s| {
+                s.durable.unwrap_or(0) > 0 && s.expiry_policy.as_deref() == Some("never")
+            });
         let shared = source.is_some_and(|s| s.has_capability("shared"));
         state.attach = Some(attach);
         self.links.insert(link, state);
@@ -446,6 +457,7 @@ impl Task<'_> {
             presettled,
             durable,
             shared,
+            keep_ms,
         });
     }
 

@@ -76,6 +76,9 @@ pub enum ToCore {
         /// A consumer whose source has the `shared` capability (subscription shared across
         /// connections, named by the link name alone).
         shared: bool,
+        /// A durable source with an expiry policy other than `never` and a timeout: how long
+        /// its subscription outlives its consumers.
+        keep_ms: Option<u64>,
     },
     Detach {
         link: LinkRef,
@@ -309,6 +312,9 @@ struct LinkOptions {
     durable: bool,
     /// The `shared` source capability.
     shared: bool,
+    /// A durable source with an expiry policy other than `never`: how long the subscription
+    /// is kept without a consumer (the source's `timeout`).
+    keep_ms: Option<u64>,
 }
 
 /// Where a delivery in flight to a consumer came from, and so where its outcome goes.
@@ -502,6 +508,7 @@ impl Core {
                 presettled,
                 durable,
                 shared,
+                keep_ms,
             } => self.attach(
                 link,
                 dir,
@@ -511,6 +518,7 @@ impl Core {
                     presettled,
                     durable,
                     shared,
+                    keep_ms,
                 },
             ),
             ToCore::StoreDeliveries(list) => self.store_deliveries(list),
@@ -1398,6 +1406,7 @@ impl Core {
             presettled,
             durable,
             shared,
+            keep_ms,
         } = opts;
         let id = self.next_store_consumer;
         self.next_store_consumer += 1;
@@ -1419,6 +1428,7 @@ impl Core {
                 format!("{container}:{name}")
             }
         });
+        let expiring = durable_sub.clone();
         let request = if kind == AddressType::Subscription {
             // A declared subscription: its consumers compete for what it collected.
             StoreRequest::Subscribe {
@@ -1476,6 +1486,11 @@ impl Core {
         self.store_consumers.insert(id, link);
         self.address_mut(address).stats.consumers += 1;
         self.send_store(request);
+        if let Some(name) = expiring {
+            // Every durable attach says how long the subscription outlives its consumers
+            // (none: for good), so a client may change it.
+            self.send_store(StoreRequest::Expire { name, keep_ms });
+        }
     }
 
     /// Tells the broker the consumer's credit limit (absolute, in the broker's count of

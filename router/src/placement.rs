@@ -92,6 +92,7 @@ impl Placement {
             Request::Publish { .. }
             | Request::Bind { .. }
             | Request::Unsubscribe { .. }
+            | Request::Expire { .. }
             | Request::Once { .. }
             | Request::Resume { .. } => 0,
             Request::Credit { consumer, .. } | Request::Settle { consumer, .. } => {

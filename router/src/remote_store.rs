@@ -357,7 +357,7 @@ impl Session {
                 }
             }
             // Management: sent if connected, not replayed.
-            r @ Request::Purge { .. } => {
+            r @ (Request::Purge { .. } | Request::Expire { .. }) => {
                 if connected {
                     out.push(Frame::Now(ToBroker::Request(r)));
                 }

@@ -417,7 +417,7 @@ class Persistent(Collector):
     """A paho device with a persistent session (3.1.1 clean session 0, or MQTT 5 with a
     session expiry), connecting to `port`; records session-present and what it receives."""
 
-    def __init__(self, port, client_id, proto, clean=False):
+    def __init__(self, port, client_id, proto, clean=False, expiry=3600):
         if proto == V311:
             self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V311,
                                  clean_session=clean)
@@ -430,7 +430,7 @@ class Persistent(Collector):
             self.c.connect("127.0.0.1", port, keepalive=30)
         else:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 0 if clean else 3600
+            props.SessionExpiryInterval = 0 if clean else expiry
             self.c.connect("127.0.0.1", port, keepalive=30, clean_start=clean, properties=props)
         self.c.loop_start()
         deadline = time.time() + 5
@@ -874,3 +874,39 @@ def test_qos2_exactly_once_across_a_gateway_restart(router):
         for gw in gws:
             gw.kill()
             gw.wait(timeout=10)
+
+
+def test_session_expiry_ends_a_session_after_its_interval(router):
+    """MQTT 5 session expiry is kept by the brokers (the subscription's source has
+    expiry-policy link-detach with the interval as timeout), not by a gateway timer."""
+    from urllib.parse import quote
+    helpers = __import__("helpers")
+    cid = "expiring"
+    mine = router.http_url + "/api/v1/queues?prefix=" + quote("$sub:mqtt:%s:" % cid)
+    d = Persistent(router.mqtt_port, cid, V5, expiry=2)
+    assert d.present is False
+    d.c.subscribe("exp/%s/#" % cid, qos=1)
+    time.sleep(0.5)
+    d.close()
+    _amqp_publish(router, "mqtt/exp/%s/x" % cid, [b"while away"])
+    # Back within the interval: the session and what arrived meanwhile are there.
+    time.sleep(0.5)
+    d = Persistent(router.mqtt_port, cid, V5, expiry=2)
+    try:
+        assert d.present is True
+        assert [m.payload for m in d.wait(1)] == [b"while away"]
+    finally:
+        d.close()
+    # Away longer than the interval: the brokers ended the session.
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        status, queues = helpers.http_json("GET", mine)
+        if status == 200 and not queues:
+            break
+        time.sleep(0.25)
+    assert queues == [], queues
+    d = Persistent(router.mqtt_port, cid, V5, expiry=2)
+    try:
+        assert d.present is False
+    finally:
+        d.close()
