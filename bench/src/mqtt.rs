@@ -137,6 +137,38 @@ impl Conn {
     }
 }
 
+/// Records a received benchmark payload's latency (its first 8 bytes: the intended send time
+/// in ns since the run's base; the next 8: its sequence number, warm-up ones not recorded).
+fn record_latency(hist: &mut Histogram<u64>, payload: &[u8], now: u64, warmup: u64) {
+    let (Some(ts), Some(seq)) = (payload.get(..8), payload.get(8..16)) else {
+        return;
+    };
+    let mut b = [0u8; 8];
+    b.copy_from_slice(seq);
+    if u64::from_be_bytes(b) >= warmup {
+        b.copy_from_slice(ts);
+        let _ = hist.record(now.saturating_sub(u64::from_be_bytes(b)).max(1));
+    }
+}
+
+/// The server's CPU share over `wall` seconds since `before`, and its RSS now.
+fn server_usage(
+    before: Option<crate::ProcSample>,
+    pid: Option<u32>,
+    wall: f64,
+) -> (String, String) {
+    match (before, pid.and_then(sample)) {
+        (Some(b), Some(x)) => (
+            format!(
+                "{:.0}%",
+                (x.cpu_ticks - b.cpu_ticks) as f64 / 100.0 / wall * 100.0
+            ),
+            format!("{} MiB", x.rss_kb / 1024),
+        ),
+        _ => ("n/a".into(), "n/a".into()),
+    }
+}
+
 pub fn run(a: MqttArgs) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     if a.size < 16 {
@@ -228,15 +260,7 @@ pub fn run(a: MqttArgs) -> anyhow::Result<()> {
         let got = sub.poll(|p| {
             if let Packet::Publish(p) = p {
                 received += 1;
-                if p.payload.len() >= 16 {
-                    let mut ts = [0u8; 8];
-                    ts.copy_from_slice(&p.payload[..8]);
-                    let mut seq = [0u8; 8];
-                    seq.copy_from_slice(&p.payload[8..16]);
-                    if u64::from_be_bytes(seq) >= a.warmup {
-                        let _ = hist.record(t.saturating_sub(u64::from_be_bytes(ts)).max(1));
-                    }
-                }
+                record_latency(&mut hist, &p.payload, t, a.warmup);
                 if let Some(id) = p.packet_id {
                     acks.push(id);
                 }
@@ -253,17 +277,7 @@ pub fn run(a: MqttArgs) -> anyhow::Result<()> {
         parker.turn(busy, now, next_due)?;
     }
     let wall = last_rx.duration_since(start).as_secs_f64();
-    let after = a.server_pid.and_then(sample);
-    let (cpu, rss) = match (before, after) {
-        (Some(b), Some(x)) => (
-            format!(
-                "{:.0}%",
-                (x.cpu_ticks - b.cpu_ticks) as f64 / 100.0 / wall * 100.0
-            ),
-            format!("{} MiB", x.rss_kb / 1024),
-        ),
-        _ => ("n/a".into(), "n/a".into()),
-    };
+    let (cpu, rss) = server_usage(before, a.server_pid, wall);
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "{label}: mqtt qos={q} size={size}B rate_target={rt} sent={sent} received={received} \
@@ -550,16 +564,7 @@ pub fn many(a: ManyArgs) -> anyhow::Result<()> {
                 c.drain(|p| {
                     if let Packet::Publish(p) = p {
                         received += 1;
-                        if p.payload.len() >= 16 {
-                            let mut ts = [0u8; 8];
-                            ts.copy_from_slice(&p.payload[..8]);
-                            let mut seq = [0u8; 8];
-                            seq.copy_from_slice(&p.payload[8..16]);
-                            if u64::from_be_bytes(seq) >= a.warmup {
-                                let _ =
-                                    hist.record(at.saturating_sub(u64::from_be_bytes(ts)).max(1));
-                            }
-                        }
+                        record_latency(&mut hist, &p.payload, at, a.warmup);
                         if let Some(id) = p.packet_id {
                             acks.push(id);
                         }
@@ -591,17 +596,7 @@ pub fn many(a: ManyArgs) -> anyhow::Result<()> {
     } else {
         wall_out
     };
-    let after = a.server_pid.and_then(sample);
-    let (cpu, rss) = match (before, after) {
-        (Some(b), Some(x)) => (
-            format!(
-                "{:.0}%",
-                (x.cpu_ticks - b.cpu_ticks) as f64 / 100.0 / wall_out * 100.0
-            ),
-            format!("{} MiB", x.rss_kb / 1024),
-        ),
-        _ => ("n/a".into(), "n/a".into()),
-    };
+    let (cpu, rss) = server_usage(before, a.server_pid, wall_out);
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "{label}: mqtt-many qos={q} publishers={np} subscribers={ns} window={w} size={size}B \
