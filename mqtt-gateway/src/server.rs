@@ -49,7 +49,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use amqp::connection::AttachRequest;
@@ -57,7 +57,7 @@ use amqp::{DeliveryState, LinkId, Role};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::bridge;
 use crate::codec::{
@@ -122,22 +122,45 @@ impl Default for Config {
 /// use takes over from the old one, and a will waiting out its delay is cancelled.
 #[derive(Default)]
 pub struct Clients {
-    map: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
+    map: Mutex<HashMap<String, (u64, Arc<Kick>)>>,
     next: AtomicU64,
+}
+
+/// Set when a later connection takes a client id over. (A `watch` channel did the same with
+/// ~350 bytes per connected device.)
+#[derive(Default)]
+struct Kick {
+    kicked: AtomicBool,
+    notify: Notify,
+}
+
+impl Kick {
+    fn kick(&self) {
+        self.kicked.store(true, Ordering::Release);
+        // One waiter at a time; a kick before it waits is kept as a permit.
+        self.notify.notify_one();
+    }
+
+    /// Returns once kicked (at once if already).
+    async fn wait(&self) {
+        while !self.kicked.load(Ordering::Acquire) {
+            self.notify.notified().await;
+        }
+    }
 }
 
 impl Clients {
     /// Registers a connection of `id`, kicking any earlier one; returns its generation and
-    /// the receiver that turns true when a later connection takes over.
-    fn register(&self, id: &str) -> (u64, watch::Receiver<bool>) {
+    /// what tells it that a later connection took over.
+    fn register(&self, id: &str) -> (u64, Arc<Kick>) {
         let generation = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(false);
+        let kick = Arc::new(Kick::default());
         if let Ok(mut g) = self.map.lock()
-            && let Some((_, old)) = g.insert(id.to_owned(), (generation, tx))
+            && let Some((_, old)) = g.insert(id.to_owned(), (generation, kick.clone()))
         {
-            let _ = old.send(true);
+            old.kick();
         }
-        (generation, rx)
+        (generation, kick)
     }
 
     fn unregister(&self, id: &str, generation: u64) {
@@ -297,7 +320,7 @@ struct Live<'a> {
     will: Option<Box<Will>>,
     will_delay: Duration,
     generation: u64,
-    kicked: watch::Receiver<bool>,
+    kicked: Arc<Kick>,
     client_id: String,
 }
 
@@ -470,7 +493,7 @@ async fn finish(
         will,
         will_delay,
         generation,
-        mut kicked,
+        kicked,
         client_id,
         ..
     } = live;
@@ -517,7 +540,7 @@ async fn finish(
             // Wait out the delay unless the same client connects again.
             tokio::select! {
                 _ = tokio::time::sleep(will_delay) => false,
-                _ = kicked.wait_for(|k| *k) => true,
+                _ = kicked.wait() => true,
             }
         };
         if !cancelled && let Err(e) = publish_will(cfg, pool, &client_id, *w).await {
@@ -843,8 +866,8 @@ struct Session<'a> {
     wbuf: BytesMut,
     /// Delivery tags of our publishes.
     tags: u64,
-    /// Turns true when another connection takes this client id over.
-    kicked: watch::Receiver<bool>,
+    /// Set when another connection takes this client id over.
+    kicked: Arc<Kick>,
     /// Whether and how long new subscriptions are kept in the brokers (a persistent session).
     keep: Keep,
     /// Topic aliases the device set (at most [`TOPIC_ALIASES`]).
@@ -866,7 +889,7 @@ impl<'a> Session<'a> {
         c: Connect,
         client_id: String,
         cfg: &'a Config,
-        kicked: watch::Receiver<bool>,
+        kicked: Arc<Kick>,
     ) -> Session<'a> {
         Session {
             sock,
@@ -992,7 +1015,7 @@ impl<'a> Session<'a> {
                 tokio::select! {
                     r = sock.read_buf(&mut buf), if read_mqtt => Woke::Mqtt(r),
                     e = port.events.recv() => Woke::Amqp(e),
-                    _ = kicked.wait_for(|k| *k) => Woke::Kicked,
+                    _ = kicked.wait() => Woke::Kicked,
                     _ = sleep_until(wake) => Woke::Timer,
                 }
             };

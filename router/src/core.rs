@@ -726,11 +726,14 @@ impl Core {
             self.inflight.retain(|_, f| f.consumer != link);
             self.send_store(StoreRequest::Detach { consumer: id });
             if let (true, Some(name)) = (closed, c.durable_sub) {
-                // Not while another consumer reads it (a shared subscription's other members).
-                let others = self
-                    .consumers
-                    .values()
-                    .any(|o| o.durable_sub.as_deref() == Some(name.as_str()));
+                // A shared subscription: not while another member reads it. (A subscription of
+                // one client's own goes even if an older link of that client is still there,
+                // as when a client reconnects and unsubscribes before its old link is gone.)
+                let others = name.starts_with("shared:")
+                    && self
+                        .consumers
+                        .values()
+                        .any(|o| o.durable_sub.as_deref() == Some(name.as_str()));
                 if !others {
                     self.send_store(StoreRequest::Unsubscribe { name });
                 }
