@@ -126,15 +126,35 @@ pub struct Clients {
     next: AtomicU64,
 }
 
-/// Set when a later connection takes a client id over. (A `watch` channel did the same with
-/// ~350 bytes per connected device.)
+/// Set when a later connection takes a client id over (a `watch` channel did the same with
+/// ~350 bytes per connected device); and `gone` once the connection's links are let go, which
+/// the later connection waits for: its links have the same names (a persistent session's),
+/// and may share the AMQP connection.
 #[derive(Default)]
 struct Kick {
     kicked: AtomicBool,
     notify: Notify,
+    gone: AtomicBool,
+    gone_notify: Notify,
 }
 
+/// How long a new connection waits for the one it took over from to let its links go.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
 impl Kick {
+    /// The connection's links are let go (its port dropped).
+    fn gone(&self) {
+        self.gone.store(true, Ordering::Release);
+        self.gone_notify.notify_one();
+    }
+
+    /// Returns once [`Kick::gone`] was called (at once if it was).
+    async fn wait_gone(&self) {
+        while !self.gone.load(Ordering::Acquire) {
+            self.gone_notify.notified().await;
+        }
+    }
+
     fn kick(&self) {
         self.kicked.store(true, Ordering::Release);
         // One waiter at a time; a kick before it waits is kept as a permit.
@@ -150,17 +170,19 @@ impl Kick {
 }
 
 impl Clients {
-    /// Registers a connection of `id`, kicking any earlier one; returns its generation and
-    /// what tells it that a later connection took over.
-    fn register(&self, id: &str) -> (u64, Arc<Kick>) {
+    /// Registers a connection of `id`, kicking any earlier one; returns its generation, what
+    /// tells it that a later connection took over, and the earlier connection's.
+    fn register(&self, id: &str) -> (u64, Arc<Kick>, Option<Arc<Kick>>) {
         let generation = self.next.fetch_add(1, Ordering::Relaxed);
         let kick = Arc::new(Kick::default());
+        let mut earlier = None;
         if let Ok(mut g) = self.map.lock()
             && let Some((_, old)) = g.insert(id.to_owned(), (generation, kick.clone()))
         {
             old.kick();
+            earlier = Some(old);
         }
-        (generation, kick)
+        (generation, kick, earlier)
     }
 
     fn unregister(&self, id: &str, generation: u64) {
@@ -420,7 +442,11 @@ async fn start<'a>(
             .unwrap_or(0)
             .min(c.properties.session_expiry_interval.unwrap_or(0)),
     ));
-    let (generation, kicked) = clients.register(&client_id);
+    let (generation, kicked, earlier) = clients.register(&client_id);
+    if let Some(e) = earlier {
+        // Its links go first (bounded: a stuck connection does not hold this one forever).
+        let _ = tokio::time::timeout(TAKEOVER_WAIT, e.wait_gone()).await;
+    }
     let mut s = Session::new(sock, port, v, c, client_id.clone(), cfg, kicked.clone());
     let resumed = async {
         // The session kept in the brokers: resumed, or ended by a clean start.
@@ -472,6 +498,8 @@ async fn start<'a>(
         }),
         Err(e) => {
             clients.unregister(&client_id, generation);
+            drop(s);
+            kicked.gone();
             Err(e)
         }
     }
@@ -533,6 +561,7 @@ async fn finish(
     let _ = s.sock.shutdown().await;
     // The device's links go (not closing: a persistent session's subscriptions stay).
     drop(s);
+    kicked.gone();
     if let (true, Some(w)) = (send_will, will) {
         let cancelled = if will_delay.is_zero() {
             false
