@@ -13,12 +13,8 @@ root=$(pwd)
 N=${N:-15000}
 out=${OUT:-$root/bench-data/mqtt-idle-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-cargo build --release --locked -p enmesh -p enmesh-bench >&2
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
-fi
+. bench/mqtt-lib.sh
+mqtt_setup
 # Each side holds N sockets (and Enmesh a few more for its router connections).
 ulimit -n 20000
 bench="$root/target/release/enmesh-bench"
@@ -26,31 +22,19 @@ E_PORT=${E_PORT:-18861}
 M_PORT=${M_PORT:-18862}
 
 echo "== enmesh standalone (MQTT gateway)" >&2
-rm -rf "$out/enmesh-data"
-taskset -c 0 "$root/target/release/enmesh" standalone --listen 127.0.0.1:0 --http 127.0.0.1:0 \
-  --mqtt "127.0.0.1:$E_PORT" --data "$out/enmesh-data" > "$out/enmesh.log" 2>&1 &
-epid=$!
+start_enmesh_mqtt "$E_PORT"
 trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q "enmesh ready" "$out/enmesh.log" && break; sleep 0.1; done
 E=$(taskset -c 1 "$bench" mqtt-idle --label enmesh --url "127.0.0.1:$E_PORT" \
   --connections "$N" --server-pid "$epid" 2>&1 | tail -1)
 echo "  $E" >&2
-kill "$epid"; wait "$epid" 2>/dev/null || true
+stop_pid "$epid"
 
 echo "== mosquitto 2.0.11" >&2
-cat > "$out/mosquitto.conf" <<CONF
-listener $M_PORT 127.0.0.1
-allow_anonymous true
-persistence false
-log_dest none
-CONF
-taskset -c 0 "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$out/mosquitto.conf" &
-mpid=$!
-sleep 0.5
+start_mosquitto "$M_PORT"
 M=$(taskset -c 1 "$bench" mqtt-idle --label mosquitto --url "127.0.0.1:$M_PORT" \
   --connections "$N" --server-pid "$mpid" 2>&1 | tail -1)
 echo "  $M" >&2
-kill "$mpid"; wait "$mpid" 2>/dev/null || true
+stop_pid "$mpid"
 
 {
   echo "# bench/mqtt-idle.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) N=$N"

@@ -20,12 +20,8 @@ COUNT=${COUNT:-200000}
 WINDOW=${WINDOW:-10}
 out=${OUT:-$root/bench-data/mqtt-many-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-cargo build --release --locked -p enmesh -p enmesh-bench >&2
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
-fi
+. bench/mqtt-lib.sh
+mqtt_setup
 ulimit -n 20000
 bench="$root/target/release/enmesh-bench"
 E_PORT=${E_PORT:-18881}
@@ -43,31 +39,17 @@ run_all() {  # LABEL PORT PID
 }
 
 echo "== enmesh standalone (MQTT gateway)" >&2
-rm -rf "$out/enmesh-data"
-taskset -c 0 "$root/target/release/enmesh" standalone --listen 127.0.0.1:0 --http 127.0.0.1:0 \
-  --mqtt "127.0.0.1:$E_PORT" --data "$out/enmesh-data" > "$out/enmesh.log" 2>&1 &
-epid=$!
+start_enmesh_mqtt "$E_PORT"
 trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true; bash bench/peers/activemq.sh stop "$A_PORT"' EXIT
-for _ in $(seq 100); do grep -q "enmesh ready" "$out/enmesh.log" && break; sleep 0.1; done
 E=$(run_all enmesh "$E_PORT" "$epid")
 echo "$E" >&2
-kill "$epid"; wait "$epid" 2>/dev/null || true
+stop_pid "$epid"
 
 echo "== mosquitto 2.0.11" >&2
-cat > "$out/mosquitto.conf" <<CONF
-listener $M_PORT 127.0.0.1
-allow_anonymous true
-max_queued_messages 1000000
-max_inflight_messages 0
-persistence false
-log_dest none
-CONF
-taskset -c 0 "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$out/mosquitto.conf" &
-mpid=$!
-sleep 0.5
+start_mosquitto "$M_PORT" fair
 M=$(run_all mosquitto "$M_PORT" "$mpid")
 echo "$M" >&2
-kill "$mpid"; wait "$mpid" 2>/dev/null || true
+stop_pid "$mpid"
 
 A=""
 if [ "$AMQ" = 1 ]; then
@@ -82,9 +64,9 @@ fi
   echo "# bench/mqtt-many.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) PAIRS=$PAIRS FAN=$FAN COUNT=$COUNT WINDOW=$WINDOW"
   printf '%s\n%s\n%s\n' "$E" "$M" "$A"
   for kind in "enmesh: " "enmesh-fan-in: "; do
-    e=$(grep -F -- "$kind" <<<"$E" | grep -o 'out_rate=[0-9]*' | head -1 | cut -d= -f2)
+    e=$(grep -F -- "$kind" <<<"$E" | grep -o 'out_rate=[0-9]*' | head -1 | cut -d= -f2 || true)
     for peer in mosquitto activemq; do
-      p=$(printf '%s\n%s\n' "$M" "$A" | grep -F -- "${kind/enmesh/$peer}" | grep -o 'out_rate=[0-9]*' | head -1 | cut -d= -f2)
+      p=$(printf '%s\n%s\n' "$M" "$A" | grep -F -- "${kind/enmesh/$peer}" | grep -o 'out_rate=[0-9]*' | head -1 | cut -d= -f2 || true)
       awk -v e="$e" -v m="${p:-0}" -v k="${kind%: }" -v peer="$peer" 'BEGIN { if (m > 0) printf "ratio %s enmesh/%s (out): %.2fx\n", k, peer, e / m }'
     done
   done

@@ -20,12 +20,8 @@ LAT_RATE=${LAT_RATE:-1000}
 LAT_COUNT=${LAT_COUNT:-5000}
 out=${OUT:-$root/bench-data/mqtt-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-cargo build --release --locked -p enmesh -p enmesh-bench >&2
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
-fi
+. bench/mqtt-lib.sh
+mqtt_setup
 bench="$root/target/release/enmesh-bench"
 E_PORT=${E_PORT:-18851}
 M_PORT=${M_PORT:-18852}
@@ -51,29 +47,15 @@ run_all() {  # LABEL PORT PID
 }
 
 echo "== enmesh standalone (MQTT gateway)" >&2
-rm -rf "$out/enmesh-data"
-taskset -c 0 "$root/target/release/enmesh" standalone --listen 127.0.0.1:0 --http 127.0.0.1:0 \
-  --mqtt "127.0.0.1:$E_PORT" --data "$out/enmesh-data" > "$out/enmesh.log" 2>&1 &
-epid=$!
+start_enmesh_mqtt "$E_PORT"
 trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true; bash bench/peers/activemq.sh stop "$A_PORT"' EXIT
-for _ in $(seq 100); do grep -q "enmesh ready" "$out/enmesh.log" && break; sleep 0.1; done
 E=$(run_all enmesh "$E_PORT" "$epid")
-kill "$epid"; wait "$epid" 2>/dev/null || true
+stop_pid "$epid"
 
 echo "== mosquitto 2.0.11" >&2
-cat > "$out/mosquitto.conf" <<CONF
-listener $M_PORT 127.0.0.1
-allow_anonymous true
-max_queued_messages 1000000
-max_inflight_messages 0
-persistence false
-log_dest none
-CONF
-taskset -c 0 "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$out/mosquitto.conf" &
-mpid=$!
-sleep 0.5
+start_mosquitto "$M_PORT" fair
 M=$(run_all mosquitto "$M_PORT" "$mpid")
-kill "$mpid"; wait "$mpid" 2>/dev/null || true
+stop_pid "$mpid"
 
 A=""
 if [ "$AMQ" = 1 ]; then
@@ -87,9 +69,9 @@ fi
   echo "# bench/mqtt.sh $(git rev-parse --short HEAD) $(date -u +%Y-%m-%dT%H:%MZ) RUNS=$RUNS COUNT=$COUNT"
   printf '%s\n%s\n%s\n' "$E" "$M" "$A"
   for q in 0 1; do
-    e=$(grep "qos=$q " <<<"$E" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
-    m=$(grep "qos=$q " <<<"$M" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
-    a=$(grep "qos=$q " <<<"$A" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2)
+    e=$(grep "qos=$q " <<<"$E" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2 || true)
+    m=$(grep "qos=$q " <<<"$M" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2 || true)
+    a=$(grep "qos=$q " <<<"$A" | grep -v -- "-latency:" | grep -o 'rate=[0-9]*' | head -1 | cut -d= -f2 || true)
     awk -v e="$e" -v m="$m" -v q="$q" 'BEGIN { if (m > 0) printf "ratio qos %d enmesh/mosquitto: %.2fx\n", q, e / m }'
     awk -v e="$e" -v m="${a:-0}" -v q="$q" 'BEGIN { if (m > 0) printf "ratio qos %d enmesh/activemq: %.2fx\n", q, e / m }'
   done

@@ -117,18 +117,22 @@ impl Conn {
         }
     }
 
+    /// Takes the `n` bytes just read into `scratch`; every whole packet goes to `f`.
+    fn absorb(&mut self, n: usize, f: &mut impl FnMut(Packet)) -> anyhow::Result<()> {
+        self.inbuf.extend_from_slice(&self.scratch[..n]);
+        while let Some((p, used)) = codec::decode(&self.inbuf, Some(Version::V311), usize::MAX)? {
+            let _ = self.inbuf.split_to(used);
+            f(p);
+        }
+        Ok(())
+    }
+
     /// Reads what is there; every whole packet goes to `f`. True if anything arrived.
     fn poll(&mut self, mut f: impl FnMut(Packet)) -> anyhow::Result<bool> {
         match self.s.read(&mut self.scratch) {
             Ok(0) => bail!("closed by the server"),
             Ok(n) => {
-                self.inbuf.extend_from_slice(&self.scratch[..n]);
-                while let Some((p, used)) =
-                    codec::decode(&self.inbuf, Some(Version::V311), usize::MAX)?
-                {
-                    let _ = self.inbuf.split_to(used);
-                    f(p);
-                }
+                self.absorb(n, &mut f)?;
                 Ok(true)
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
@@ -403,15 +407,7 @@ impl Conn {
         loop {
             match self.s.read(&mut self.scratch) {
                 Ok(0) => bail!("closed by the server"),
-                Ok(n) => {
-                    self.inbuf.extend_from_slice(&self.scratch[..n]);
-                    while let Some((p, used)) =
-                        codec::decode(&self.inbuf, Some(Version::V311), usize::MAX)?
-                    {
-                        let _ = self.inbuf.split_to(used);
-                        f(p);
-                    }
-                }
+                Ok(n) => self.absorb(n, &mut f)?,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
