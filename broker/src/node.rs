@@ -283,6 +283,29 @@ impl ShardHandle {
             .ok_or_else(|| NodeError::Raft("no leader".into()))
     }
 
+    /// Whether this replica has applied every entry of its log.
+    pub fn caught_up(&self) -> bool {
+        use openraft::rt::WatchReceiver;
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.last_applied.map(|l| l.index) >= m.last_log_index
+    }
+
+    /// Whether a message published on `topic` now would reach a subscription of the applied
+    /// state (true if the state cannot be read: then the log decides).
+    pub fn publishes_to(&self, topic: &str) -> bool {
+        self.sm
+            .with_shard(|s| s.publishes_to(topic))
+            .unwrap_or(true)
+    }
+
+    /// Whether subscription `name` exists in the applied state (true if unreadable).
+    pub fn has_subscription(&self, name: &str) -> bool {
+        self.sm
+            .with_shard(|s| s.has_subscription(name))
+            .unwrap_or(true)
+    }
+
     /// Consumers attached in the replicated state.
     pub fn consumer_ids(&self) -> Vec<u64> {
         self.sm.with_shard(|s| s.consumer_ids()).unwrap_or_default()

@@ -6,6 +6,13 @@
 //! the next batch is submitted without waiting for the previous one to commit. A producer's
 //! request completes (`done`) when its message is committed, which is when the router may send
 //! `accepted`.
+//!
+//! Non-durable subscriptions are held in memory ([`Volatile`]) and a message published only
+//! to such subscriptions does not enter the log: it completes as soon as it is queued for
+//! them (a message is as durable as the subscriptions it lands in, as with mosquitto's clean
+//! sessions or RabbitMQ's transient queues). Whether a publication needs the log is decided
+//! against the applied state, so this takes the short path only on a replica that leads and
+//! has applied its whole log, with no proposal that may add a subscription in flight.
 
 use tokio::sync::mpsc;
 
@@ -332,6 +339,96 @@ fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
     }
 }
 
+/// The `Publish` inside `r` (itself or wrapped in `Once`).
+fn as_publish(r: &Request) -> Option<&Request> {
+    match r {
+        Request::Publish { .. } => Some(r),
+        Request::Once { request, .. } => as_publish(request),
+        _ => None,
+    }
+}
+
+/// Whether proposing `cmd` may add a subscription binding to the shard.
+fn may_bind(cmd: &Cmd) -> bool {
+    matches!(
+        cmd,
+        Cmd::Subscribe { .. } | Cmd::Bind { .. } | Cmd::Resume { .. }
+    )
+}
+
+/// What the service decides for one publication: hand it to the in-memory subscriptions
+/// that match, and to the log too unless `direct` allows skipping it (then it completes at
+/// once). Returns the request if it still has to be proposed.
+fn publish(
+    r: Request,
+    volatile: &mut Volatile,
+    direct: bool,
+    handle: &ShardHandle,
+    now: u64,
+    out: &mut crate::volatile::Out,
+    done: &mut Vec<(Tag, Result<(), StoreError>)>,
+) -> Option<Request> {
+    let Some(Request::Publish {
+        topic,
+        ttl_ms,
+        absolute_expiry,
+        body,
+        done: tag,
+        dedup,
+    }) = as_publish(&r)
+    else {
+        return Some(r);
+    };
+    let logged = !direct || handle.publishes_to(topic);
+    if logged {
+        if volatile.publishes_to(topic) {
+            // A full store: these subscriptions miss it (the durable ones have it).
+            let _ = volatile.publish(
+                topic,
+                *ttl_ms,
+                *absolute_expiry,
+                body.clone(),
+                dedup.as_deref(),
+                now,
+                out,
+            );
+        }
+        return Some(r);
+    }
+    let (topic, ttl_ms, absolute_expiry, tag, dedup) = (
+        topic.clone(),
+        *ttl_ms,
+        *absolute_expiry,
+        *tag,
+        dedup.clone(),
+    );
+    let body = match into_publish(r) {
+        Request::Publish { body, .. } => body,
+        _ => Vec::new(),
+    };
+    let res = volatile.publish(
+        &topic,
+        ttl_ms,
+        absolute_expiry,
+        body,
+        dedup.as_deref(),
+        now,
+        out,
+    );
+    if let Some(t) = tag {
+        done.push((t, res));
+    }
+    None
+}
+
+/// `r` without its `Once` wrappers.
+fn into_publish(r: Request) -> Request {
+    match r {
+        Request::Once { request, .. } => into_publish(*request),
+        r => r,
+    }
+}
+
 /// Runs the broker until `requests` closes. Deliveries (with their bodies read from the log)
 /// go to `deliveries`; a periodic tick expires messages.
 pub async fn run(
@@ -361,6 +458,7 @@ pub async fn run_replica(
     // so that proposing never waits on reads.
     let reader = handle.clone();
     let direct = deliveries.clone();
+    let leads = serving.clone();
     let mut volatile = Volatile::new(VolatileLimits::default());
     let (fx_tx, mut fx_rx) = mpsc::unbounded_channel::<Applied>();
     let body_task = tokio::spawn(async move {
@@ -418,6 +516,10 @@ pub async fn run_replica(
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let (mut ticks, mut busy) = (0u32, false);
+    // Leading with the whole log applied (see the module docs); and how many proposals that
+    // may add a subscription are in flight.
+    let mut warm = false;
+    let binding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         tokio::select! {
             n = requests.recv_many(&mut batch, MAX_BATCH) => {
@@ -425,7 +527,10 @@ pub async fn run_replica(
                     break;
                 }
                 let now = now_ms();
-                let (mut here, mut here_done) = (Vec::new(), Vec::new());
+                let leading = leads.load(std::sync::atomic::Ordering::Acquire);
+                warm = leading && (warm || handle.caught_up());
+                let mut direct_ok = warm && binding.load(std::sync::atomic::Ordering::Acquire) == 0;
+                let (mut here, mut here_done) = (crate::volatile::Out::default(), Vec::new());
                 let (cmds, tags): (Vec<Cmd>, Vec<Option<Tag>>) = batch
                     .drain(..)
                     .filter_map(|r| match r {
@@ -435,19 +540,43 @@ pub async fn run_replica(
                             let _ = reply.send(all);
                             None
                         }
-                        r => match volatile.handle(r, now) {
-                            Ok(out) => {
-                                here.extend(out.deliveries);
-                                here_done.extend(out.done);
-                                None
+                        r => {
+                            if as_publish(&r).is_some() {
+                                return publish(r, &mut volatile, direct_ok, &handle, now, &mut here, &mut here_done)
+                                    .map(|r| to_cmd(r, now));
                             }
-                            Err(r) => Some(to_cmd(r, now)),
-                        },
+                            // A new non-durable subscription is held in memory.
+                            if let Request::Subscribe { name, durable: false, .. }
+                            | Request::Resume {
+                                target: Target::Subscription { name, durable: false, .. },
+                                ..
+                            } = &r
+                                && warm
+                                && !volatile.holds(name)
+                                && !handle.has_subscription(name)
+                            {
+                                volatile.adopt(name);
+                            }
+                            match volatile.handle(r, now) {
+                                Ok(out) => {
+                                    here.deliveries.extend(out.deliveries);
+                                    here_done.extend(out.done);
+                                    None
+                                }
+                                Err(r) => {
+                                    let (cmd, tag) = to_cmd(r, now);
+                                    // Later publications of this batch see it only in the log.
+                                    direct_ok &= !may_bind(&cmd);
+                                    Some((cmd, tag))
+                                }
+                            }
+                        }
                     })
                     .unzip();
-                if !here.is_empty() {
-                    let _ = direct.send(here);
+                if !here.deliveries.is_empty() {
+                    let _ = direct.send(here.deliveries);
                 }
+                here_done.extend(here.done);
                 if !here_done.is_empty() {
                     let _ = completions.send(here_done);
                 }
@@ -455,7 +584,9 @@ pub async fn run_replica(
                     continue;
                 }
                 busy = true;
-                submit(&handle, cmds, tags, &completions).await;
+                let binds = cmds.iter().filter(|c| may_bind(c)).count();
+                binding.fetch_add(binds, std::sync::atomic::Ordering::AcqRel);
+                submit(&handle, cmds, tags, &completions, (binds, &binding)).await;
             }
             Some(fx) = effects.recv() => {
                 let _ = fx_tx.send(fx);
@@ -466,7 +597,7 @@ pub async fn run_replica(
                 if !expired.is_empty() {
                     let _ = direct.send(expired);
                 }
-                submit(&handle, vec![Cmd::Tick { now }], vec![None], &completions).await;
+                submit(&handle, vec![Cmd::Tick { now }], vec![None], &completions, (0, &binding)).await;
                 // Snapshots also come by entry count; this one lets a shard that went quiet
                 // (a backlog drained, then silence) compact its log without waiting for it.
                 ticks += 1;
@@ -483,13 +614,31 @@ pub async fn run_replica(
 
 /// Submits one batch in order and reports its tagged requests as commits arrive, without
 /// holding up the next batch.
-async fn submit(handle: &ShardHandle, cmds: Vec<Cmd>, tags: Vec<Option<Tag>>, done: &Completions) {
+///
+/// `binding`: how many of `cmds` may add a subscription, and the count of those in flight
+/// (taken back once the batch has been applied or failed).
+async fn submit(
+    handle: &ShardHandle,
+    cmds: Vec<Cmd>,
+    tags: Vec<Option<Tag>>,
+    done: &Completions,
+    binding: (usize, &std::sync::Arc<std::sync::atomic::AtomicUsize>),
+) {
     use futures_util::StreamExt;
+    struct Landed(usize, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Landed {
+        fn drop(&mut self) {
+            self.1
+                .fetch_sub(self.0, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+    let landed = Landed(binding.0, binding.1.clone());
     let any = tags.iter().any(Option::is_some);
     match handle.propose_many(cmds).await {
         Ok(mut results) => {
             let done = done.clone();
             tokio::spawn(async move {
+                let _landed = landed;
                 let mut out = Vec::new();
                 for tag in tags {
                     let r = results.next().await;

@@ -762,6 +762,16 @@ impl Bindings {
         }
     }
 
+    /// Whether any subscription matches `topic` (allocates nothing).
+    fn any_target(&self, topic: &str) -> bool {
+        self.literal.contains_key(topic)
+            || self.wild.iter().any(|q| {
+                self.by_queue
+                    .get(q)
+                    .is_some_and(|b| crate::topic::matches(&b.filter, topic))
+            })
+    }
+
     /// The queues of the subscriptions matching `topic`, in queue order (deterministic on
     /// every replica).
     fn targets(&self, topic: &str) -> Vec<String> {
@@ -1211,6 +1221,16 @@ impl Shard {
             }
         }
         out
+    }
+
+    /// Whether a message published on `topic` now would reach any subscription.
+    pub fn publishes_to(&self, topic: &str) -> bool {
+        self.bindings.any_target(topic)
+    }
+
+    /// Whether subscription `name` exists.
+    pub fn has_subscription(&self, name: &str) -> bool {
+        self.bindings.get(&sub_queue(name)).is_some()
     }
 
     /// Consumers attached in the state (after a restart, these belong to connections that

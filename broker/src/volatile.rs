@@ -6,11 +6,16 @@
 //! Owned by the service task, which routes to it every request for an address declared
 //! non-durable (and for the consumers attached to one). The dead-letter and expiry addresses of
 //! an in-memory queue are in memory too.
+//!
+//! Non-durable subscriptions live here as well (an MQTT clean session's, an AMQP receiver's
+//! without a durable terminus): they end with their consumer, so replicating them would buy
+//! nothing, and a message published only to such subscriptions never enters the log (a
+//! message is as durable as the subscriptions it lands in; see [`crate::service`]).
 
 use std::collections::{HashMap, HashSet};
 
 use crate::queue::{ConsumerId, Seq};
-use crate::service::{Delivery, Request, StoreError, Tag};
+use crate::service::{Dedup, Delivery, Request, StoreError, Tag};
 use crate::shard::{Cmd, QueueInfo, Shard, ShardEffect, Target};
 
 /// Bounds of the in-memory store (all non-durable queues of a shard together).
@@ -43,7 +48,10 @@ pub struct Volatile {
     bytes: usize,
     next: Seq,
     queues: HashSet<String>,
-    consumers: HashSet<ConsumerId>,
+    /// Names of the subscriptions held here.
+    subs: HashSet<String>,
+    /// Consumers attached here, with the subscription each reads (`None`: a queue).
+    consumers: HashMap<ConsumerId, Option<String>>,
     limits: Limits,
 }
 
@@ -56,7 +64,71 @@ impl Volatile {
         }
     }
 
-    /// Handles `r` if it concerns an in-memory queue; otherwise hands it back.
+    /// Whether subscription `name` is held here.
+    pub fn holds(&self, name: &str) -> bool {
+        self.subs.contains(name)
+    }
+
+    /// Subscription `name` is to be held here: the requests that create it and those of its
+    /// consumers are handled here from now on.
+    pub fn adopt(&mut self, name: &str) {
+        if !self.subs.contains(name) {
+            self.subs.insert(name.to_string());
+        }
+    }
+
+    /// Whether a message published on `topic` reaches a subscription held here.
+    pub fn publishes_to(&self, topic: &str) -> bool {
+        !self.subs.is_empty() && self.shard.publishes_to(topic)
+    }
+
+    /// Publishes a message on `topic` to the subscriptions held here (none: nothing happens).
+    /// Refused when the store is full.
+    #[allow(clippy::too_many_arguments)]
+    pub fn publish(
+        &mut self,
+        topic: &str,
+        ttl_ms: Option<u64>,
+        absolute_expiry: Option<u64>,
+        body: Vec<u8>,
+        dedup: Option<&Dedup>,
+        now: u64,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        if !self.publishes_to(topic) {
+            return Ok(());
+        }
+        let len = body.len();
+        if self.bodies.len() >= self.limits.max_messages || self.bytes + len > self.limits.max_bytes
+        {
+            return Err(StoreError::Full(topic.to_string()));
+        }
+        let seq = self.next;
+        self.next += 1;
+        self.bodies.insert(seq, body);
+        self.bytes += len;
+        let cmd = Cmd::Publish {
+            topic: topic.to_string(),
+            now,
+            ttl_ms,
+            absolute_expiry,
+            body: Vec::new(),
+        };
+        // In memory, duplicates are detected as long as this process leads the shard.
+        let cmd = match dedup {
+            Some(d) => Cmd::Dedup {
+                id: d.id.clone(),
+                new: d.new,
+                hash: d.hash,
+                cmd: Box::new(cmd),
+            },
+            None => cmd,
+        };
+        self.apply(seq, cmd, out);
+        Ok(())
+    }
+
+    /// Handles `r` if it concerns an in-memory queue or subscription; otherwise hands it back.
     pub fn handle(&mut self, r: Request, now: u64) -> Result<Out, Request> {
         let mut out = Out::default();
         let cmd = match r {
@@ -118,7 +190,7 @@ impl Volatile {
                 address,
                 credit,
             } if self.queues.contains(&address) => {
-                self.consumers.insert(consumer);
+                self.consumers.insert(consumer, None);
                 Cmd::Attach {
                     consumer,
                     address,
@@ -126,7 +198,7 @@ impl Volatile {
                     now,
                 }
             }
-            Request::Credit { consumer, credit } if self.consumers.contains(&consumer) => {
+            Request::Credit { consumer, credit } if self.consumers.contains_key(&consumer) => {
                 Cmd::Credit {
                     consumer,
                     credit,
@@ -138,7 +210,7 @@ impl Volatile {
                 seq,
                 outcome,
                 done,
-            } if self.consumers.contains(&consumer) => {
+            } if self.consumers.contains_key(&consumer) => {
                 out.done = done.map(|t| (t, Ok(())));
                 Cmd::Settle {
                     consumer,
@@ -147,8 +219,69 @@ impl Volatile {
                     now,
                 }
             }
-            Request::Detach { consumer } if self.consumers.remove(&consumer) => {
-                Cmd::Detach { consumer, now }
+            Request::Detach { consumer } if self.consumers.contains_key(&consumer) => {
+                let sub = self.consumers.remove(&consumer).flatten();
+                self.apply(0, Cmd::Detach { consumer, now }, &mut out);
+                // A non-durable subscription ended with its last consumer.
+                if let Some(name) = sub
+                    && !self.shard.has_subscription(&name)
+                {
+                    self.subs.remove(&name);
+                }
+                return Ok(out);
+            }
+            Request::Subscribe {
+                consumer,
+                name,
+                filter,
+                durable,
+                credit,
+            } if self.subs.contains(&name) => {
+                self.consumers.insert(consumer, Some(name.clone()));
+                Cmd::Subscribe {
+                    consumer,
+                    name,
+                    filter,
+                    durable,
+                    credit,
+                    now,
+                }
+            }
+            Request::Unsubscribe { name } if self.subs.remove(&name) => {
+                self.consumers.retain(|_, s| s.as_ref() != Some(&name));
+                Cmd::Unsubscribe { name }
+            }
+            Request::Expire { name, keep_ms } if self.subs.contains(&name) => {
+                Cmd::Expire { name, keep_ms, now }
+            }
+            Request::Resume {
+                old,
+                consumer,
+                target:
+                    Target::Subscription {
+                        name,
+                        filter,
+                        durable,
+                    },
+                keep,
+                credit,
+            } if self.subs.contains(&name) => {
+                for id in &old {
+                    self.consumers.remove(id);
+                }
+                self.consumers.insert(consumer, Some(name.clone()));
+                Cmd::Resume {
+                    old,
+                    new: consumer,
+                    target: Target::Subscription {
+                        name,
+                        filter,
+                        durable,
+                    },
+                    keep,
+                    credit,
+                    now,
+                }
             }
             Request::Purge { address } if self.queues.contains(&address) => Cmd::Purge { address },
             // In memory, nothing is replicated: a repeat after a leader change cannot meet the
@@ -174,7 +307,7 @@ impl Volatile {
                 for id in &old {
                     self.consumers.remove(id);
                 }
-                self.consumers.insert(consumer);
+                self.consumers.insert(consumer, None);
                 Cmd::Resume {
                     old,
                     new: consumer,
@@ -193,7 +326,7 @@ impl Volatile {
     /// Time passes: expiry.
     pub fn tick(&mut self, now: u64) -> Vec<Delivery> {
         let mut out = Out::default();
-        if !self.queues.is_empty() {
+        if !self.queues.is_empty() || !self.subs.is_empty() {
             self.apply(0, Cmd::Tick { now }, &mut out);
         }
         out.deliveries
