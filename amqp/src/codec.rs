@@ -376,6 +376,18 @@ impl<'a> Decoder<'a> {
         if self.u8()? != code::DESCRIBED {
             return Err(DecodeError::Invalid("expected described type"));
         }
+        // The usual encodings first (every frame and message section passes here).
+        match self.peek_u8()? {
+            code::SMALLULONG => {
+                self.pos += 1;
+                return Ok(Some(self.u8()?.into()));
+            }
+            code::ULONG => {
+                self.pos += 1;
+                return self.u64().map(Some);
+            }
+            _ => {}
+        }
         match self.value()? {
             Value::Ulong(d) => Ok(Some(d)),
             Value::Symbol(_) => Ok(None),
@@ -399,6 +411,40 @@ impl<'a> Decoder<'a> {
                 Ok(ListReader { inner, left: count })
             }
             _ => Err(DecodeError::Invalid("expected list")),
+        }
+    }
+}
+
+impl<'a> Decoder<'a> {
+    /// The next value if it is a binary, borrowed (an error otherwise).
+    pub fn binary_ref(&mut self) -> Result<&'a [u8], DecodeError> {
+        let c = self.u8()?;
+        match c {
+            code::VBIN8 | code::VBIN32 => {
+                let n = self.var_len(c == code::VBIN32)?;
+                self.take(n)
+            }
+            _ => Err(DecodeError::Invalid("expected binary")),
+        }
+    }
+
+    /// Opens a map (map8/map32): a reader over its keys and values in turn (a null reads as
+    /// an empty map). Lets hot paths look for a few keys without building a [`Value`] tree.
+    pub fn map(&mut self) -> Result<ListReader<'a>, DecodeError> {
+        let c = self.u8()?;
+        match c {
+            code::NULL => Ok(ListReader {
+                inner: Decoder::new(&[]),
+                left: 0,
+            }),
+            code::MAP8 | code::MAP32 => {
+                let (inner, count) = self.compound(c == code::MAP32)?;
+                if count % 2 != 0 || count > inner.remaining() {
+                    return Err(DecodeError::Invalid("bad map count"));
+                }
+                Ok(ListReader { inner, left: count })
+            }
+            _ => Err(DecodeError::Invalid("expected map")),
         }
     }
 }
@@ -459,9 +505,52 @@ impl<'a> ListReader<'a> {
                 self.inner.pos += 1;
                 Value::Bool(false)
             }
+            code::VBIN8 => {
+                // Delivery tags: one allocation, no detour through the generic decoder.
+                self.inner.pos += 1;
+                let n = self.inner.var_len(false)?;
+                Value::Binary(Bytes::copy_from_slice(self.inner.take(n)?))
+            }
             _ => self.inner.value()?,
         };
         Ok(Some(v))
+    }
+    /// Fields (or map keys and values) not read yet.
+    pub fn left(&self) -> usize {
+        self.left
+    }
+    /// The next field if it is a string or symbol, borrowed; any other value (null included)
+    /// is skipped and reads as `None`.
+    pub fn str_ref(&mut self) -> Result<Option<&'a str>, DecodeError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let c = self.inner.peek_u8()?;
+        if !matches!(c, code::STR8 | code::STR32 | code::SYM8 | code::SYM32) {
+            self.skip()?;
+            return Ok(None);
+        }
+        self.left -= 1;
+        self.inner.pos += 1;
+        let n = self.inner.var_len(c == code::STR32 || c == code::SYM32)?;
+        std::str::from_utf8(self.inner.take(n)?)
+            .map(Some)
+            .map_err(|_| DecodeError::Invalid("invalid utf-8"))
+    }
+    /// The next field if it is a binary, borrowed; any other value is skipped (`None`).
+    pub fn binary_ref(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let c = self.inner.peek_u8()?;
+        if !matches!(c, code::VBIN8 | code::VBIN32) {
+            self.skip()?;
+            return Ok(None);
+        }
+        self.left -= 1;
+        self.inner.pos += 1;
+        let n = self.inner.var_len(c == code::VBIN32)?;
+        self.inner.take(n).map(Some)
     }
     /// Skips the next field without decoding it.
     pub fn skip(&mut self) -> Result<(), DecodeError> {

@@ -81,17 +81,21 @@ pub fn expiry(msg: &[u8]) -> Result<Expiry, DecodeError> {
                 d.skip()?;
             }
             Some(MESSAGE_ANNOTATIONS) => {
-                if let Value::Map(items) = probe.value()? {
-                    for (k, v) in items {
-                        match (k, v) {
-                            (Value::Symbol(k), Value::String(id)) if k == DEDUP_ID => {
+                // Read in place: only two keys matter, and every message passes here.
+                let mut m = probe.map()?;
+                while m.left() > 0 {
+                    match m.str_ref()? {
+                        Some(DEDUP_ID) => {
+                            if let Some(Value::String(id)) = m.value()? {
                                 e.dedup_id = Some(id);
                             }
-                            (Value::Symbol(k), Value::Bool(b)) if k == DEDUP_NEW => {
+                        }
+                        Some(DEDUP_NEW) => {
+                            if let Some(Value::Bool(b)) = m.value()? {
                                 e.dedup_new = b;
                             }
-                            _ => {}
                         }
+                        _ => m.skip()?,
                     }
                 }
                 d.skip()?;

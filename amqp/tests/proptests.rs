@@ -827,6 +827,44 @@ proptest! {
         prop_assert_eq!(back.unwrap(), f);
     }
 
+    /// The in-place scan of message annotations finds what the generic decoder finds.
+    #[test]
+    fn expiry_reads_annotations_like_the_generic_decoder(
+        others in vec((symbol(), scalar()), 0..6),
+        id in option::of(string()),
+        new in option::of(any::<bool>()),
+        at in any::<prop::sample::Index>(),
+        ttl in option::of(any::<u32>()),
+    ) {
+        let mut entries: Vec<(Value, Value)> = others
+            .into_iter()
+            .filter(|(k, _)| k != message::DEDUP_ID && k != message::DEDUP_NEW)
+            .map(|(k, v)| (Value::Symbol(k), v))
+            .collect();
+        let i = at.index(entries.len() + 1);
+        if let Some(id) = &id {
+            entries.insert(i, (Value::Symbol(message::DEDUP_ID.into()), Value::String(id.clone())));
+        }
+        if let Some(n) = new {
+            entries.push((Value::Symbol(message::DEDUP_NEW.into()), Value::Bool(n)));
+        }
+        let mut buf = BytesMut::new();
+        {
+            let mut f = amqp::codec::Fields::new(&mut buf, message::HEADER);
+            f.boolean(Some(true)).null().uint(ttl);
+            f.finish();
+        }
+        let mut e = Encoder::new(&mut buf);
+        e.descriptor(message::MESSAGE_ANNOTATIONS);
+        e.value(&Value::Map(entries));
+        e.descriptor(message::DATA);
+        e.binary(b"payload");
+        let x = message::expiry(&buf).unwrap();
+        prop_assert_eq!(x.ttl_ms, ttl.map(u64::from));
+        prop_assert_eq!(x.dedup_id, id);
+        prop_assert_eq!(x.dedup_new, new.unwrap_or(false));
+    }
+
     #[test]
     fn message_round_trip(
         id in option::of(any::<u64>()),
@@ -877,6 +915,10 @@ fn decode_everything(bytes: &[u8]) {
     let _ = frames::decode_sasl(bytes);
     let _ = message::find_to(bytes);
     let _ = message::parse(bytes);
+    let _ = message::expiry(bytes);
+    let _ = Decoder::new(bytes).map().map(|mut m| {
+        while m.left() > 0 && m.str_ref().is_ok() && m.binary_ref().is_ok() {}
+    });
 }
 
 proptest! {
@@ -918,6 +960,7 @@ proptest! {
         bytes.extend_from_slice(&tail);
         let _ = message::find_to(&bytes);
         let _ = message::parse(&bytes);
+        let _ = message::expiry(&bytes);
         let mut props = vec![0x00, 0x53, 0x73];
         props.extend_from_slice(&tail);
         let _ = message::find_to(&props);

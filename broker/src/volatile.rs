@@ -342,19 +342,34 @@ impl Volatile {
     }
 
     fn apply(&mut self, seq: Seq, cmd: Cmd, out: &mut Out) {
-        for e in self.shard.apply(seq, cmd) {
-            match e {
+        let fx = self.shard.apply(seq, cmd);
+        for (i, e) in fx.iter().enumerate() {
+            match *e {
                 ShardEffect::Deliver {
                     consumer,
                     seq,
                     delivery_count,
                 } => {
-                    if let Some(body) = self.bodies.get(&seq) {
+                    // Delivered and forgotten at once (a pre-settled consumer, the only
+                    // target): the body moves instead of being copied.
+                    let last = !fx[i + 1..]
+                        .iter()
+                        .any(|f| matches!(f, ShardEffect::Deliver { seq: s, .. } if *s == seq));
+                    let forgotten = last
+                        && fx[i + 1..]
+                            .iter()
+                            .any(|f| matches!(f, ShardEffect::Forget { seq: s } if *s == seq));
+                    let body = if forgotten {
+                        self.bodies.remove(&seq).inspect(|b| self.bytes -= b.len())
+                    } else {
+                        self.bodies.get(&seq).cloned()
+                    };
+                    if let Some(body) = body {
                         out.deliveries.push(Delivery {
                             consumer,
                             seq,
                             delivery_count,
-                            body: body.clone(),
+                            body,
                         });
                     }
                 }

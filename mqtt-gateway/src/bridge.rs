@@ -159,55 +159,108 @@ pub struct Incoming {
     pub payload: Bytes,
 }
 
-/// Reads an AMQP message (as delivered) for MQTT, through [`amqp::message::parse`]: unknown
-/// sections are skipped; an `amqp-value` body becomes the payload as its bytes.
-pub fn from_amqp(msg: &[u8], prefix: &str) -> Result<Incoming, amqp::DecodeError> {
-    let p = amqp::message::parse(msg)?;
-    let mut m = Incoming {
-        topic: p
-            .to
-            .as_deref()
-            .and_then(|t| topic::address_topic(prefix, t))
-            .map(str::to_owned),
-        payload: p.body,
-        ..Incoming::default()
-    };
-    m.properties.message_expiry_interval = p.ttl_ms.map(|ttl| ttl.div_ceil(1000));
-    m.properties.content_type = p.content_type;
-    m.properties.response_topic = p
-        .reply_to
-        .as_deref()
-        .and_then(|r| topic::address_topic(prefix, r))
-        .map(str::to_owned);
-    m.properties.correlation_data = match p.correlation_id {
-        Some(Value::Binary(b)) => Some(b),
-        Some(Value::String(s)) => Some(Bytes::from(s.into_bytes())),
-        Some(Value::Ulong(n)) => Some(Bytes::copy_from_slice(&n.to_be_bytes())),
-        Some(Value::Uuid(u)) => Some(Bytes::copy_from_slice(&u)),
-        _ => None,
-    };
-    if let Some(Value::Map(entries)) = p.message_annotations {
-        for (k, v) in entries {
-            match (k.as_str(), v) {
-                (Some(QOS), Value::Ubyte(q)) => m.qos = QoS::from_u8(q),
-                (Some(RETAIN), Value::Bool(r)) => m.retain = r,
-                (Some(CLIENT), Value::String(c)) => m.publisher = Some(c),
-                (Some(FORMAT), Value::Ubyte(f)) if f <= 1 => {
-                    m.properties.payload_format_indicator = Some(f)
+/// Reads an AMQP message (as delivered) for MQTT: unknown sections are skipped; an
+/// `amqp-value` body becomes the payload as its bytes. Read in place (every delivery to a
+/// device passes here): strings are copied only for the fields kept, and a single `data`
+/// section becomes the payload without a copy.
+pub fn from_amqp(msg: &Bytes, prefix: &str) -> Result<Incoming, amqp::DecodeError> {
+    use amqp::message::AMQP_VALUE;
+    let mut m = Incoming::default();
+    let mut body: Option<Bytes> = None;
+    let mut d = Decoder::new(msg);
+    while !d.is_empty() {
+        let mut probe = d.clone();
+        match probe.descriptor()? {
+            Some(HEADER) => {
+                let mut l = probe.list()?;
+                l.skip()?; // durable
+                l.skip()?; // priority
+                m.properties.message_expiry_interval = l.any_uint()?.map(|t| t.div_ceil(1000));
+            }
+            Some(MESSAGE_ANNOTATIONS) => {
+                let mut a = probe.map()?;
+                while a.left() > 0 {
+                    match a.str_ref()? {
+                        Some(QOS) => {
+                            if let Some(Value::Ubyte(q)) = a.value()? {
+                                m.qos = QoS::from_u8(q);
+                            }
+                        }
+                        Some(RETAIN) => {
+                            if let Some(Value::Bool(r)) = a.value()? {
+                                m.retain = r;
+                            }
+                        }
+                        Some(CLIENT) => m.publisher = a.str_ref()?.map(str::to_owned),
+                        Some(FORMAT) => {
+                            if let Some(Value::Ubyte(f)) = a.value()?
+                                && f <= 1
+                            {
+                                m.properties.payload_format_indicator = Some(f);
+                            }
+                        }
+                        _ => a.skip()?,
+                    }
                 }
-                _ => {}
             }
-        }
-    }
-    if let Some(Value::Map(entries)) = p.application_properties {
-        for (k, v) in entries {
-            if let (Some(k), Some(v)) = (k.as_str(), v.as_str()) {
-                m.properties
-                    .user_properties
-                    .push((k.to_owned(), v.to_owned()));
+            Some(PROPERTIES) => {
+                let mut l = probe.list()?;
+                l.skip()?; // message-id
+                l.skip()?; // user-id
+                m.topic = l
+                    .str_ref()?
+                    .and_then(|t| topic::address_topic(prefix, t))
+                    .map(str::to_owned);
+                l.skip()?; // subject
+                m.properties.response_topic = l
+                    .str_ref()?
+                    .and_then(|r| topic::address_topic(prefix, r))
+                    .map(str::to_owned);
+                m.properties.correlation_data = match l.value()? {
+                    Some(Value::Binary(b)) => Some(b),
+                    Some(Value::String(s)) => Some(Bytes::from(s.into_bytes())),
+                    Some(Value::Ulong(n)) => Some(Bytes::copy_from_slice(&n.to_be_bytes())),
+                    Some(Value::Uuid(u)) => Some(Bytes::copy_from_slice(&u)),
+                    _ => None,
+                };
+                m.properties.content_type = l.str_ref()?.map(str::to_owned);
             }
+            Some(APPLICATION_PROPERTIES) => {
+                let mut a = probe.map()?;
+                while a.left() > 0 {
+                    let k = a.str_ref()?;
+                    let v = a.str_ref()?;
+                    if let (Some(k), Some(v)) = (k, v) {
+                        m.properties
+                            .user_properties
+                            .push((k.to_owned(), v.to_owned()));
+                    }
+                }
+            }
+            Some(DATA) => {
+                let b = msg.slice_ref(probe.binary_ref()?);
+                body = Some(match body {
+                    None => b,
+                    Some(before) => {
+                        let mut all = BytesMut::from(&before[..]);
+                        all.put_slice(&b);
+                        all.freeze()
+                    }
+                });
+            }
+            Some(AMQP_VALUE) => {
+                let b = match probe.value()? {
+                    Value::Binary(b) => b,
+                    Value::String(s) | Value::Symbol(s) => Bytes::from(s.into_bytes()),
+                    other => Bytes::from(format!("{other:?}").into_bytes()),
+                };
+                body = Some(b);
+            }
+            _ => {}
         }
+        d.skip()?;
     }
+    m.payload = body.unwrap_or_default();
     Ok(m)
 }
 
@@ -278,6 +331,7 @@ mod tests {
         assert_eq!(parsed.to.as_deref(), Some("mqtt/devices/7/telemetry"));
         assert_eq!(parsed.reply_to.as_deref(), Some("mqtt/devices/7/replies"));
         assert_eq!(&parsed.body[..], b"{\"t\":21}");
+        let b = b.freeze();
         let back = from_amqp(&b, "mqtt/").expect("from_amqp");
         assert_eq!(back.topic.as_deref(), Some("devices/7/telemetry"));
         assert_eq!(back.qos, Some(QoS::ExactlyOnce));
@@ -310,7 +364,7 @@ mod tests {
             parsed.to.as_deref(),
             Some("mqtt-retained/devices/7/telemetry")
         );
-        let again = from_amqp(&r, "mqtt/").expect("from_amqp");
+        let again = from_amqp(&r.freeze(), "mqtt/").expect("from_amqp");
         assert_eq!(again.topic, None);
         assert_eq!(
             (again.properties, again.payload, again.qos, again.retain),

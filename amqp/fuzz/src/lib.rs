@@ -100,6 +100,22 @@ pub fn frame_decoder(data: &[u8]) {
 
     let _ = message::find_to(data);
     let _ = message::parse(data);
+    let _ = message::expiry(data);
+    // The in-place map reader visits exactly the entries the generic decoder builds.
+    if let (Ok(Value::Map(entries)), Ok(mut m)) =
+        (Decoder::new(data).value(), Decoder::new(data).map())
+    {
+        assert_eq!(m.left(), entries.len() * 2);
+        for (k, _) in &entries {
+            let want = match k {
+                Value::String(s) | Value::Symbol(s) => Some(s.as_str()),
+                _ => None,
+            };
+            assert_eq!(m.str_ref().ok().flatten(), want);
+            assert!(m.skip().is_ok());
+        }
+        assert_eq!(m.left(), 0);
+    }
 }
 
 fn frame(out: &mut Vec<u8>, frame_type: u8, channel: u16, body: impl FnOnce(&mut BytesMut)) {

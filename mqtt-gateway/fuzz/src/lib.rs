@@ -31,3 +31,24 @@ pub fn mqtt_codec(data: &[u8]) {
         rest = &rest[used..];
     }
 }
+
+/// A message delivered by the router, read for an MQTT subscriber: arbitrary bytes never
+/// panic, and a message that reads agrees with the generic AMQP parser on what both read.
+pub fn amqp_to_mqtt(data: &[u8]) {
+    let msg = bytes::Bytes::copy_from_slice(data);
+    let Ok(m) = mqtt_gateway::bridge::from_amqp(&msg, "mqtt/") else {
+        return;
+    };
+    if let Ok(p) = amqp::message::parse(data) {
+        assert_eq!(
+            m.properties.message_expiry_interval,
+            p.ttl_ms.map(|t| t.div_ceil(1000))
+        );
+        let topic = p
+            .to
+            .as_deref()
+            .and_then(|t| mqtt_gateway::topic::address_topic("mqtt/", t));
+        assert_eq!(m.topic.as_deref(), topic);
+        assert!(m.payload.len() <= p.body.len());
+    }
+}
