@@ -672,8 +672,9 @@ struct Binding {
 #[derive(Default)]
 struct Bindings {
     by_queue: BTreeMap<String, Binding>,
-    /// Filters without wildcards → their queues.
-    literal: BTreeMap<String, BTreeSet<String>>,
+    /// Filters without wildcards → their queues, sorted (usually one: a set's node would
+    /// cost a few hundred bytes per subscription).
+    literal: BTreeMap<String, Vec<String>>,
     /// Queues whose filter has a wildcard.
     wild: BTreeSet<String>,
 }
@@ -703,10 +704,10 @@ impl Bindings {
         if is_wild(&filter) {
             self.wild.insert(queue.clone());
         } else {
-            self.literal
-                .entry(filter.clone())
-                .or_default()
-                .insert(queue.clone());
+            let qs = self.literal.entry(filter.clone()).or_default();
+            if let Err(i) = qs.binary_search(&queue) {
+                qs.insert(i, queue.clone());
+            }
         }
         self.by_queue.insert(
             queue,
@@ -755,7 +756,7 @@ impl Bindings {
         if !self.wild.remove(queue)
             && let Some(qs) = self.literal.get_mut(&b.filter)
         {
-            qs.remove(queue);
+            qs.retain(|q| q != queue);
             if qs.is_empty() {
                 self.literal.remove(&b.filter);
             }
@@ -801,7 +802,9 @@ fn sub_queue(name: &str) -> String {
 
 #[derive(Default)]
 pub struct Shard {
-    queues: BTreeMap<String, QueueEntry>,
+    /// Boxed: a node of the map holds 11 entries, and most shards hold many small queues
+    /// (a subscription each).
+    queues: BTreeMap<String, Box<QueueEntry>>,
     /// Which queue each attached consumer reads.
     consumers: BTreeMap<ConsumerId, String>,
     /// Subscriptions by queue name.
@@ -824,13 +827,22 @@ impl Shard {
     }
 
     fn queue(&mut self, address: &str) -> &mut QueueEntry {
-        self.queues
-            .entry(address.to_owned())
-            .or_insert_with(|| QueueEntry {
-                queue: Queue::new(Policy::default()),
-                dead_letter: None,
-                expiry_address: None,
-            })
+        // Looked up first: the name is copied only for a new queue (every message passes here).
+        if !self.queues.contains_key(address) {
+            self.queues.insert(
+                address.to_owned(),
+                Box::new(QueueEntry {
+                    queue: Queue::new(Policy::default()),
+                    dead_letter: None,
+                    expiry_address: None,
+                }),
+            );
+        }
+        match self.queues.get_mut(address) {
+            Some(q) => q,
+            // Present: checked or inserted just above (the borrow checker cannot see it).
+            None => unreachable!("queue {address} inserted above"),
+        }
     }
 
     /// Applies the command carried by log entry `index`.
@@ -1306,11 +1318,11 @@ impl Shard {
             let queue = Queue::decode(&mut r)?;
             shard.queues.insert(
                 name,
-                QueueEntry {
+                Box::new(QueueEntry {
                     queue,
                     dead_letter,
                     expiry_address,
-                },
+                }),
             );
         }
         for _ in 0..r.count(5)? {
@@ -1523,7 +1535,7 @@ mod tests {
                 .collect();
             assert_eq!(b.targets(topic), naive, "{topic}");
         }
-        assert!(b.literal.values().all(|qs| !qs.contains("q5")));
+        assert!(b.literal.values().all(|qs| !qs.iter().any(|q| q == "q5")));
     }
 
     fn dedup(id: &str, new: bool, hash: u64, cmd: Cmd) -> Cmd {

@@ -67,6 +67,9 @@ use crate::codec::{
 use crate::mux::{self, Ev, Outcome, Pool, Port};
 use crate::topic;
 
+/// Read buffer of a device that sends little (15,000 idle devices each keep one).
+const IDLE_BUF: usize = 64;
+
 /// Topic aliases a device may set (MQTT 5, device → gateway).
 const TOPIC_ALIASES: u16 = 64;
 
@@ -369,8 +372,9 @@ async fn start<'a>(
     pool: &Arc<Pool>,
     busy: bool,
 ) -> Result<Live<'a>, ConnError> {
-    // Small to start with (most devices are idle); grown in `Session::run` for busy ones.
-    let mut buf = BytesMut::with_capacity(512);
+    // Small to start with (most devices are idle: a PINGREQ is 2 bytes); grown in
+    // `Session::run` for busy ones.
+    let mut buf = BytesMut::with_capacity(IDLE_BUF);
     let c = read_connect(&mut sock, &mut buf, cfg).await?;
     let v = c.version;
     if busy {
@@ -862,6 +866,58 @@ struct Sub {
     marker: Option<LinkId>,
 }
 
+/// A device's subscriptions by filter, each with its link. A vector: a device usually has
+/// one or a few (two hash maps cost ~450 bytes for one, ×15,000 idle devices), and the
+/// router bounds links per connection anyway.
+#[derive(Default)]
+struct Subs(Vec<(String, Sub)>);
+
+impl Subs {
+    fn contains(&self, f: &str) -> bool {
+        self.0.iter().any(|(k, _)| k == f)
+    }
+    fn insert(&mut self, f: String, sub: Sub) {
+        self.remove(&f);
+        // Exactly one more slot while small (a first push reserves four).
+        if self.0.len() < 4 {
+            self.0.reserve_exact(1);
+        }
+        self.0.push((f, sub));
+    }
+    fn remove(&mut self, f: &str) -> Option<Sub> {
+        let i = self.0.iter().position(|(k, _)| k == f)?;
+        Some(self.0.swap_remove(i).1)
+    }
+    fn by_link(&self, link: LinkId) -> Option<(&str, &Sub)> {
+        self.0
+            .iter()
+            .find(|(_, s)| s.link == link)
+            .map(|(f, s)| (f.as_str(), s))
+    }
+    fn remove_link(&mut self, link: LinkId) -> Option<(String, Sub)> {
+        let i = self.0.iter().position(|(_, s)| s.link == link)?;
+        Some(self.0.swap_remove(i))
+    }
+    fn drain(&mut self) -> Vec<Sub> {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
+    }
+}
+
+/// A session's state that most devices never use (15,000 idle devices would each keep three
+/// empty tables inline).
+#[derive(Default)]
+struct Rare {
+    /// QoS 2 from the device: forwarded, not yet stored (a resend is dropped).
+    qos2_storing: HashSet<u16>,
+    /// QoS 2 from the device: stored and PUBREC sent, waiting for PUBREL.
+    qos2_stored: HashSet<u16>,
+    /// Topic aliases the device set (at most [`TOPIC_ALIASES`]).
+    aliases: HashMap<u16, String>,
+}
+
 /// An outbound QoS 1/2 message the device has not acknowledged yet.
 struct Outbound {
     /// The AMQP delivery to accept once the device acknowledged (none for a retained message,
@@ -882,12 +938,9 @@ struct Session<'a> {
     pub1: Option<LinkId>,
     /// Our unsettled publishes by tag → the device's (packet id, QoS).
     publishing: HashMap<u64, (u16, QoS)>,
-    /// QoS 2 from the device: forwarded, not yet stored (a resend is dropped).
-    qos2_storing: HashSet<u16>,
-    /// QoS 2 from the device: stored and PUBREC sent, waiting for PUBREL.
-    qos2_stored: HashSet<u16>,
-    subs: HashMap<String, Sub>,
-    links: HashMap<LinkId, String>,
+    /// What most devices never use, boxed on first use.
+    rare: Option<Box<Rare>>,
+    subs: Subs,
     out: HashMap<u16, Outbound>,
     next_id: u16,
     /// Decoded PUBLISHes waiting for publishing credit.
@@ -899,8 +952,6 @@ struct Session<'a> {
     kicked: Arc<Kick>,
     /// Whether and how long new subscriptions are kept in the brokers (a persistent session).
     keep: Keep,
-    /// Topic aliases the device set (at most [`TOPIC_ALIASES`]).
-    aliases: HashMap<u16, String>,
     /// The device's publish rate budget.
     budget: Budget,
     client_id: String,
@@ -911,6 +962,10 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
     fn new(
         sock: Io,
         port: Port,
@@ -931,10 +986,8 @@ impl<'a> Session<'a> {
             pub0: None,
             pub1: None,
             publishing: HashMap::new(),
-            qos2_storing: HashSet::new(),
-            qos2_stored: HashSet::new(),
-            subs: HashMap::new(),
-            links: HashMap::new(),
+            rare: None,
+            subs: Subs::default(),
             out: HashMap::new(),
             next_id: 1,
             waiting: VecDeque::new(),
@@ -942,7 +995,6 @@ impl<'a> Session<'a> {
             tags: 0,
             kicked,
             keep: Keep::No,
-            aliases: HashMap::new(),
             budget: Budget::new(cfg.max_publish_rate),
             client_id,
             receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX),
@@ -1033,9 +1085,9 @@ impl<'a> Session<'a> {
             let wake = [keep_alive, refill].into_iter().flatten().min();
             let read_mqtt = self.can_publish();
             if buf.capacity() - buf.len() < 256 {
-                // Empty: take the first 512 bytes back (pings of an idle device wear its
-                // buffer down); otherwise a busy device gets room for bursts.
-                buf.reserve(if buf.is_empty() { 512 } else { 16 * 1024 });
+                // Empty: take the first bytes back (pings of an idle device wear its buffer
+                // down); otherwise a busy device gets room for bursts.
+                buf.reserve(if buf.is_empty() { IDLE_BUF } else { 16 * 1024 });
             }
             let woke = {
                 let Session {
@@ -1163,7 +1215,10 @@ impl<'a> Session<'a> {
                 self.drain_waiting()?;
             }
             Packet::PubRel(a) => {
-                let known = self.qos2_stored.remove(&a.packet_id);
+                let known = self
+                    .rare
+                    .as_mut()
+                    .is_some_and(|r| r.qos2_stored.remove(&a.packet_id));
                 let mut ack = Ack::new(a.packet_id);
                 if !known {
                     ack.reason = reason::PACKET_IDENTIFIER_NOT_FOUND;
@@ -1257,7 +1312,7 @@ impl<'a> Session<'a> {
                 ));
             }
             if p.topic.is_empty() {
-                match self.aliases.get(&alias) {
+                match self.rare.as_ref().and_then(|r| r.aliases.get(&alias)) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         return Err(ConnError::Reason(
@@ -1267,7 +1322,7 @@ impl<'a> Session<'a> {
                     }
                 }
             } else {
-                self.aliases.insert(alias, p.topic.clone());
+                self.rare().aliases.insert(alias, p.topic.clone());
             }
         }
         if p.topic.is_empty() {
@@ -1284,7 +1339,7 @@ impl<'a> Session<'a> {
                 }
                 if p.qos == QoS::ExactlyOnce {
                     if self.v == Version::V311 {
-                        self.qos2_stored.insert(id);
+                        self.rare().qos2_stored.insert(id);
                     }
                     self.emit(&Packet::PubRec(ack));
                 } else {
@@ -1295,12 +1350,16 @@ impl<'a> Session<'a> {
         }
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.unwrap_or(0);
-            if self.qos2_stored.contains(&id) {
+            if self
+                .rare
+                .as_ref()
+                .is_some_and(|r| r.qos2_stored.contains(&id))
+            {
                 // Resent after our PUBREC was lost: already stored.
                 self.emit(&Packet::PubRec(Ack::new(id)));
                 return Ok(());
             }
-            if !self.qos2_storing.insert(id) {
+            if !self.rare().qos2_storing.insert(id) {
                 return Ok(());
             }
         }
@@ -1349,7 +1408,7 @@ impl<'a> Session<'a> {
             ));
         }
         // A repeated filter replaces the subscription (§3.8.4): the old link goes.
-        let new = !self.subs.contains_key(&f);
+        let new = !self.subs.contains(&f);
         if let Some(old) = self.subs.remove(&f) {
             self.end_sub(old, true)?;
         }
@@ -1393,7 +1452,6 @@ impl<'a> Session<'a> {
         };
         // Events that arrived while attaching are handled by the main loop.
         let literal = (!inner.contains(['+', '#'])).then(|| inner.to_owned());
-        self.links.insert(link, f.clone());
         self.subs.insert(
             f.clone(),
             Sub {
@@ -1429,7 +1487,6 @@ impl<'a> Session<'a> {
 
     /// Ends a subscription's links (closing: the brokers drop what is only this session's).
     fn end_sub(&mut self, sub: Sub, closed: bool) -> Result<(), ConnError> {
-        self.links.remove(&sub.link);
         self.port.detach(sub.link, closed)?;
         if let Some(m) = sub.marker {
             self.port.detach(m, closed)?;
@@ -1443,7 +1500,8 @@ impl<'a> Session<'a> {
         let Some((http_at, prefix)) = retained_store(self.cfg) else {
             return Ok(());
         };
-        let topic = match p.properties.topic_alias.and_then(|a| self.aliases.get(&a)) {
+        let alias = p.properties.topic_alias;
+        let topic = match alias.and_then(|a| self.rare.as_ref()?.aliases.get(&a)) {
             Some(t) if p.topic.is_empty() => t.clone(),
             _ => p.topic.clone(),
         };
@@ -1625,11 +1683,9 @@ impl<'a> Session<'a> {
 
     /// Ends every subscription (closing detaches: durable ones are deleted).
     fn unsubscribe_all(&mut self) {
-        let subs: Vec<Sub> = self.subs.drain().map(|(_, s)| s).collect();
-        for sub in subs {
+        for sub in self.subs.drain() {
             let _ = self.end_sub(sub, true);
         }
-        self.links.clear();
     }
 
     fn on_amqp(&mut self, e: Ev) -> Result<(), ConnError> {
@@ -1649,9 +1705,8 @@ impl<'a> Session<'a> {
                 if Some(link) == self.pub0 || Some(link) == self.pub1 {
                     return Err(ConnError::Closed("router detached a publishing link"));
                 }
-                if let Some(f) = self.links.remove(&link) {
+                if let Some((f, _)) = self.subs.remove_link(link) {
                     tracing::debug!("subscription {f} ended by the router: {error:?}");
-                    self.subs.remove(&f);
                 }
             }
             Ev::Closed => return Err(ConnError::Closed("router closed the connection")),
@@ -1673,9 +1728,10 @@ impl<'a> Session<'a> {
         let mut ack = Ack::new(packet_id);
         ack.reason = code;
         if qos == QoS::ExactlyOnce {
-            self.qos2_storing.remove(&packet_id);
+            let rare = self.rare();
+            rare.qos2_storing.remove(&packet_id);
             if code < 0x80 {
-                self.qos2_stored.insert(packet_id);
+                rare.qos2_stored.insert(packet_id);
             }
             self.emit(&Packet::PubRec(ack));
         } else {
@@ -1685,15 +1741,12 @@ impl<'a> Session<'a> {
     }
 
     fn deliver(&mut self, d: mux::Delivery) -> Result<(), ConnError> {
-        let Some(f) = self.links.get(&d.link) else {
+        let Some((_, sub)) = self.subs.by_link(d.link) else {
             // A subscription just removed: give the message back.
             if !d.settled {
                 self.port
                     .settle(d.link, d.delivery_id, DeliveryState::Released, 0)?;
             }
-            return Ok(());
-        };
-        let Some(sub) = self.subs.get(f) else {
             return Ok(());
         };
         let (link, opts, sub_id, literal) = (sub.link, sub.opts, sub.id, sub.literal.clone());
