@@ -343,6 +343,25 @@ impl Volatile {
 
     fn apply(&mut self, seq: Seq, cmd: Cmd, out: &mut Out) {
         let fx = self.shard.apply(seq, cmd);
+        // Messages delivered and forgotten by the same command (a pre-settled consumer, the
+        // only target): the last delivery of each takes the body instead of a copy. One pass
+        // (a credit may release thousands of deliveries at once).
+        let mut moves: HashMap<Seq, usize> = HashMap::new();
+        if fx.iter().any(|f| matches!(f, ShardEffect::Forget { .. })) {
+            let mut last = HashMap::new();
+            for (i, f) in fx.iter().enumerate() {
+                match f {
+                    ShardEffect::Deliver { seq, .. } => {
+                        last.insert(*seq, i);
+                    }
+                    ShardEffect::Forget { seq } => {
+                        if let Some(d) = last.get(seq) {
+                            moves.insert(*seq, *d);
+                        }
+                    }
+                }
+            }
+        }
         for (i, e) in fx.iter().enumerate() {
             match *e {
                 ShardEffect::Deliver {
@@ -350,15 +369,7 @@ impl Volatile {
                     seq,
                     delivery_count,
                 } => {
-                    // Delivered and forgotten at once (a pre-settled consumer, the only
-                    // target): the body moves instead of being copied.
-                    let last = !fx[i + 1..]
-                        .iter()
-                        .any(|f| matches!(f, ShardEffect::Deliver { seq: s, .. } if *s == seq));
-                    let forgotten = last
-                        && fx[i + 1..]
-                            .iter()
-                            .any(|f| matches!(f, ShardEffect::Forget { seq: s } if *s == seq));
+                    let forgotten = moves.get(&seq) == Some(&i);
                     let body = if forgotten {
                         self.bodies.remove(&seq).inspect(|b| self.bytes -= b.len())
                     } else {
