@@ -266,3 +266,99 @@ def audited_chaos(tmp_path, cycles, disrupt, state_out=None):
     assert events["detached"] == 0, "the consumer's link was detached %d times" % events["detached"]
     assert events["refused"] == 0, "%d messages were refused" % events["refused"]
     assert not twice, "delivered more than once: %s" % twice[:20]
+
+
+@pytest.mark.timeout(180)
+def test_topic_subscribers_across_a_leader_kill(tmp_path):
+    """A durable and a non-durable subscriber on one topic while the topic's shard loses its
+    leader (SIGKILL). The durable subscription (in the replicated log) loses nothing that was
+    accepted; the non-durable one (held in memory on the leader, docs/router.md) is resumed on
+    the new leader by the router without a detach and receives what is published from then on;
+    neither gets a message twice."""
+    from proton.reactor import DurableSubscription
+    ports = free_ports(6)
+    brokers = [ClusterBroker(tmp_path, ports, i + 1) for i in range(3)]
+    for b in brokers:
+        b.wait_ready()
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(cluster_yaml(ports))
+    router_cfg = cluster_yaml(ports) + 'addresses:\n  - prefix: "t/"\n    type: topic\n'
+    r = Router(config=router_cfg, tmpdir=tmp_path, name="router", mode="router")
+    p, c = connect(r.amqp_url), connect(r.amqp_url)
+    got = {"kept": [], "live": []}
+    detached = []
+    seq, accepted, pending = 0, [], []
+    try:
+        kept = c.create_receiver("t/live", credit=500, name="kept",
+                                 options=[DurableSubscription(), SettleSecond()])
+        live = c.create_receiver("t/live", credit=500, name="live")
+        snd = p.create_sender("t/live")
+
+        def step():
+            nonlocal seq
+            for _ in range(5):
+                pending.append((seq, send_async(snd, Message(body=str(seq)))))
+                seq += 1
+            try:
+                pump([p, c], timeout=0.02, raise_on_timeout=False)
+            except LinkDetached as e:
+                detached.append(str(e))
+            for n, d in list(pending):
+                if d.remote_state == Delivery.ACCEPTED:
+                    accepted.append(n)
+                    pending.remove((n, d))
+                elif d.remote_state is not None and d.remote_state != 0:
+                    pending.remove((n, d))
+            for name, rcv in (("kept", kept), ("live", live)):
+                while available(rcv):
+                    m, d = take(rcv)
+                    got[name].append(int(m.body))
+                    d.update(Delivery.ACCEPTED)
+                    d.settle()
+                    rcv.link.flow(1)
+
+        for _ in range(40):
+            step()
+        before = len(accepted)
+        assert before > 0
+        status = cluster_cli(cfg, "status").stdout
+        leader = next(sh["leader"] for b in map(json.loads, status.splitlines())
+                      for sh in b.get("shards", []) if sh["shard"] == 0 and sh.get("leader"))
+        victim = brokers[leader - 1]
+        victim.kill()
+        killed = time.monotonic()
+        while len(accepted) < before + 200 and time.monotonic() - killed < 30:
+            step()
+        after_kill = len(accepted) - before
+        victim.start()
+        victim.wait_ready()
+        idle = 0
+        while idle < 20:
+            n = len(got["kept"]), len(got["live"])
+            try:
+                pump([p, c], timeout=0.1, raise_on_timeout=False)
+            except LinkDetached as e:
+                detached.append(str(e))
+            for name, rcv in (("kept", kept), ("live", live)):
+                while available(rcv):
+                    m, d = take(rcv)
+                    got[name].append(int(m.body))
+                    d.update(Delivery.ACCEPTED)
+                    d.settle()
+            idle = idle + 1 if (len(got["kept"]), len(got["live"])) == n else 0
+    finally:
+        close_quietly(p, c)
+        r.close()
+        for b in brokers:
+            b.close()
+    print("\ntopic across a leader kill: accepted=%d (after the kill %d) kept=%d live=%d"
+          % (len(accepted), after_kill, len(got["kept"]), len(got["live"])))
+    assert after_kill > 0, "publishing never resumed"
+    assert not detached, detached
+    missing = sorted(set(accepted) - set(got["kept"]))
+    assert not missing, "accepted messages lost by the durable subscription: %s" % missing[:20]
+    for name in ("kept", "live"):
+        assert len(got[name]) == len(set(got[name])), "%s got duplicates" % name
+    # The in-memory subscription goes on after the kill.
+    late = [n for n in got["live"] if n >= accepted[before]]
+    assert late, "the non-durable subscriber received nothing after the leader was killed"
