@@ -752,6 +752,9 @@ impl<'a> Encoder<'a> {
             Value::Binary(b) => self.binary(b),
             Value::String(s) => self.string(s),
             Value::Symbol(s) => self.symbol(s),
+            // `list0`, as it may have arrived: a list32 is a compound, one level deeper, and
+            // at the depth limit that would not decode again (found by fuzzing).
+            Value::List(items) if items.is_empty() => self.buf.put_u8(code::LIST0),
             Value::List(items) => {
                 self.buf.put_u8(code::LIST32);
                 self.compound(items.len(), |e| items.iter().for_each(|v| e.value(v)));
@@ -809,6 +812,16 @@ fn encode_array_body(e: &mut Encoder, items: &[Value]) {
     if let Some(d) = desc {
         e.buf.put_u8(code::DESCRIBED);
         e.value(d);
+    }
+    let inner = |item: &'_ Value| match item {
+        Value::Described(_, v) => matches!(v.as_ref(), Value::List(l) if l.is_empty()),
+        v => matches!(v, Value::List(l) if l.is_empty()),
+    };
+    if items.iter().all(inner) {
+        // Empty lists, as `list0` elements (zero width) may have arrived: `list32` ones would
+        // nest one level deeper (see `Encoder::value`).
+        e.buf.put_u8(code::LIST0);
+        return;
     }
     let ctor = wide_code(inner_first);
     e.buf.put_u8(ctor);
@@ -891,6 +904,10 @@ impl Encoder<'_> {
                 self.buf.put_u8(code::SYM32);
                 self.buf.put_u32(s.len() as u32);
                 self.buf.put_slice(s.as_bytes());
+            }
+            Value::List(items) => {
+                self.buf.put_u8(code::LIST32);
+                self.compound(items.len(), |e| items.iter().for_each(|v| e.value(v)));
             }
             // Compound and fixed-width types already use one encoding per type.
             other => self.value(other),

@@ -328,3 +328,22 @@ fn fuzz_seeds() {
         write("connection", format!("mode-{mode:02x}"), &input);
     }
 }
+
+/// Found by the `frame_decoder` fuzz target: an empty list at the nesting limit (descriptors
+/// of descriptors, then `list0`) decoded, but was re-encoded as a `list32` (a compound, one
+/// level deeper) that no longer decoded. Empty lists are now written as `list0`.
+#[test]
+fn an_empty_list_at_the_depth_limit_survives_re_encoding() {
+    let mut input = vec![0x00; 32];
+    input.extend(std::iter::repeat_n(0x45, 33));
+    let v = amqp::codec::Decoder::new(&input).value().expect("decodes");
+    let mut buf = BytesMut::new();
+    amqp::codec::Encoder::new(&mut buf).value(&v);
+    assert_eq!(
+        amqp::codec::Decoder::new(&buf)
+            .value()
+            .expect("decodes again"),
+        v
+    );
+    assert_eq!(&buf[..], &input[..]);
+}
