@@ -555,7 +555,7 @@ pub async fn run_replica(
                                 && !volatile.holds(name)
                                 && !handle.has_subscription(name)
                             {
-                                volatile.adopt(name);
+                                volatile.adopt();
                             }
                             match volatile.handle(r, now) {
                                 Ok(out) => {

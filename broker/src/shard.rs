@@ -706,6 +706,9 @@ impl Bindings {
         } else {
             let qs = self.literal.entry(filter.clone()).or_default();
             if let Err(i) = qs.binary_search(&queue) {
+                if qs.len() < 4 {
+                    qs.reserve_exact(1);
+                }
                 qs.insert(i, queue.clone());
             }
         }
@@ -1238,6 +1241,16 @@ impl Shard {
     /// Whether a message published on `topic` now would reach any subscription.
     pub fn publishes_to(&self, topic: &str) -> bool {
         self.bindings.any_target(topic)
+    }
+
+    /// Whether `consumer` is attached.
+    pub fn has_consumer(&self, consumer: ConsumerId) -> bool {
+        self.consumers.contains_key(&consumer)
+    }
+
+    /// Whether any subscription exists.
+    pub fn has_bindings(&self) -> bool {
+        self.bindings.len() > 0
     }
 
     /// Whether subscription `name` exists.

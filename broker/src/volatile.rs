@@ -48,10 +48,11 @@ pub struct Volatile {
     bytes: usize,
     next: Seq,
     queues: HashSet<String>,
-    /// Names of the subscriptions held here.
-    subs: HashSet<String>,
-    /// Consumers attached here, with the subscription each reads (`None`: a queue).
-    consumers: HashMap<ConsumerId, Option<String>>,
+    /// A subscription is being created here (see [`Volatile::adopt`]). The subscriptions
+    /// themselves are only in `shard` (no copy of each name: thousands of devices each have
+    /// one).
+    adopting: bool,
+    consumers: HashSet<ConsumerId>,
     limits: Limits,
 }
 
@@ -66,20 +67,18 @@ impl Volatile {
 
     /// Whether subscription `name` is held here.
     pub fn holds(&self, name: &str) -> bool {
-        self.subs.contains(name)
+        self.shard.has_subscription(name)
     }
 
-    /// Subscription `name` is to be held here: the requests that create it and those of its
-    /// consumers are handled here from now on.
-    pub fn adopt(&mut self, name: &str) {
-        if !self.subs.contains(name) {
-            self.subs.insert(name.to_string());
-        }
+    /// The next request handled, which creates a subscription, creates it here (its later
+    /// requests and those of its consumers are then handled here).
+    pub fn adopt(&mut self) {
+        self.adopting = true;
     }
 
     /// Whether a message published on `topic` reaches a subscription held here.
     pub fn publishes_to(&self, topic: &str) -> bool {
-        !self.subs.is_empty() && self.shard.publishes_to(topic)
+        self.shard.publishes_to(topic)
     }
 
     /// Publishes a message on `topic` to the subscriptions held here (none: nothing happens).
@@ -130,6 +129,7 @@ impl Volatile {
 
     /// Handles `r` if it concerns an in-memory queue or subscription; otherwise hands it back.
     pub fn handle(&mut self, r: Request, now: u64) -> Result<Out, Request> {
+        let adopting = std::mem::take(&mut self.adopting);
         let mut out = Out::default();
         let cmd = match r {
             Request::Declare {
@@ -190,7 +190,7 @@ impl Volatile {
                 address,
                 credit,
             } if self.queues.contains(&address) => {
-                self.consumers.insert(consumer, None);
+                self.consumers.insert(consumer);
                 Cmd::Attach {
                     consumer,
                     address,
@@ -198,7 +198,7 @@ impl Volatile {
                     now,
                 }
             }
-            Request::Credit { consumer, credit } if self.consumers.contains_key(&consumer) => {
+            Request::Credit { consumer, credit } if self.consumers.contains(&consumer) => {
                 Cmd::Credit {
                     consumer,
                     credit,
@@ -210,7 +210,7 @@ impl Volatile {
                 seq,
                 outcome,
                 done,
-            } if self.consumers.contains_key(&consumer) => {
+            } if self.consumers.contains(&consumer) => {
                 out.done = done.map(|t| (t, Ok(())));
                 Cmd::Settle {
                     consumer,
@@ -219,16 +219,8 @@ impl Volatile {
                     now,
                 }
             }
-            Request::Detach { consumer } if self.consumers.contains_key(&consumer) => {
-                let sub = self.consumers.remove(&consumer).flatten();
-                self.apply(0, Cmd::Detach { consumer, now }, &mut out);
-                // A non-durable subscription ended with its last consumer.
-                if let Some(name) = sub
-                    && !self.shard.has_subscription(&name)
-                {
-                    self.subs.remove(&name);
-                }
-                return Ok(out);
+            Request::Detach { consumer } if self.consumers.remove(&consumer) => {
+                Cmd::Detach { consumer, now }
             }
             Request::Subscribe {
                 consumer,
@@ -236,8 +228,8 @@ impl Volatile {
                 filter,
                 durable,
                 credit,
-            } if self.subs.contains(&name) => {
-                self.consumers.insert(consumer, Some(name.clone()));
+            } if adopting || self.shard.has_subscription(&name) => {
+                self.consumers.insert(consumer);
                 Cmd::Subscribe {
                     consumer,
                     name,
@@ -247,11 +239,14 @@ impl Volatile {
                     now,
                 }
             }
-            Request::Unsubscribe { name } if self.subs.remove(&name) => {
-                self.consumers.retain(|_, s| s.as_ref() != Some(&name));
-                Cmd::Unsubscribe { name }
+            Request::Unsubscribe { name } if self.shard.has_subscription(&name) => {
+                self.apply(0, Cmd::Unsubscribe { name }, &mut out);
+                // Its consumers went with it.
+                let shard = &self.shard;
+                self.consumers.retain(|c| shard.has_consumer(*c));
+                return Ok(out);
             }
-            Request::Expire { name, keep_ms } if self.subs.contains(&name) => {
+            Request::Expire { name, keep_ms } if self.shard.has_subscription(&name) => {
                 Cmd::Expire { name, keep_ms, now }
             }
             Request::Resume {
@@ -265,11 +260,11 @@ impl Volatile {
                     },
                 keep,
                 credit,
-            } if self.subs.contains(&name) => {
+            } if adopting || self.shard.has_subscription(&name) => {
                 for id in &old {
                     self.consumers.remove(id);
                 }
-                self.consumers.insert(consumer, Some(name.clone()));
+                self.consumers.insert(consumer);
                 Cmd::Resume {
                     old,
                     new: consumer,
@@ -307,7 +302,7 @@ impl Volatile {
                 for id in &old {
                     self.consumers.remove(id);
                 }
-                self.consumers.insert(consumer, None);
+                self.consumers.insert(consumer);
                 Cmd::Resume {
                     old,
                     new: consumer,
@@ -326,7 +321,7 @@ impl Volatile {
     /// Time passes: expiry.
     pub fn tick(&mut self, now: u64) -> Vec<Delivery> {
         let mut out = Out::default();
-        if !self.queues.is_empty() || !self.subs.is_empty() {
+        if !self.queues.is_empty() || !self.consumers.is_empty() || self.shard.has_bindings() {
             self.apply(0, Cmd::Tick { now }, &mut out);
         }
         out.deliveries

@@ -337,6 +337,12 @@ async fn read_connect(
 struct Live<'a> {
     s: Session<'a>,
     buf: BytesMut,
+    /// Used when the session ends: boxed, out of the future every idle device keeps.
+    end: Box<Ending>,
+}
+
+/// What ending a session needs to know of how it began.
+struct Ending {
     v: Version,
     /// This connection keeps its session after it ends.
     persistent: bool,
@@ -491,14 +497,16 @@ async fn start<'a>(
         Ok(session_present) => Ok(Live {
             s,
             buf,
-            v,
-            persistent,
-            session_present,
-            will: will.map(Box::new),
-            will_delay,
-            generation,
-            kicked,
-            client_id,
+            end: Box::new(Ending {
+                v,
+                persistent,
+                session_present,
+                will: will.map(Box::new),
+                will_delay,
+                generation,
+                kicked,
+                client_id,
+            }),
         }),
         Err(e) => {
             clients.unregister(&client_id, generation);
@@ -517,8 +525,8 @@ async fn finish(
     clients: &Clients,
     pool: &Arc<Pool>,
 ) -> Result<(), ConnError> {
-    let Live {
-        mut s,
+    let Live { mut s, end, .. } = live;
+    let Ending {
         v,
         persistent,
         session_present,
@@ -527,8 +535,7 @@ async fn finish(
         generation,
         kicked,
         client_id,
-        ..
-    } = live;
+    } = *end;
     if !persistent && session_present {
         // Resumed, but this connection asked for no session after it (MQTT 5 expiry 0).
         s.unsubscribe_all();

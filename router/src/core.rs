@@ -253,7 +253,8 @@ struct Producer {
 
 struct Consumer {
     name: String,
-    address: String,
+    /// The address record's name, shared (no copy per consumer or per delivery).
+    address: Arc<str>,
     limit: u32,
     dispatched: u32,
     drain: bool,
@@ -638,11 +639,12 @@ impl Core {
             }
             Dir::Consumer => {
                 let Some(a) = address else { return };
+                let shared = self.address_mut(&a).name.clone();
                 self.consumers.insert(
                     link,
                     Box::new(Consumer {
                         name,
-                        address: a.clone(),
+                        address: shared,
                         limit: 0,
                         dispatched: 0,
                         drain: false,
@@ -739,7 +741,7 @@ impl Core {
                     self.send_store(StoreRequest::Unsubscribe { name });
                 }
             }
-            if let Some(addr) = self.addresses.get_mut(c.address.as_str()) {
+            if let Some(addr) = self.addresses.get_mut(&*c.address) {
                 addr.stats.consumers = addr.stats.consumers.saturating_sub(1);
             }
             self.gc_address(&c.address);
@@ -757,7 +759,7 @@ impl Core {
         }
         let a = c.address;
         let no_consumers = {
-            let Some(addr) = self.addresses.get_mut(&a) else {
+            let Some(addr) = self.addresses.get_mut(&*a) else {
                 return;
             };
             addr.consumers.retain(|l| *l != link);
@@ -767,7 +769,7 @@ impl Core {
         if no_consumers {
             // Nobody can take messages: producers lose their credit, waiting messages go back.
             let (producers, pending) = {
-                let Some(addr) = self.addresses.get_mut(&a) else {
+                let Some(addr) = self.addresses.get_mut(&*a) else {
                     return;
                 };
                 (addr.producers.clone(), std::mem::take(&mut addr.pending))
@@ -781,7 +783,7 @@ impl Core {
             for d in pending {
                 self.release_in(d.producer.conn, d.payload.len());
                 self.unhold(d.producer);
-                if let Some(addr) = self.addresses.get_mut(&a) {
+                if let Some(addr) = self.addresses.get_mut(&*a) {
                     addr.stats.released += 1;
                 }
                 if !d.settled {
@@ -1481,11 +1483,12 @@ impl Core {
                 credit: 0,
             }
         };
+        let shared = self.address_mut(address).name.clone();
         self.consumers.insert(
             link,
             Box::new(Consumer {
                 name,
-                address: address.to_owned(),
+                address: shared,
                 limit: 0,
                 dispatched: 0,
                 drain: false,
@@ -1573,10 +1576,7 @@ impl Core {
             } else {
                 let id = self.next_dlv;
                 self.next_dlv += 1;
-                let name = self
-                    .addresses
-                    .get(address.as_str())
-                    .map_or_else(|| Arc::from(address.as_str()), |a| a.name.clone());
+                let name = address.clone();
                 self.inflight.insert(
                     id,
                     InFlight {
@@ -1590,7 +1590,7 @@ impl Core {
                 );
                 Some(id)
             };
-            if let Some(addr) = self.addresses.get_mut(address.as_str()) {
+            if let Some(addr) = self.addresses.get_mut(&*address) {
                 addr.stats.deliveries_out += 1;
                 if dlv.is_some() {
                     addr.stats.unsettled += 1;
@@ -1716,7 +1716,7 @@ impl Core {
                 connection: l.conn,
                 name: c.name.clone(),
                 role: "receiver",
-                address: Some(c.address.clone()),
+                address: Some(c.address.to_string()),
                 credit: c.credit().into(),
                 unsettled: unsettled_by_consumer(l),
                 deliveries: c.deliveries,
