@@ -172,6 +172,23 @@ pub struct Stats {
     pub redelivered: u64,
 }
 
+/// Metadata of the messages that have any.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Meta {
+    /// Expiry time of every held message that has one (ready or unacknowledged).
+    expiry: BTreeMap<Seq, u64>,
+    /// The same, ordered by time, so a tick finds what expired without a scan.
+    by_expiry: BTreeSet<(u64, Seq)>,
+    /// Earlier delivery attempts of messages that have any.
+    attempts: BTreeMap<Seq, u32>,
+}
+
+impl Meta {
+    fn is_empty(&self) -> bool {
+        self.expiry.is_empty() && self.attempts.is_empty()
+    }
+}
+
 /// The queue's state. A plain message (no expiry, never delivered before) costs only its
 /// member of `ready` (about 4 bytes): metadata lives in side maps for the exceptions, so a
 /// backlog of millions stays small (design.md §9).
@@ -180,12 +197,9 @@ pub struct Queue {
     policy: Policy,
     /// Messages waiting for a consumer, in sequence order.
     ready: SeqSet,
-    /// Expiry time of every held message that has one (ready or unacknowledged).
-    expiry: BTreeMap<Seq, u64>,
-    /// The same, ordered by time, so a tick finds what expired without a scan.
-    by_expiry: BTreeSet<(u64, Seq)>,
-    /// Earlier delivery attempts of messages that have any.
-    attempts: BTreeMap<Seq, u32>,
+    /// Per-message exceptions, boxed only while there are any (most queues, a subscription
+    /// each, never have one).
+    meta: Option<Box<Meta>>,
     consumers: VecMap<ConsumerId, Consumer>,
     /// Messages held unacknowledged by consumers (sum of their `unacked`).
     held: usize,
@@ -270,8 +284,9 @@ impl Queue {
             return Vec::new();
         }
         if let Some(t) = expires_at {
-            self.expiry.insert(seq, t);
-            self.by_expiry.insert((t, seq));
+            let m = self.meta_mut();
+            m.expiry.insert(seq, t);
+            m.by_expiry.insert((t, seq));
         }
         self.stats.enqueued += 1;
         self.dispatch(now)
@@ -389,7 +404,10 @@ impl Queue {
     /// Time passes: expired ready messages are removed. (Unacknowledged ones are left to
     /// their consumer; if they come back they are checked again before any redelivery.)
     pub fn tick(&mut self, now: u64) -> Vec<Effect> {
-        let due: Vec<Seq> = self
+        let Some(meta) = &self.meta else {
+            return Vec::new();
+        };
+        let due: Vec<Seq> = meta
             .by_expiry
             .range(..=(now, Seq::MAX))
             .map(|(_, s)| *s)
@@ -406,7 +424,7 @@ impl Queue {
     /// what was removed, compactly (a purge may remove millions).
     pub fn purge(&mut self) -> SeqSet {
         let ready = std::mem::take(&mut self.ready);
-        if !self.expiry.is_empty() || !self.attempts.is_empty() {
+        if self.meta.is_some() {
             for seq in ready.iter() {
                 self.forget_meta(seq);
             }
@@ -415,15 +433,24 @@ impl Queue {
     }
 
     fn is_expired(&self, seq: Seq, now: u64) -> bool {
-        self.expiry.get(&seq).is_some_and(|t| *t <= now)
+        self.meta
+            .as_ref()
+            .and_then(|m| m.expiry.get(&seq))
+            .is_some_and(|t| *t <= now)
     }
 
     /// Drops the side metadata of a message that leaves the queue.
     fn forget_meta(&mut self, seq: Seq) {
-        if let Some(t) = self.expiry.remove(&seq) {
-            self.by_expiry.remove(&(t, seq));
+        let Some(m) = self.meta.as_mut() else {
+            return;
+        };
+        if let Some(t) = m.expiry.remove(&seq) {
+            m.by_expiry.remove(&(t, seq));
         }
-        self.attempts.remove(&seq);
+        m.attempts.remove(&seq);
+        if m.is_empty() {
+            self.meta = None;
+        }
     }
 
     fn expire(&mut self, seq: Seq, fx: &mut Vec<Effect>) {
@@ -434,7 +461,7 @@ impl Queue {
     }
 
     fn requeue(&mut self, seq: Seq, count_attempt: bool, fx: &mut Vec<Effect>) {
-        let mut count = self.attempts.get(&seq).copied().unwrap_or(0);
+        let mut count = self.attempts(seq);
         if count_attempt {
             count += 1;
         }
@@ -444,7 +471,7 @@ impl Queue {
             return;
         }
         if count > 0 {
-            self.attempts.insert(seq, count);
+            self.meta_mut().attempts.insert(seq, count);
         }
         self.stats.redelivered += 1;
         self.ready.insert(seq);
@@ -482,7 +509,7 @@ impl Queue {
                 break;
             };
             self.ready.pop_first();
-            let delivery_count = self.attempts.get(&seq).copied().unwrap_or(0);
+            let delivery_count = self.attempts(seq);
             if let Some(c) = self.consumers.get_mut(&consumer) {
                 c.credit -= 1;
                 c.unacked.insert(seq);
@@ -562,7 +589,9 @@ impl Queue {
             put_varint(o, v);
         }
         put_seqs(o, self.ready.len(), self.ready.iter());
-        for side in [&self.expiry, &self.attempts_u64()] {
+        let empty = BTreeMap::new();
+        let expiry = self.meta.as_ref().map_or(&empty, |m| &m.expiry);
+        for side in [expiry, &self.attempts_u64()] {
             put_seqs(o, side.len(), side.keys().copied());
             for v in side.values() {
                 put_varint(o, *v);
@@ -578,10 +607,25 @@ impl Queue {
     }
 
     fn attempts_u64(&self) -> BTreeMap<Seq, u64> {
-        self.attempts
-            .iter()
-            .map(|(s, n)| (*s, u64::from(*n)))
-            .collect()
+        self.meta.as_ref().map_or_else(BTreeMap::new, |m| {
+            m.attempts
+                .iter()
+                .map(|(s, n)| (*s, u64::from(*n)))
+                .collect()
+        })
+    }
+
+    /// Earlier delivery attempts of `seq`.
+    fn attempts(&self, seq: Seq) -> u32 {
+        self.meta
+            .as_ref()
+            .and_then(|m| m.attempts.get(&seq))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn meta_mut(&mut self) -> &mut Meta {
+        self.meta.get_or_insert_with(Box::default)
     }
 
     /// Reads what [`Queue::encode`] wrote.
@@ -606,12 +650,14 @@ impl Queue {
         get_seqs(r, |s| keys.push(s))?;
         for s in keys.drain(..) {
             let t = r.varint()?;
-            q.expiry.insert(s, t);
-            q.by_expiry.insert((t, s));
+            let m = q.meta_mut();
+            m.expiry.insert(s, t);
+            m.by_expiry.insert((t, s));
         }
         get_seqs(r, |s| keys.push(s))?;
         for s in keys.drain(..) {
-            q.attempts.insert(s, get_u32(r)?);
+            let n = get_u32(r)?;
+            q.meta_mut().attempts.insert(s, n);
         }
         let n = r.count(3)?;
         for _ in 0..n {
