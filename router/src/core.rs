@@ -569,8 +569,9 @@ impl Core {
                 rr: 0,
                 pending: VecDeque::new(),
                 store_declared: false,
+                // The name is filled in when reported (`name` has it; one copy fewer per
+                // address).
                 stats: AddressStats {
-                    address: name.to_owned(),
                     kind: kind.as_str(),
                     ..Default::default()
                 },
@@ -1728,6 +1729,7 @@ impl Core {
             .values()
             .map(|a| {
                 let mut s = a.stats.clone();
+                s.address = a.name.to_string();
                 s.pending = a.pending.len();
                 s
             })
