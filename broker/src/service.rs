@@ -188,7 +188,9 @@ fn deduplicated(cmd: Cmd, dedup: Option<Box<Dedup>>) -> Cmd {
     }
 }
 
-fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
+/// The command a request proposes, and the tag of its completion (the in-memory store
+/// converts the requests it serves the same way).
+pub(crate) fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
     match r {
         Request::Enqueue {
             address,

@@ -34,6 +34,9 @@ impl Default for Limits {
     }
 }
 
+/// Effect lists up to this long are scanned in place (see `Volatile::apply`).
+const SHORT_EFFECTS: usize = 16;
+
 /// What handling one request produced.
 #[derive(Debug, Default)]
 pub struct Out {
@@ -185,60 +188,6 @@ impl Volatile {
                 );
                 return Ok(out);
             }
-            Request::Attach {
-                consumer,
-                address,
-                credit,
-            } if self.queues.contains(&address) => {
-                self.consumers.insert(consumer);
-                Cmd::Attach {
-                    consumer,
-                    address,
-                    credit,
-                    now,
-                }
-            }
-            Request::Credit { consumer, credit } if self.consumers.contains(&consumer) => {
-                Cmd::Credit {
-                    consumer,
-                    credit,
-                    now,
-                }
-            }
-            Request::Settle {
-                consumer,
-                seq,
-                outcome,
-                done,
-            } if self.consumers.contains(&consumer) => {
-                out.done = done.map(|t| (t, Ok(())));
-                Cmd::Settle {
-                    consumer,
-                    seq,
-                    outcome,
-                    now,
-                }
-            }
-            Request::Detach { consumer } if self.consumers.remove(&consumer) => {
-                Cmd::Detach { consumer, now }
-            }
-            Request::Subscribe {
-                consumer,
-                name,
-                filter,
-                durable,
-                credit,
-            } if adopting || self.shard.has_subscription(&name) => {
-                self.consumers.insert(consumer);
-                Cmd::Subscribe {
-                    consumer,
-                    name,
-                    filter,
-                    durable,
-                    credit,
-                    now,
-                }
-            }
             Request::Unsubscribe { name } if self.shard.has_subscription(&name) => {
                 self.apply(0, Cmd::Unsubscribe { name }, &mut out);
                 // Its consumers went with it.
@@ -246,39 +195,6 @@ impl Volatile {
                 self.consumers.retain(|c| shard.has_consumer(*c));
                 return Ok(out);
             }
-            Request::Expire { name, keep_ms } if self.shard.has_subscription(&name) => {
-                Cmd::Expire { name, keep_ms, now }
-            }
-            Request::Resume {
-                old,
-                consumer,
-                target:
-                    Target::Subscription {
-                        name,
-                        filter,
-                        durable,
-                    },
-                keep,
-                credit,
-            } if adopting || self.shard.has_subscription(&name) => {
-                for id in &old {
-                    self.consumers.remove(id);
-                }
-                self.consumers.insert(consumer);
-                Cmd::Resume {
-                    old,
-                    new: consumer,
-                    target: Target::Subscription {
-                        name,
-                        filter,
-                        durable,
-                    },
-                    keep,
-                    credit,
-                    now,
-                }
-            }
-            Request::Purge { address } if self.queues.contains(&address) => Cmd::Purge { address },
             // In memory, nothing is replicated: a repeat after a leader change cannot meet the
             // original (it died with the old leader).
             Request::Once {
@@ -292,27 +208,49 @@ impl Volatile {
                     request: Box::new(r),
                 });
             }
-            Request::Resume {
-                old,
-                consumer,
-                target: Target::Queue { address },
-                keep,
-                credit,
-            } if self.queues.contains(&address) => {
-                for id in &old {
-                    self.consumers.remove(id);
+            r => {
+                // The rest is converted as for the log, once it is known to be ours.
+                let ours = match &r {
+                    Request::Attach { address, .. }
+                    | Request::Purge { address }
+                    | Request::Resume {
+                        target: Target::Queue { address },
+                        ..
+                    } => self.queues.contains(address),
+                    Request::Credit { consumer, .. }
+                    | Request::Settle { consumer, .. }
+                    | Request::Detach { consumer } => self.consumers.contains(consumer),
+                    Request::Subscribe { name, .. }
+                    | Request::Resume {
+                        target: Target::Subscription { name, .. },
+                        ..
+                    } => adopting || self.shard.has_subscription(name),
+                    Request::Expire { name, .. } => self.shard.has_subscription(name),
+                    _ => false,
+                };
+                if !ours {
+                    return Err(r);
                 }
-                self.consumers.insert(consumer);
-                Cmd::Resume {
-                    old,
-                    new: consumer,
-                    target: Target::Queue { address },
-                    keep,
-                    credit,
-                    now,
+                match &r {
+                    Request::Attach { consumer, .. } | Request::Subscribe { consumer, .. } => {
+                        self.consumers.insert(*consumer);
+                    }
+                    Request::Resume { old, consumer, .. } => {
+                        for id in old {
+                            self.consumers.remove(id);
+                        }
+                        self.consumers.insert(*consumer);
+                    }
+                    Request::Detach { consumer } => {
+                        self.consumers.remove(consumer);
+                    }
+                    _ => {}
                 }
+                let (cmd, done) = crate::service::to_cmd(r, now);
+                // A settlement here is final at once (nothing to wait for).
+                out.done = done.map(|t| (t, Ok(())));
+                cmd
             }
-            other => return Err(other),
         };
         self.apply(0, cmd, &mut out);
         Ok(out)
@@ -339,10 +277,12 @@ impl Volatile {
     fn apply(&mut self, seq: Seq, cmd: Cmd, out: &mut Out) {
         let fx = self.shard.apply(seq, cmd);
         // Messages delivered and forgotten by the same command (a pre-settled consumer, the
-        // only target): the last delivery of each takes the body instead of a copy. One pass
-        // (a credit may release thousands of deliveries at once).
+        // only target): the last delivery of each takes the body instead of a copy. A short
+        // list (one publication: deliver, forget) is scanned in place, allocating nothing; a
+        // long one (a credit may release thousands of deliveries) is indexed in one pass.
+        let short = fx.len() <= SHORT_EFFECTS;
         let mut moves: HashMap<Seq, usize> = HashMap::new();
-        if fx.iter().any(|f| matches!(f, ShardEffect::Forget { .. })) {
+        if !short && fx.iter().any(|f| matches!(f, ShardEffect::Forget { .. })) {
             let mut last = HashMap::new();
             for (i, f) in fx.iter().enumerate() {
                 match f {
@@ -364,7 +304,17 @@ impl Volatile {
                     seq,
                     delivery_count,
                 } => {
-                    let forgotten = moves.get(&seq) == Some(&i);
+                    let forgotten = if short {
+                        let later = &fx[i + 1..];
+                        !later
+                            .iter()
+                            .any(|f| matches!(f, ShardEffect::Deliver { seq: s, .. } if *s == seq))
+                            && later
+                                .iter()
+                                .any(|f| matches!(f, ShardEffect::Forget { seq: s } if *s == seq))
+                    } else {
+                        moves.get(&seq) == Some(&i)
+                    };
                     let body = if forgotten {
                         self.bodies.remove(&seq).inspect(|b| self.bytes -= b.len())
                     } else {
