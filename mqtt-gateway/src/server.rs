@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use amqp::connection::AttachRequest;
 use amqp::{DeliveryState, LinkId, Role};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -621,37 +621,93 @@ async fn publish_will(
         let mut port = pool.join().await?;
         let settled = p.qos == QoS::AtMostOnce;
         let name = format!("will:{}", port.id());
-        let link = port.attach(sender_request(name, settled), 0).await?;
-        while port.credit(link) == 0 {
-            match port.events.recv().await {
-                Some(Ev::Credit {
-                    link,
-                    credit,
-                    applied,
-                }) => port.credit_report(link, credit, applied),
-                Some(Ev::LinkClosed { .. }) | Some(Ev::Closed) | None => {
-                    return Err(ConnError::Closed("will link gone"));
-                }
-                Some(_) => {}
-            }
+        // Unsettled when the will is retained: its retained copy is sent first and confirmed.
+        let link = port
+            .attach(sender_request(name, settled && !p.retain), 0)
+            .await?;
+        if p.retain
+            && !p.topic.starts_with('$')
+            && let Some(retained) = replace_retained(cfg, client_id, &p, &p.topic).await?
+            && will_send(&mut port, link, 1, retained, false).await? != Some(Outcome::Accepted)
+        {
+            tracing::warn!("retained will of {client_id} on {} not stored", p.topic);
         }
         let mut msg = BytesMut::new();
         bridge::to_amqp(&p, client_id, &cfg.topic_prefix, &mut msg);
-        port.send(link, 0, msg.freeze(), settled)?;
-        if !settled {
-            loop {
-                match port.events.recv().await {
-                    Some(Ev::Outcome { .. }) => break,
-                    Some(Ev::Closed) | None => return Err(ConnError::Closed("router gone")),
-                    Some(_) => {}
-                }
-            }
-        }
+        will_send(&mut port, link, 2, msg.freeze(), settled).await?;
         Ok(())
     };
     tokio::time::timeout(Duration::from_secs(5), run)
         .await
         .map_err(|_| ConnError::Closed("will not published in time"))?
+}
+
+/// Sends `msg` on a will's link once it has credit; an unsettled send waits for its outcome
+/// (matched by `tag`, which differs between a will's sends).
+async fn will_send(
+    port: &mut Port,
+    link: LinkId,
+    tag: u64,
+    msg: Bytes,
+    settled: bool,
+) -> Result<Option<Outcome>, ConnError> {
+    while port.credit(link) == 0 {
+        match port.events.recv().await {
+            Some(Ev::Credit {
+                link,
+                credit,
+                applied,
+            }) => port.credit_report(link, credit, applied),
+            Some(Ev::LinkClosed { .. }) | Some(Ev::Closed) | None => {
+                return Err(ConnError::Closed("will link gone"));
+            }
+            Some(_) => {}
+        }
+    }
+    port.send(link, tag, msg, settled)?;
+    if settled {
+        return Ok(None);
+    }
+    loop {
+        match port.events.recv().await {
+            Some(Ev::Outcome { tag: t, outcome }) if t == tag => return Ok(Some(outcome)),
+            Some(Ev::Closed) | None => return Err(ConnError::Closed("router gone")),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Clears topic `topic`'s retained message (its queue is purged) for `p`, a retained
+/// publication, and returns the message that stores `p` in that queue (none for an empty
+/// payload, which only clears). Nothing to do when the gateway keeps no retained messages.
+async fn replace_retained(
+    cfg: &Config,
+    client_id: &str,
+    p: &Publish,
+    topic: &str,
+) -> Result<Option<Bytes>, ConnError> {
+    let Some((http_at, prefix)) = retained_store(cfg) else {
+        return Ok(None);
+    };
+    let queue = format!("{prefix}{topic}");
+    http(
+        http_at,
+        "POST",
+        &format!("/api/v1/purge/{}", percent_path(&queue)),
+    )
+    .await?;
+    if p.payload.is_empty() {
+        return Ok(None);
+    }
+    let mut stored = p.clone();
+    stored.topic = topic.to_owned();
+    stored.properties.topic_alias = None;
+    let mut msg = BytesMut::new();
+    bridge::to_amqp(&stored, client_id, &cfg.topic_prefix, &mut msg);
+    // Addressed to the retained queue rather than the topic (sent on the anonymous relay).
+    let mut to = BytesMut::new();
+    bridge::retarget(&msg, &queue, &mut to);
+    Ok(Some(to.freeze()))
 }
 
 /// Where retained messages live, if the gateway keeps them: (router HTTP, queue prefix).
@@ -1046,23 +1102,39 @@ impl<'a> Session<'a> {
     /// Waits until `link` has publishing credit, keeping other events for later.
     async fn wait_credit(&mut self, link: LinkId) -> Result<(), ConnError> {
         while self.port.credit(link) == 0 {
-            let e = self
-                .port
-                .events
-                .recv()
-                .await
-                .ok_or(ConnError::Closed("router connection gone"))?;
-            match e {
-                Ev::Credit {
-                    link,
-                    credit,
-                    applied,
-                } => self.port.credit_report(link, credit, applied),
-                Ev::Closed => return Err(ConnError::Closed("router connection gone")),
-                e => self.backlog.push_back(e),
+            if let Some(e) = self.next_event().await? {
+                self.backlog.push_back(e);
             }
         }
         Ok(())
+    }
+
+    /// Waits for the router's outcome of send `tag`, keeping other events for later.
+    async fn wait_outcome(&mut self, tag: u64) -> Result<Outcome, ConnError> {
+        loop {
+            match self.next_event().await? {
+                Some(Ev::Outcome { tag: t, outcome }) if t == tag => return Ok(outcome),
+                Some(e) => self.backlog.push_back(e),
+                None => {}
+            }
+        }
+    }
+
+    /// The router's next event while the session waits for one: credit is applied at once
+    /// (`None`), the connection's end is an error, anything else is returned.
+    async fn next_event(&mut self) -> Result<Option<Ev>, ConnError> {
+        match self.port.events.recv().await {
+            Some(Ev::Credit {
+                link,
+                credit,
+                applied,
+            }) => {
+                self.port.credit_report(link, credit, applied);
+                Ok(None)
+            }
+            Some(Ev::Closed) | None => Err(ConnError::Closed("router connection gone")),
+            Some(e) => Ok(Some(e)),
+        }
     }
 
     async fn run(&mut self, mut buf: BytesMut) -> Result<End, ConnError> {
@@ -1191,8 +1263,15 @@ impl<'a> Session<'a> {
     async fn on_slow(&mut self, p: Packet) -> Result<Option<End>, ConnError> {
         match p {
             Packet::Publish(p) => {
-                if p.retain {
-                    self.retain(&p).await?;
+                if p.retain && !self.retain(&p).await? {
+                    // The retained store refused it: refused as a whole, not published.
+                    match p.packet_id {
+                        Some(id) if p.qos != QoS::AtMostOnce => {
+                            self.published(id, p.qos, Outcome::Refused)?
+                        }
+                        _ => tracing::warn!("retained QoS 0 message on {} not stored", p.topic),
+                    }
+                    return Ok(None);
                 }
                 self.pub_link(p.qos).await?;
                 self.on_packet(Packet::Publish(p))
@@ -1502,42 +1581,28 @@ impl<'a> Session<'a> {
     }
 
     /// Replaces topic `p.topic`'s retained message by `p` (an empty payload just clears it):
-    /// the topic's retained queue is purged, then `p` is stored there.
-    async fn retain(&mut self, p: &Publish) -> Result<(), ConnError> {
-        let Some((http_at, prefix)) = retained_store(self.cfg) else {
-            return Ok(());
-        };
+    /// the topic's retained queue is purged, then `p` is stored there. Returns once the store
+    /// accepted it (false: refused), so that the device's acknowledgement, and any subscribe
+    /// after it, finds it there.
+    async fn retain(&mut self, p: &Publish) -> Result<bool, ConnError> {
         let alias = p.properties.topic_alias;
         let topic = match alias.and_then(|a| self.rare.as_ref()?.aliases.get(&a)) {
             Some(t) if p.topic.is_empty() => t.clone(),
             _ => p.topic.clone(),
         };
         if topic.starts_with('$') {
-            return Ok(());
+            return Ok(true);
         }
-        let queue = format!("{prefix}{topic}");
-        http(
-            http_at,
-            "POST",
-            &format!("/api/v1/purge/{}", percent_path(&queue)),
-        )
-        .await?;
-        if p.payload.is_empty() {
-            return Ok(());
-        }
-        let mut stored = p.clone();
-        stored.topic = topic;
-        stored.properties.topic_alias = None;
-        let mut msg = BytesMut::new();
-        bridge::to_amqp(&stored, &self.client_id, &self.cfg.topic_prefix, &mut msg);
-        // Sent settled on the anonymous relay, to the retained queue rather than the topic.
-        let mut to = BytesMut::new();
-        bridge::retarget(&msg, &queue, &mut to);
-        let link = self.pub_link(QoS::AtMostOnce).await?;
+        let Some(msg) = replace_retained(self.cfg, &self.client_id, p, &topic).await? else {
+            return Ok(true);
+        };
+        // Unsettled: a pre-settled copy could still be on its way (or lost) when the device
+        // hears PUBACK.
+        let link = self.pub_link(QoS::AtLeastOnce).await?;
         self.wait_credit(link).await?;
         let tag = self.next_tag();
-        self.port.send(link, tag, to.freeze(), true)?;
-        Ok(())
+        self.port.send(link, tag, msg, false)?;
+        Ok(self.wait_outcome(tag).await? == Outcome::Accepted)
     }
 
     /// Sends the retained messages whose topics match `f` (each its topic's last one).

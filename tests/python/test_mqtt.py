@@ -318,8 +318,8 @@ def test_mosquitto_clients(router, version):
 
 
 def will_connect(client_id, level=5, will_topic=b"wills/x", will_payload=b"gone", will_qos=1,
-                 will_delay=None, session_expiry=None, keep_alive=30):
-    flags = 0x02 | 0x04 | (will_qos << 3)
+                 will_delay=None, session_expiry=None, keep_alive=30, will_retain=False):
+    flags = 0x02 | 0x04 | (will_qos << 3) | (0x20 if will_retain else 0)
     body = s16(b"MQTT") + bytes([level, flags]) + struct.pack(">H", keep_alive)
     if level == 5:
         props = b"" if session_expiry is None else b"\x11" + struct.pack(">I", session_expiry)
@@ -363,6 +363,33 @@ def test_will_published_on_abnormal_close_not_on_disconnect(router, level):
         assert topics == (["wills/a", "wills/c"] if level == 5 else ["wills/a"]), topics
     finally:
         watcher.close()
+
+
+@pytest.mark.parametrize("level", [4, 5], ids=["3.1.1", "5"])
+def test_a_retained_will_becomes_the_topics_retained_message(router, level):
+    topic = "rwills/%d" % level
+    watcher = Device(router, "rw-watch-%d" % level, V5)
+    late = None
+    try:
+        assert watcher.subscribe(topic, qos=1) == [1]
+        s = raw(router)
+        s.sendall(will_connect("rw-%d" % level, level=level, will_topic=topic.encode(),
+                               will_payload=b"offline", will_retain=True))
+        assert read_packet(s)[0] == 0x20
+        s.close()
+        # Live to a subscriber that exists (not flagged retained, 3.3.1.3)...
+        got = watcher.wait(1)
+        assert [(m.topic, m.payload, m.retain) for m in got] == [(topic, b"offline", False)]
+        # ...and stored as the topic's retained message for one that comes later.
+        late = Device(router, "rw-late-%d" % level, V5)
+        assert late.subscribe(topic, qos=1) == [1]
+        got = late.wait(1)
+        time.sleep(0.3)
+        assert [(m.topic, m.payload, m.retain) for m in late.got] == [(topic, b"offline", True)]
+    finally:
+        watcher.close()
+        if late:
+            late.close()
 
 
 def test_will_delay_is_cancelled_by_a_reconnect(router):
