@@ -23,6 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use amqp::client::{Client, ClientError};
@@ -30,7 +31,7 @@ use amqp::connection::AttachRequest;
 use amqp::{DeliveryState, ErrorCondition, Event, LinkId, Role};
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 /// The AMQP container id of every gateway connection: durable subscriptions are named
 /// `<container>:<link name>` by the router, and must be found again through any gateway.
@@ -184,8 +185,9 @@ pub struct Port {
     tx: mpsc::UnboundedSender<Cmd>,
     devices: Arc<AtomicUsize>,
     pub events: Inbox,
-    /// Per sending link: (credit reported, sends applied when reported, sends made).
-    credit: HashMap<LinkId, (u32, u64, u64)>,
+    /// Per sending link: (credit reported, sends applied when reported, sends made). A
+    /// device has one or two sending links: a vector, not a map.
+    credit: Vec<(LinkId, (u32, u64, u64))>,
 }
 
 impl Port {
@@ -198,8 +200,19 @@ impl Port {
             tx,
             devices,
             events,
-            credit: HashMap::new(),
+            credit: Vec::new(),
         }
+    }
+
+    fn sending(&self, link: LinkId) -> Option<&(u32, u64, u64)> {
+        self.credit.iter().find(|(l, _)| *l == link).map(|(_, c)| c)
+    }
+
+    fn sending_mut(&mut self, link: LinkId) -> Option<&mut (u32, u64, u64)> {
+        self.credit
+            .iter_mut()
+            .find(|(l, _)| *l == link)
+            .map(|(_, c)| c)
     }
 
     /// This device's number, unique in the pool (for link names).
@@ -226,14 +239,15 @@ impl Port {
             .map_err(|_| ClientError::Closed(None))?
             .map_err(ClientError::Refused)?;
         if sender {
-            self.credit.insert(link, (0, 0, 0));
+            self.credit.retain(|(l, _)| *l != link);
+            self.credit.push((link, (0, 0, 0)));
         }
         Ok(link)
     }
 
     /// Credit the device may still use on sending `link`.
     pub fn credit(&self, link: LinkId) -> u32 {
-        self.credit.get(&link).map_or(0, |&(c, applied, sent)| {
+        self.sending(link).map_or(0, |&(c, applied, sent)| {
             let used = sent.saturating_sub(applied);
             u32::try_from(u64::from(c).saturating_sub(used)).unwrap_or(0)
         })
@@ -241,7 +255,7 @@ impl Port {
 
     /// Records a credit report (call for every [`Ev::Credit`]).
     pub fn credit_report(&mut self, link: LinkId, credit: u32, applied: u64) {
-        if let Some(c) = self.credit.get_mut(&link) {
+        if let Some(c) = self.sending_mut(link) {
             c.0 = credit;
             c.1 = applied;
         }
@@ -256,7 +270,7 @@ impl Port {
         msg: Bytes,
         settled: bool,
     ) -> Result<(), ClientError> {
-        if let Some(c) = self.credit.get_mut(&link) {
+        if let Some(c) = self.sending_mut(link) {
             c.2 += 1;
         }
         self.cmd(Cmd::Send {
@@ -290,7 +304,7 @@ impl Port {
 
     /// Detaches a link; `closed` ends its terminus (a durable subscription is deleted).
     pub fn detach(&mut self, link: LinkId, closed: bool) -> Result<(), ClientError> {
-        self.credit.remove(&link);
+        self.credit.retain(|(l, _)| *l != link);
         self.cmd(Cmd::Detach { link, closed })
     }
 }
@@ -624,7 +638,9 @@ impl Mux {
 
 /// A device's event queue, unbounded like the channels above (and bounded the same way), but
 /// allocating nothing while empty: a tokio channel preallocates a block of 32 events per
-/// device, and most devices are idle.
+/// device, and most devices are idle. It also carries the device's takeover signals
+/// ([`Takeover`]), so that an idle device waits on one waker for everything that can wake it
+/// besides its socket and its timer.
 pub struct Inbox {
     shared: Arc<InboxShared>,
 }
@@ -634,17 +650,38 @@ struct Outbox {
     shared: Arc<InboxShared>,
 }
 
+/// The signals that another connection took a device's client id over (`kicked`), and that
+/// the device let its links go (`gone`), which the later connection waits for: its links
+/// have the same names (a persistent session's) and may share the AMQP connection.
+#[derive(Clone)]
+pub struct Takeover {
+    shared: Arc<InboxShared>,
+}
+
+/// Flags are set before the lock is taken to wake, and read under it before a waker is
+/// left, so that no wake-up is lost.
 struct InboxShared {
-    queue: Mutex<VecDeque<Ev>>,
-    notify: Notify,
+    state: Mutex<InboxState>,
     closed: AtomicBool,
+    kicked: AtomicBool,
+    gone: AtomicBool,
+}
+
+#[derive(Default)]
+struct InboxState {
+    queue: VecDeque<Ev>,
+    /// The device's task (its inbox, or its kick once its session is over).
+    waker: Option<Waker>,
+    /// The connection that took over, waiting for `gone`.
+    gone_waker: Option<Waker>,
 }
 
 fn inbox() -> (Outbox, Inbox) {
     let shared = Arc::new(InboxShared {
-        queue: Mutex::new(VecDeque::new()),
-        notify: Notify::new(),
+        state: Mutex::new(InboxState::default()),
         closed: AtomicBool::new(false),
+        kicked: AtomicBool::new(false),
+        gone: AtomicBool::new(false),
     });
     (
         Outbox {
@@ -654,46 +691,147 @@ fn inbox() -> (Outbox, Inbox) {
     )
 }
 
+impl InboxShared {
+    /// Runs `f` on the state, then wakes the device's task if `f` says so.
+    fn wake_after(&self, f: impl FnOnce(&mut InboxState) -> Option<Waker>) {
+        let w = self.state.lock().ok().and_then(|mut g| f(&mut g));
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// Ready when `flag` is set; otherwise `cx`'s waker is left in the slot `slot` picks.
+    fn poll_flag(
+        &self,
+        cx: &mut Context<'_>,
+        flag: &AtomicBool,
+        slot: fn(&mut InboxState) -> &mut Option<Waker>,
+    ) -> Poll<()> {
+        let Ok(mut g) = self.state.lock() else {
+            return Poll::Ready(());
+        };
+        if flag.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        set_waker(slot(&mut g), cx);
+        Poll::Pending
+    }
+}
+
+fn set_waker(slot: &mut Option<Waker>, cx: &mut Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
+    }
+}
+
 impl Outbox {
     fn send(&self, e: Ev) {
-        if let Ok(mut q) = self.shared.queue.lock() {
-            q.push_back(e);
-        }
-        self.shared.notify.notify_one();
+        self.shared.wake_after(|s| {
+            s.queue.push_back(e);
+            s.waker.take()
+        });
     }
 }
 
 impl Drop for Outbox {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
-        self.shared.notify.notify_one();
+        self.shared.wake_after(|s| s.waker.take());
     }
+}
+
+/// What woke a device waiting on its inbox.
+pub enum Woken {
+    Event(Ev),
+    /// Its connection is gone and every event was read.
+    Closed,
+    /// Another connection took its client id over.
+    Kicked,
 }
 
 impl Inbox {
     /// The next event; `None` once the connection dropped its end and all was read.
     pub async fn recv(&mut self) -> Option<Ev> {
-        loop {
-            if let Some(e) = self.try_recv() {
-                return Some(e);
-            }
-            if self.shared.closed.load(Ordering::Acquire) {
-                return self.try_recv();
-            }
-            // A notification sent since the check above is kept as a permit: none is lost.
-            self.shared.notify.notified().await;
+        std::future::poll_fn(|cx| {
+            self.poll_woken(cx, false).map(|w| match w {
+                Woken::Event(e) => Some(e),
+                Woken::Closed | Woken::Kicked => None,
+            })
+        })
+        .await
+    }
+
+    /// The next event, or the end of the inbox, or (with `kick`) a takeover.
+    pub fn poll_woken(&mut self, cx: &mut Context<'_>, kick: bool) -> Poll<Woken> {
+        let Ok(mut g) = self.shared.state.lock() else {
+            return Poll::Ready(Woken::Closed);
+        };
+        if let Some(e) = pop(&mut g.queue) {
+            return Poll::Ready(Woken::Event(e));
         }
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Poll::Ready(Woken::Closed);
+        }
+        if kick && self.shared.kicked.load(Ordering::Acquire) {
+            return Poll::Ready(Woken::Kicked);
+        }
+        set_waker(&mut g.waker, cx);
+        Poll::Pending
     }
 
     /// The next event if one is queued.
     pub fn try_recv(&mut self) -> Option<Ev> {
-        let mut q = self.shared.queue.lock().ok()?;
-        let e = q.pop_front();
-        if q.is_empty() && q.capacity() > 8 {
-            // A burst is over: give its room back (idle devices hold nothing).
-            q.shrink_to(0);
+        pop(&mut self.shared.state.lock().ok()?.queue)
+    }
+
+    /// The device's takeover signals (for the gateway's client registry).
+    pub fn takeover(&self) -> Takeover {
+        Takeover {
+            shared: self.shared.clone(),
         }
-        e
+    }
+}
+
+fn pop(q: &mut VecDeque<Ev>) -> Option<Ev> {
+    let e = q.pop_front();
+    if q.is_empty() && q.capacity() > 8 {
+        // A burst is over: give its room back (idle devices hold nothing).
+        q.shrink_to(0);
+    }
+    e
+}
+
+impl Takeover {
+    /// A later connection takes the client id over.
+    pub fn kick(&self) {
+        self.shared.kicked.store(true, Ordering::Release);
+        self.shared.wake_after(|s| s.waker.take());
+    }
+
+    /// Returns once kicked (at once if already); for the device's task only, once it no
+    /// longer waits on its inbox (they share a waker slot).
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            self.shared
+                .poll_flag(cx, &self.shared.kicked, |s| &mut s.waker)
+        })
+        .await
+    }
+
+    /// The device let its links go (its port dropped).
+    pub fn gone(&self) {
+        self.shared.gone.store(true, Ordering::Release);
+        self.shared.wake_after(|s| s.gone_waker.take());
+    }
+
+    /// Returns once [`Takeover::gone`] was called (at once if it was).
+    pub async fn wait_gone(&self) {
+        std::future::poll_fn(|cx| {
+            self.shared
+                .poll_flag(cx, &self.shared.gone, |s| &mut s.gone_waker)
+        })
+        .await
     }
 }
 
