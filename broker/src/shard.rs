@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::sync::Arc;
 
 use crate::queue::{
     ConsumerId, Effect, Outcome, Policy, Queue, Seq, get_seqs, put_seqs, put_sorted_seqs,
@@ -658,7 +659,7 @@ pub struct QueueInfo {
 
 /// A subscription's binding to topics.
 struct Binding {
-    filter: String,
+    filter: Name,
     durable: bool,
     /// Deleted after this long without a consumer ([`Cmd::Expire`]).
     keep_ms: Option<u64>,
@@ -671,13 +672,17 @@ struct Binding {
 /// thousand devices each on its own topic made every PUBLISH match a thousand filters).
 #[derive(Default)]
 struct Bindings {
-    by_queue: BTreeMap<String, Binding>,
+    by_queue: BTreeMap<Name, Binding>,
     /// Filters without wildcards → their queues, sorted (usually one: a set's node would
     /// cost a few hundred bytes per subscription).
-    literal: BTreeMap<String, Vec<String>>,
+    literal: BTreeMap<Name, Vec<Name>>,
     /// Queues whose filter has a wildcard.
-    wild: BTreeSet<String>,
+    wild: BTreeSet<Name>,
 }
+
+/// A queue's or filter's name, shared by every map that holds it (a subscription's queue
+/// name is in four of them) and cloned per message without an allocation.
+pub type Name = Arc<str>;
 
 fn is_wild(filter: &str) -> bool {
     filter.split('/').any(|l| l == "*" || l == "#")
@@ -692,14 +697,19 @@ impl Bindings {
         self.by_queue.len()
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&String, &Binding)> {
+    fn iter(&self) -> impl Iterator<Item = (&Name, &Binding)> {
         self.by_queue.iter()
     }
 
     /// Binds `queue` to `filter` (replacing its earlier binding, keeping its expiry; a
     /// consumer is attaching, so its idle clock stops).
-    fn set(&mut self, queue: String, filter: String, durable: bool) {
+    fn set(&mut self, queue: Name, filter: &str, durable: bool) {
         let keep_ms = self.by_queue.get(&queue).and_then(|b| b.keep_ms);
+        // The filter's name is shared with the literal index when it is there already.
+        let filter: Name = match self.literal.get_key_value(filter) {
+            Some((f, _)) => f.clone(),
+            None => Arc::from(filter),
+        };
         self.remove(&queue);
         if is_wild(&filter) {
             self.wild.insert(queue.clone());
@@ -741,7 +751,7 @@ impl Bindings {
     }
 
     /// Subscriptions whose time without a consumer ran out at `now`.
-    fn expired(&self, now: u64) -> Vec<String> {
+    fn expired(&self, now: u64) -> Vec<Name> {
         self.by_queue
             .iter()
             .filter(|(_, b)| match (b.keep_ms, b.idle_since) {
@@ -759,7 +769,7 @@ impl Bindings {
         if !self.wild.remove(queue)
             && let Some(qs) = self.literal.get_mut(&b.filter)
         {
-            qs.retain(|q| q != queue);
+            qs.retain(|q| &**q != queue);
             if qs.is_empty() {
                 self.literal.remove(&b.filter);
             }
@@ -778,8 +788,8 @@ impl Bindings {
 
     /// The queues of the subscriptions matching `topic`, in queue order (deterministic on
     /// every replica).
-    fn targets(&self, topic: &str) -> Vec<String> {
-        let mut out: BTreeSet<&String> = self
+    fn targets(&self, topic: &str) -> Vec<Name> {
+        let mut out: BTreeSet<&Name> = self
             .wild
             .iter()
             .filter(|q| {
@@ -807,9 +817,9 @@ fn sub_queue(name: &str) -> String {
 pub struct Shard {
     /// Boxed: a node of the map holds 11 entries, and most shards hold many small queues
     /// (a subscription each).
-    queues: BTreeMap<String, Box<QueueEntry>>,
+    queues: BTreeMap<Name, Box<QueueEntry>>,
     /// Which queue each attached consumer reads.
-    consumers: BTreeMap<ConsumerId, String>,
+    consumers: BTreeMap<ConsumerId, Name>,
     /// Subscriptions by queue name.
     bindings: Bindings,
     /// How many queues hold each message held by more than one (a published message may be
@@ -830,10 +840,30 @@ impl Shard {
     }
 
     fn queue(&mut self, address: &str) -> &mut QueueEntry {
-        // Looked up first: the name is copied only for a new queue (every message passes here).
+        if !self.queues.contains_key(address) {
+            let name: Name = Arc::from(address);
+            return self.queue_named(&name);
+        }
+        match self.queues.get_mut(address) {
+            Some(q) => q,
+            // Present: checked just above (the borrow checker cannot see it).
+            None => unreachable!("queue {address} checked above"),
+        }
+    }
+
+    /// `address` as a [`Name`]: the queue's own when it exists (no allocation).
+    fn name(&self, address: &str) -> Name {
+        match self.queues.get_key_value(address) {
+            Some((n, _)) => n.clone(),
+            None => Arc::from(address),
+        }
+    }
+
+    fn queue_named(&mut self, address: &Name) -> &mut QueueEntry {
+        // Looked up first: the name is kept only for a new queue (every message passes here).
         if !self.queues.contains_key(address) {
             self.queues.insert(
-                address.to_owned(),
+                address.clone(),
                 Box::new(QueueEntry {
                     queue: Queue::new(Policy::default()),
                     dead_letter: None,
@@ -868,9 +898,9 @@ impl Shard {
                 return Vec::new();
             }
             Cmd::Bind { name, filter } => {
-                let q = sub_queue(&name);
-                self.bindings.set(q.clone(), filter, true);
-                self.queue(&q);
+                let q = self.name(&sub_queue(&name));
+                self.bindings.set(q.clone(), &filter, true);
+                self.queue_named(&q);
                 return Vec::new();
             }
             Cmd::Enqueue {
@@ -884,7 +914,7 @@ impl Shard {
                     .queue(&address)
                     .queue
                     .enqueue(index, now, ttl_ms, absolute_expiry);
-                (address, fx, now)
+                return self.resolve(&address, fx, now);
             }
             Cmd::Attach {
                 consumer,
@@ -907,7 +937,10 @@ impl Shard {
                 let delivered = self.delivered.get(&consumer).copied().unwrap_or(0);
                 let left = credit.wrapping_sub(delivered);
                 let available = if (left as i32) < 0 { 0 } else { left };
-                let fx = self.queue(&address).queue.credit(consumer, available, now);
+                let fx = self
+                    .queue_named(&address)
+                    .queue
+                    .credit(consumer, available, now);
                 (address, fx, now)
             }
             Cmd::Settle {
@@ -920,7 +953,7 @@ impl Shard {
                     return Vec::new();
                 };
                 let fx = self
-                    .queue(&address)
+                    .queue_named(&address)
                     .queue
                     .settle(consumer, seq, outcome, now);
                 (address, fx, now)
@@ -935,9 +968,9 @@ impl Shard {
                 for q in self.bindings.expired(now) {
                     out.extend(self.unsubscribe(&q));
                 }
-                let addresses: Vec<String> = self.queues.keys().cloned().collect();
+                let addresses: Vec<Name> = self.queues.keys().cloned().collect();
                 for a in addresses {
-                    let fx = self.queue(&a).queue.tick(now);
+                    let fx = self.queue_named(&a).queue.tick(now);
                     out.extend(self.resolve(&a, fx, now));
                 }
                 return out;
@@ -1022,7 +1055,7 @@ impl Shard {
                 let mut out = Vec::new();
                 for q in targets {
                     let fx = self
-                        .queue(&q)
+                        .queue_named(&q)
                         .queue
                         .enqueue(index, now, ttl_ms, absolute_expiry);
                     out.extend(self.resolve(&q, fx, now));
@@ -1032,7 +1065,7 @@ impl Shard {
             Cmd::Unsubscribe { name } => return self.unsubscribe(&sub_queue(&name)),
             Cmd::Expire { name, keep_ms, now } => {
                 let q = sub_queue(&name);
-                let idle = self.queues.get(&q).is_none_or(|e| e.queue.consumers() == 0);
+                let idle = self.queues.get(q.as_str()).is_none_or(|e| e.queue.consumers() == 0);
                 self.bindings.expire(&q, keep_ms, idle.then_some(now));
                 return Vec::new();
             }
@@ -1048,25 +1081,25 @@ impl Shard {
         target: Target,
         credit: u32,
         now: u64,
-    ) -> (String, Vec<ShardEffect>) {
+    ) -> (Name, Vec<ShardEffect>) {
         // A consumer id reattaching elsewhere leaves its old queue first.
         let mut fx = self.detach(consumer, now);
         let q = match target {
-            Target::Queue { address } => address,
+            Target::Queue { address } => self.name(&address),
             Target::Subscription {
                 name,
                 filter,
                 durable,
             } => {
-                let q = sub_queue(&name);
+                let q = self.name(&sub_queue(&name));
                 // A durable subscription reattached with another filter takes the new one.
-                self.bindings.set(q.clone(), filter, durable);
+                self.bindings.set(q.clone(), &filter, durable);
                 q
             }
         };
         self.consumers.insert(consumer, q.clone());
         self.delivered.insert(consumer, 0);
-        let more = self.queue(&q).queue.attach(consumer, credit, now);
+        let more = self.queue_named(&q).queue.attach(consumer, credit, now);
         fx.extend(self.resolve(&q, more, now));
         (q, fx)
     }
@@ -1099,7 +1132,7 @@ impl Shard {
                 fx.extend(self.detach(old, now));
             }
         }
-        let queue = &mut self.queue(&q).queue;
+        let queue = &mut self.queue_named(&q).queue;
         for seq in &keep {
             queue.claim(new, *seq);
         }
@@ -1133,7 +1166,7 @@ impl Shard {
             return Vec::new();
         };
         self.delivered.remove(&consumer);
-        let fx = self.queue(&address).queue.detach(consumer, now);
+        let fx = self.queue_named(&address).queue.detach(consumer, now);
         let mut out = self.resolve(&address, fx, now);
         let alone = self
             .queues
@@ -1151,7 +1184,7 @@ impl Shard {
     /// Drops a subscription queue, its binding, its consumers and its hold on messages.
     fn unsubscribe(&mut self, queue: &str) -> Vec<ShardEffect> {
         self.bindings.remove(queue);
-        self.consumers.retain(|_, q| q != queue);
+        self.consumers.retain(|_, q| &**q != queue);
         let mut out = Vec::new();
         if let Some(entry) = self.queues.remove(queue) {
             for seq in entry.queue.seqs() {
@@ -1213,12 +1246,12 @@ impl Shard {
                             Effect::Expired { seq } => (
                                 seq,
                                 self.queues
-                                    .get(&addr)
+                                    .get(addr.as_str())
                                     .and_then(|q| q.expiry_address.clone()),
                             ),
                             Effect::DeadLetter { seq, .. } => (
                                 seq,
-                                self.queues.get(&addr).and_then(|q| q.dead_letter.clone()),
+                                self.queues.get(addr.as_str()).and_then(|q| q.dead_letter.clone()),
                             ),
                             _ => continue,
                         };
@@ -1330,7 +1363,7 @@ impl Shard {
             let expiry_address = get_opt_str(&mut r)?;
             let queue = Queue::decode(&mut r)?;
             shard.queues.insert(
-                name,
+                Arc::from(name),
                 Box::new(QueueEntry {
                     queue,
                     dead_letter,
@@ -1340,15 +1373,16 @@ impl Shard {
         }
         for _ in 0..r.count(5)? {
             let id = r.varint()?;
-            shard.consumers.insert(id, r.string()?);
+            let q = shard.name(&r.string()?);
+            shard.consumers.insert(id, q);
         }
         for _ in 0..r.count(9)? {
-            let q = r.string()?;
+            let q = shard.name(&r.string()?);
             let filter = r.string()?;
             let durable = r.u8()? != 0;
             let keep_ms = r.opt_u64()?;
             let idle_since = r.opt_u64()?;
-            shard.bindings.set(q.clone(), filter, durable);
+            shard.bindings.set(q.clone(), &filter, durable);
             shard.bindings.expire(&q, keep_ms, idle_since);
         }
         let mut seqs = Vec::new();
@@ -1388,7 +1422,7 @@ impl Shard {
             ))
             .take_while(|(a, _)| a.starts_with(prefix))
             .map(|(a, q)| QueueInfo {
-                address: a.clone(),
+                address: a.to_string(),
                 shard: 0,
                 depth: q.queue.depth(),
                 ready: q.queue.ready(),
@@ -1534,21 +1568,21 @@ mod tests {
         ];
         let mut b = Bindings::default();
         for (i, f) in filters.iter().enumerate() {
-            b.set(format!("q{i}"), (*f).to_owned(), false);
+            b.set(format!("q{i}").into(), f, false);
         }
         // Re-binding moves a queue from one index to the other; removal leaves no trace.
-        b.set("q1".into(), "x/y".into(), true);
-        b.set("q4".into(), "*/c".into(), true);
+        b.set("q1".into(), "x/y", true);
+        b.set("q4".into(), "*/c", true);
         b.remove("q5");
         for topic in ["a/b", "a/c", "a/b/c", "x/y", "a*b", "z", "b/c"] {
-            let naive: Vec<String> = b
+            let naive: Vec<Name> = b
                 .iter()
                 .filter(|(_, x)| crate::topic::matches(&x.filter, topic))
                 .map(|(q, _)| q.clone())
                 .collect();
             assert_eq!(b.targets(topic), naive, "{topic}");
         }
-        assert!(b.literal.values().all(|qs| !qs.iter().any(|q| q == "q5")));
+        assert!(b.literal.values().all(|qs| !qs.iter().any(|q| &**q == "q5")));
     }
 
     fn dedup(id: &str, new: bool, hash: u64, cmd: Cmd) -> Cmd {

@@ -299,9 +299,32 @@ struct Address {
     consumers: Vec<LinkRef>,
     rr: usize,
     pending: VecDeque<Pending>,
-    stats: AddressStats,
+    /// Its consumers: `consumers.len()` for a routed address, the broker's consumers through
+    /// this router for a brokered one.
+    consumer_count: usize,
+    /// Allocated at the first delivery: an idle device's topic never sees one.
+    counters: Option<Box<Counters>>,
     /// The queue policy from its declaration was sent to the broker while this record lives.
     store_declared: bool,
+}
+
+/// An address's traffic counters (see [`AddressStats`]).
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    unsettled: u64,
+    deliveries_in: u64,
+    deliveries_out: u64,
+    accepted: u64,
+    rejected: u64,
+    released: u64,
+    modified: u64,
+    dropped: u64,
+}
+
+impl Address {
+    fn counters(&mut self) -> &mut Counters {
+        self.counters.get_or_insert_with(Box::default)
+    }
 }
 
 /// What a consumer asked for in its attach, beyond its address.
@@ -346,7 +369,7 @@ pub struct Core {
     producers: HashMap<LinkRef, Producer>,
     /// Boxed (as `addresses`): a table grown for 15k entries keeps up to twice as many slots.
     consumers: HashMap<LinkRef, Box<Consumer>>,
-    addresses: HashMap<String, Box<Address>>,
+    addresses: HashMap<Arc<str>, Box<Address>>,
     inflight: HashMap<u64, InFlight>,
     next_dlv: u64,
     outbox: HashMap<ConnId, Vec<ToConn>>,
@@ -559,24 +582,31 @@ impl Core {
     /// The address record, created on first use (attach paths only: it allocates the key).
     fn address_mut(&mut self, name: &str) -> &mut Address {
         let rules = &self.rules;
-        self.addresses.entry(name.to_owned()).or_insert_with(|| {
+        // Looked up first: the key is made only for a new address. The key and the record
+        // share one copy of the name.
+        if !self.addresses.contains_key(name) {
             let kind = rules.resolve(name);
-            Box::new(Address {
-                name: Arc::from(name),
-                kind,
-                producers: Vec::new(),
-                consumers: Vec::new(),
-                rr: 0,
-                pending: VecDeque::new(),
-                store_declared: false,
-                // The name is filled in when reported (`name` has it; one copy fewer per
-                // address).
-                stats: AddressStats {
-                    kind: kind.as_str(),
-                    ..Default::default()
-                },
-            })
-        })
+            let name: Arc<str> = Arc::from(name);
+            self.addresses.insert(
+                name.clone(),
+                Box::new(Address {
+                    name,
+                    kind,
+                    producers: Vec::new(),
+                    consumers: Vec::new(),
+                    rr: 0,
+                    pending: VecDeque::new(),
+                    store_declared: false,
+                    consumer_count: 0,
+                    counters: None,
+                }),
+            );
+        }
+        match self.addresses.get_mut(name) {
+            Some(a) => a,
+            // Present: checked or inserted just above (the borrow checker cannot see it).
+            None => unreachable!("address {name} inserted above"),
+        }
     }
 
     fn attach(
@@ -591,7 +621,7 @@ impl Core {
         if let Some(a) = &address {
             let kind = self
                 .addresses
-                .get(a)
+                .get(a.as_str())
                 .map_or_else(|| self.rules.resolve(a), |x| x.kind);
             if kind.is_brokered() {
                 if let Some((cond, why)) = self.store_unavailable(kind, dir == Dir::Producer) {
@@ -632,7 +662,6 @@ impl Core {
                 match address {
                     Some(a) => {
                         self.address_mut(&a).producers.push(link);
-                        self.stats_producers(&a);
                         self.grant(link);
                     }
                     None => self.grant(link),
@@ -661,7 +690,7 @@ impl Core {
                 );
                 let addr = self.address_mut(&a);
                 addr.consumers.push(link);
-                addr.stats.consumers = addr.consumers.len();
+                addr.consumer_count = addr.consumers.len();
                 let first = addr.consumers.len() == 1;
                 if first {
                     let producers = addr.producers.clone();
@@ -670,12 +699,6 @@ impl Core {
                     }
                 }
             }
-        }
-    }
-
-    fn stats_producers(&mut self, a: &str) {
-        if let Some(addr) = self.addresses.get_mut(a) {
-            addr.stats.producers = addr.producers.len();
         }
     }
 
@@ -715,7 +738,6 @@ impl Core {
             if let Some(a) = p.address {
                 if let Some(addr) = self.addresses.get_mut(&*a) {
                     addr.producers.retain(|l| *l != link);
-                    addr.stats.producers = addr.producers.len();
                 }
                 self.gc_address(&a);
             }
@@ -743,7 +765,7 @@ impl Core {
                 }
             }
             if let Some(addr) = self.addresses.get_mut(&*c.address) {
-                addr.stats.consumers = addr.stats.consumers.saturating_sub(1);
+                addr.consumer_count = addr.consumer_count.saturating_sub(1);
             }
             self.gc_address(&c.address);
             return;
@@ -764,7 +786,7 @@ impl Core {
                 return;
             };
             addr.consumers.retain(|l| *l != link);
-            addr.stats.consumers = addr.consumers.len();
+            addr.consumer_count = addr.consumers.len();
             addr.consumers.is_empty()
         };
         if no_consumers {
@@ -785,7 +807,7 @@ impl Core {
                 self.release_in(d.producer.conn, d.payload.len());
                 self.unhold(d.producer);
                 if let Some(addr) = self.addresses.get_mut(&*a) {
-                    addr.stats.released += 1;
+                    addr.counters().released += 1;
                 }
                 if !d.settled {
                     self.send(
@@ -913,7 +935,7 @@ impl Core {
             self.release_in(link.conn, len);
             // Only the anonymous relay (or a race with the last consumer leaving) gets here.
             if let Some(a) = self.addresses.get_mut(&*address) {
-                a.stats.released += 1;
+                a.counters().released += 1;
             }
             self.settle_producer(link, delivery_id, settled, released());
             self.grant(link);
@@ -922,7 +944,7 @@ impl Core {
         let Some(addr) = self.addresses.get_mut(&*address) else {
             return;
         };
-        addr.stats.deliveries_in += 1;
+        addr.counters().deliveries_in += 1;
         match kind {
             AddressType::Multicast => {
                 // Taken out for the loop (no per-message copy of the list), put back below.
@@ -960,8 +982,8 @@ impl Core {
                 }
                 if let Some(addr) = self.addresses.get_mut(&*address) {
                     addr.consumers = consumers;
-                    addr.stats.deliveries_out += sent;
-                    addr.stats.dropped += dropped;
+                    addr.counters().deliveries_out += sent;
+                    addr.counters().dropped += dropped;
                 }
                 self.release_in(link.conn, len);
                 self.settle_producer(link, delivery_id, settled, DeliveryState::Accepted);
@@ -1050,9 +1072,9 @@ impl Core {
         let Some(addr) = self.addresses.get_mut(a) else {
             return;
         };
-        addr.stats.deliveries_out += 1;
+        addr.counters().deliveries_out += 1;
         let dlv = if tracked {
-            addr.stats.unsettled += 1;
+            addr.counters().unsettled += 1;
             let id = self.next_dlv;
             self.next_dlv += 1;
             self.inflight.insert(
@@ -1115,7 +1137,7 @@ impl Core {
         if !out.is_empty() {
             self.add_out(link.conn, bytes);
             if let Some(addr) = self.addresses.get_mut(a) {
-                addr.stats.deliveries_out += out.len() as u64;
+                addr.counters().deliveries_out += out.len() as u64;
             }
             for m in out {
                 self.send(link.conn, m);
@@ -1149,12 +1171,12 @@ impl Core {
             self.pump_address(&f.address);
         }
         if let Some(addr) = self.addresses.get_mut(&*f.address) {
-            addr.stats.unsettled = addr.stats.unsettled.saturating_sub(1);
+            addr.counters().unsettled = addr.counters().unsettled.saturating_sub(1);
             match &state {
-                DeliveryState::Accepted => addr.stats.accepted += 1,
-                DeliveryState::Rejected(_) => addr.stats.rejected += 1,
-                DeliveryState::Released => addr.stats.released += 1,
-                DeliveryState::Modified { .. } => addr.stats.modified += 1,
+                DeliveryState::Accepted => addr.counters().accepted += 1,
+                DeliveryState::Rejected(_) => addr.counters().rejected += 1,
+                DeliveryState::Released => addr.counters().released += 1,
+                DeliveryState::Modified { .. } => addr.counters().modified += 1,
                 _ => {}
             }
         }
@@ -1318,7 +1340,7 @@ impl Core {
         // Not `address_mut`: the record exists (its producer is attached), and that would
         // copy the name for every message.
         if let Some(a) = self.addresses.get_mut(address) {
-            a.stats.deliveries_in += 1;
+            a.counters().deliveries_in += 1;
         }
         let expiry = amqp::message::expiry(&payload).unwrap_or_default();
         let tag = self.next_tag;
@@ -1504,7 +1526,7 @@ impl Core {
             }),
         );
         self.store_consumers.insert(id, link);
-        self.address_mut(address).stats.consumers += 1;
+        self.address_mut(address).consumer_count += 1;
         self.send_store(request);
         if let Some(name) = expiring {
             // Every durable attach says how long the subscription outlives its consumers
@@ -1592,9 +1614,9 @@ impl Core {
                 Some(id)
             };
             if let Some(addr) = self.addresses.get_mut(&*address) {
-                addr.stats.deliveries_out += 1;
+                addr.counters().deliveries_out += 1;
                 if dlv.is_some() {
-                    addr.stats.unsettled += 1;
+                    addr.counters().unsettled += 1;
                 }
             }
             self.add_out(link.conn, len);
@@ -1652,7 +1674,7 @@ impl Core {
             Mgmt::Placement(address, reply) => {
                 let kind = self
                     .addresses
-                    .get(&address)
+                    .get(address.as_str())
                     .map_or_else(|| self.rules.resolve(&address), |a| a.kind);
                 let (shard, shards) = match &self.store {
                     Some(p) if kind == AddressType::Queue => {
@@ -1728,10 +1750,22 @@ impl Core {
             .addresses
             .values()
             .map(|a| {
-                let mut s = a.stats.clone();
-                s.address = a.name.to_string();
-                s.pending = a.pending.len();
-                s
+                let c = a.counters.as_deref().cloned().unwrap_or_default();
+                AddressStats {
+                    address: a.name.to_string(),
+                    kind: a.kind.as_str(),
+                    producers: a.producers.len(),
+                    consumers: a.consumer_count,
+                    pending: a.pending.len(),
+                    unsettled: c.unsettled,
+                    deliveries_in: c.deliveries_in,
+                    deliveries_out: c.deliveries_out,
+                    accepted: c.accepted,
+                    rejected: c.rejected,
+                    released: c.released,
+                    modified: c.modified,
+                    dropped: c.dropped,
+                }
             })
             .collect();
         addresses.sort_by(|a, b| a.address.cmp(&b.address));
