@@ -146,7 +146,9 @@ struct Link {
     /// Receiver: highest delivery-count we ever allowed; transfers beyond it overflow credit.
     allowed_until: u32,
     drain: bool,
-    partial: Option<Partial>,
+    /// Boxed: only a transfer split over frames has one, and every link of every idle
+    /// device would carry its 80 bytes.
+    partial: Option<Box<Partial>>,
     /// We sent detach and wait for the peer's.
     detaching: bool,
     /// The peer's max-message-size for what we send on this link. Recorded, not enforced yet:
@@ -1108,14 +1110,14 @@ impl Connection {
             }
             l.delivery_count = l.delivery_count.wrapping_add(1);
             l.credit = l.credit.saturating_sub(1);
-            l.partial = Some(Partial {
+            l.partial = Some(Box::new(Partial {
                 delivery_id,
                 tag: t.delivery_tag.clone().unwrap_or_default(),
                 settled: t.settled.unwrap_or(false),
                 message_format: t.message_format.unwrap_or(0),
                 rcv_settle_mode: t.rcv_settle_mode,
                 buf: BytesMut::new(),
-            });
+            }));
         }
         let limit = max_msg;
         let Some(p) = l.partial.as_mut() else {

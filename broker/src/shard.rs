@@ -637,8 +637,32 @@ pub enum ShardEffect {
 
 struct QueueEntry {
     queue: Queue,
+    /// Where its dead and expired messages go: boxed, as few queues have either.
+    routes: Option<Box<Routes>>,
+}
+
+struct Routes {
     dead_letter: Option<String>,
     expiry_address: Option<String>,
+}
+
+impl QueueEntry {
+    fn dead_letter(&self) -> Option<&str> {
+        self.routes.as_ref()?.dead_letter.as_deref()
+    }
+
+    fn expiry_address(&self) -> Option<&str> {
+        self.routes.as_ref()?.expiry_address.as_deref()
+    }
+
+    fn set_routes(&mut self, dead_letter: Option<String>, expiry_address: Option<String>) {
+        self.routes = (dead_letter.is_some() || expiry_address.is_some()).then(|| {
+            Box::new(Routes {
+                dead_letter,
+                expiry_address,
+            })
+        });
+    }
 }
 
 /// Counters of one queue (management, metrics).
@@ -866,8 +890,7 @@ impl Shard {
                 address.clone(),
                 Box::new(QueueEntry {
                     queue: Queue::new(Policy::default()),
-                    dead_letter: None,
-                    expiry_address: None,
+                    routes: None,
                 }),
             );
         }
@@ -893,8 +916,7 @@ impl Shard {
                     max_delivery_attempts,
                     max_ttl_ms,
                 });
-                q.dead_letter = dead_letter;
-                q.expiry_address = expiry_address;
+                q.set_routes(dead_letter, expiry_address);
                 return Vec::new();
             }
             Cmd::Bind { name, filter } => {
@@ -1054,10 +1076,10 @@ impl Shard {
                 }
                 let mut out = Vec::new();
                 for q in targets {
-                    let fx = self
-                        .queue_named(&q)
-                        .queue
-                        .enqueue(index, now, ttl_ms, absolute_expiry);
+                    let fx =
+                        self.queue_named(&q)
+                            .queue
+                            .enqueue(index, now, ttl_ms, absolute_expiry);
                     out.extend(self.resolve(&q, fx, now));
                 }
                 return out;
@@ -1065,7 +1087,10 @@ impl Shard {
             Cmd::Unsubscribe { name } => return self.unsubscribe(&sub_queue(&name)),
             Cmd::Expire { name, keep_ms, now } => {
                 let q = sub_queue(&name);
-                let idle = self.queues.get(q.as_str()).is_none_or(|e| e.queue.consumers() == 0);
+                let idle = self
+                    .queues
+                    .get(q.as_str())
+                    .is_none_or(|e| e.queue.consumers() == 0);
                 self.bindings.expire(&q, keep_ms, idle.then_some(now));
                 return Vec::new();
             }
@@ -1247,11 +1272,13 @@ impl Shard {
                                 seq,
                                 self.queues
                                     .get(addr.as_str())
-                                    .and_then(|q| q.expiry_address.clone()),
+                                    .and_then(|q| q.expiry_address().map(str::to_owned)),
                             ),
                             Effect::DeadLetter { seq, .. } => (
                                 seq,
-                                self.queues.get(addr.as_str()).and_then(|q| q.dead_letter.clone()),
+                                self.queues
+                                    .get(addr.as_str())
+                                    .and_then(|q| q.dead_letter().map(str::to_owned)),
                             ),
                             _ => continue,
                         };
@@ -1312,8 +1339,8 @@ impl Shard {
         put_varint(o, self.queues.len() as u64);
         for (name, q) in &self.queues {
             put_bytes(o, name.as_bytes());
-            put_opt_str(o, q.dead_letter.as_deref());
-            put_opt_str(o, q.expiry_address.as_deref());
+            put_opt_str(o, q.dead_letter());
+            put_opt_str(o, q.expiry_address());
             q.queue.encode(o);
         }
         put_varint(o, self.consumers.len() as u64);
@@ -1362,14 +1389,12 @@ impl Shard {
             let dead_letter = get_opt_str(&mut r)?;
             let expiry_address = get_opt_str(&mut r)?;
             let queue = Queue::decode(&mut r)?;
-            shard.queues.insert(
-                Arc::from(name),
-                Box::new(QueueEntry {
-                    queue,
-                    dead_letter,
-                    expiry_address,
-                }),
-            );
+            let mut entry = Box::new(QueueEntry {
+                queue,
+                routes: None,
+            });
+            entry.set_routes(dead_letter, expiry_address);
+            shard.queues.insert(Arc::from(name), entry);
         }
         for _ in 0..r.count(5)? {
             let id = r.varint()?;
@@ -1582,7 +1607,11 @@ mod tests {
                 .collect();
             assert_eq!(b.targets(topic), naive, "{topic}");
         }
-        assert!(b.literal.values().all(|qs| !qs.iter().any(|q| &**q == "q5")));
+        assert!(
+            b.literal
+                .values()
+                .all(|qs| !qs.iter().any(|q| &**q == "q5"))
+        );
     }
 
     fn dedup(id: &str, new: bool, hash: u64, cmd: Cmd) -> Cmd {

@@ -271,9 +271,15 @@ struct Consumer {
     /// moves by drained credit, so limits sent to the broker are shifted back by this.
     store_offset: u32,
     /// Multicast copies waiting for this consumer's credit (bounded by link capacity and by
-    /// the connection buffer budget in bytes).
-    mc_queue: VecDeque<(Bytes, u32)>,
-    mc_bytes: usize,
+    /// the connection buffer budget in bytes); boxed at the first one (most consumers never
+    /// have any).
+    mc: Option<Box<McQueue>>,
+}
+
+#[derive(Default)]
+struct McQueue {
+    queue: VecDeque<(Bytes, u32)>,
+    bytes: usize,
 }
 
 impl Consumer {
@@ -684,8 +690,7 @@ impl Core {
                         store_id: None,
                         durable_sub: None,
                         store_offset: 0,
-                        mc_queue: VecDeque::new(),
-                        mc_bytes: 0,
+                        mc: None,
                     }),
                 );
                 let addr = self.address_mut(&a);
@@ -958,7 +963,8 @@ impl Core {
                     let Some(cons) = self.consumers.get_mut(&c) else {
                         continue;
                     };
-                    if writable && cons.credit() > 0 && cons.mc_queue.is_empty() {
+                    let queued = cons.mc.as_ref().map_or(0, |m| m.queue.len());
+                    if writable && cons.credit() > 0 && queued == 0 {
                         cons.dispatched = cons.dispatched.wrapping_add(1);
                         cons.deliveries += 1;
                         sent += 1;
@@ -972,9 +978,10 @@ impl Core {
                                 format,
                             },
                         );
-                    } else if cons.mc_queue.len() < cap && cons.mc_bytes < budget {
-                        cons.mc_bytes += len;
-                        cons.mc_queue.push_back((payload.clone(), format));
+                    } else if queued < cap && cons.mc.as_ref().map_or(0, |m| m.bytes) < budget {
+                        let m = cons.mc.get_or_insert_with(Box::default);
+                        m.bytes += len;
+                        m.queue.push_back((payload.clone(), format));
                     } else {
                         // A slow multicast consumer loses copies rather than slowing the rest.
                         dropped += 1;
@@ -1119,10 +1126,13 @@ impl Core {
             .map_or(usize::MAX, |c| c.out_bytes.load(Ordering::Acquire));
         if let Some(c) = self.consumers.get_mut(&link) {
             while c.credit() > 0 && already + bytes < budget {
-                let Some((payload, format)) = c.mc_queue.pop_front() else {
+                let Some((payload, format)) = c.mc.as_mut().and_then(|m| m.queue.pop_front())
+                else {
                     break;
                 };
-                c.mc_bytes -= payload.len();
+                if let Some(m) = c.mc.as_mut() {
+                    m.bytes -= payload.len();
+                }
                 bytes += payload.len();
                 c.dispatched = c.dispatched.wrapping_add(1);
                 c.deliveries += 1;
@@ -1521,8 +1531,7 @@ impl Core {
                 store_id: Some(id),
                 durable_sub,
                 store_offset: 0,
-                mc_queue: VecDeque::new(),
-                mc_bytes: 0,
+                mc: None,
             }),
         );
         self.store_consumers.insert(id, link);
