@@ -884,21 +884,13 @@ impl Shard {
     }
 
     fn queue_named(&mut self, address: &Name) -> &mut QueueEntry {
-        // Looked up first: the name is kept only for a new queue (every message passes here).
-        if !self.queues.contains_key(address) {
-            self.queues.insert(
-                address.clone(),
-                Box::new(QueueEntry {
-                    queue: Queue::new(Policy::default()),
-                    routes: None,
-                }),
-            );
-        }
-        match self.queues.get_mut(address) {
-            Some(q) => q,
-            // Present: checked or inserted just above (the borrow checker cannot see it).
-            None => unreachable!("queue {address} inserted above"),
-        }
+        // A name's clone is a reference count, not a copy: the entry API costs no allocation.
+        self.queues.entry(address.clone()).or_insert_with(|| {
+            Box::new(QueueEntry {
+                queue: Queue::new(Policy::default()),
+                routes: None,
+            })
+        })
     }
 
     /// Applies the command carried by log entry `index`.

@@ -213,14 +213,8 @@ pub struct AddressStats {
     pub producers: usize,
     pub consumers: usize,
     pub pending: usize,
-    pub unsettled: u64,
-    pub deliveries_in: u64,
-    pub deliveries_out: u64,
-    pub accepted: u64,
-    pub rejected: u64,
-    pub released: u64,
-    pub modified: u64,
-    pub dropped: u64,
+    #[serde(flatten)]
+    pub counters: Counters,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -314,17 +308,17 @@ struct Address {
     store_declared: bool,
 }
 
-/// An address's traffic counters (see [`AddressStats`]).
-#[derive(Debug, Clone, Default)]
-struct Counters {
-    unsettled: u64,
-    deliveries_in: u64,
-    deliveries_out: u64,
-    accepted: u64,
-    rejected: u64,
-    released: u64,
-    modified: u64,
-    dropped: u64,
+/// An address's traffic counters (reported in [`AddressStats`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    pub unsettled: u64,
+    pub deliveries_in: u64,
+    pub deliveries_out: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub released: u64,
+    pub modified: u64,
+    pub dropped: u64,
 }
 
 impl Address {
@@ -1758,23 +1752,13 @@ impl Core {
         let mut addresses: Vec<AddressStats> = self
             .addresses
             .values()
-            .map(|a| {
-                let c = a.counters.as_deref().cloned().unwrap_or_default();
-                AddressStats {
-                    address: a.name.to_string(),
-                    kind: a.kind.as_str(),
-                    producers: a.producers.len(),
-                    consumers: a.consumer_count,
-                    pending: a.pending.len(),
-                    unsettled: c.unsettled,
-                    deliveries_in: c.deliveries_in,
-                    deliveries_out: c.deliveries_out,
-                    accepted: c.accepted,
-                    rejected: c.rejected,
-                    released: c.released,
-                    modified: c.modified,
-                    dropped: c.dropped,
-                }
+            .map(|a| AddressStats {
+                address: a.name.to_string(),
+                kind: a.kind.as_str(),
+                producers: a.producers.len(),
+                consumers: a.consumer_count,
+                pending: a.pending.len(),
+                counters: a.counters.as_deref().cloned().unwrap_or_default(),
             })
             .collect();
         addresses.sort_by(|a, b| a.address.cmp(&b.address));

@@ -204,31 +204,31 @@ async fn metrics(State(api): State<Api>) -> Result<Response, StatusCode> {
         (
             "enmesh_deliveries_in",
             "Deliveries received from producers",
-            |a| a.deliveries_in,
+            |a| a.counters.deliveries_in,
         ),
         (
             "enmesh_deliveries_out",
             "Deliveries sent to consumers",
-            |a| a.deliveries_out,
+            |a| a.counters.deliveries_out,
         ),
         ("enmesh_accepted", "Deliveries accepted by consumers", |a| {
-            a.accepted
+            a.counters.accepted
         }),
         ("enmesh_rejected", "Deliveries rejected by consumers", |a| {
-            a.rejected
+            a.counters.rejected
         }),
         (
             "enmesh_released",
             "Deliveries released back to producers",
-            |a| a.released,
+            |a| a.counters.released,
         ),
         ("enmesh_modified", "Deliveries returned as modified", |a| {
-            a.modified
+            a.counters.modified
         }),
         (
             "enmesh_dropped",
             "Multicast copies dropped for slow consumers",
-            |a| a.dropped,
+            |a| a.counters.dropped,
         ),
     ];
     for (name, help, f) in counters {
@@ -243,7 +243,7 @@ async fn metrics(State(api): State<Api>) -> Result<Response, StatusCode> {
         (
             "enmesh_unsettled",
             "Deliveries forwarded and not yet settled",
-            |a| a.unsettled,
+            |a| a.counters.unsettled,
         ),
         (
             "enmesh_pending",
