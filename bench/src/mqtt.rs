@@ -315,6 +315,9 @@ pub struct IdleArgs {
     server_pid: u32,
     #[arg(long, default_value = "enmesh")]
     label: String,
+    /// Seconds to keep the connections open after reporting (to inspect the server).
+    #[arg(long, default_value_t = 0)]
+    hold: u64,
 }
 
 /// Opens `connections` MQTT connections one after another (CONNECT, then SUBSCRIBE to a topic
@@ -353,6 +356,7 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
         after.rss_kb,
         per
     );
+    std::thread::sleep(Duration::from_secs(a.hold));
     drop(conns);
     Ok(())
 }

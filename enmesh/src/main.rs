@@ -431,7 +431,9 @@ fn gateway_config(
 ) -> mqtt_gateway::server::Config {
     mqtt_gateway::server::Config {
         router,
-        router_http: Some(router_http),
+        router_http: Some(std::sync::Arc::new(mqtt_gateway::mgmt::RouterApi::new(
+            router_http,
+        ))),
         topic_prefix: m.topic_prefix.clone(),
         max_packet_size: m.max_packet_size as usize,
         max_connections: m.max_connections,

@@ -64,6 +64,7 @@ use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, QoS, SubAck,
     SubOptions, Version, Will, reason,
 };
+use crate::mgmt::{RouterApi, percent, percent_path};
 use crate::mux::{self, Ev, Outcome, Pool, Port, Takeover, Woken};
 use crate::topic;
 
@@ -93,7 +94,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// The router's management HTTP address (host:port), where persistent sessions are found;
     /// without it every session is clean.
-    pub router_http: Option<String>,
+    pub router_http: Option<Arc<RouterApi>>,
     /// PUBLISHes per second one connection may send (0: no limit). Beyond it the gateway stops
     /// reading from the device until the budget refills (bursts of one second's worth).
     pub max_publish_rate: u32,
@@ -432,10 +433,10 @@ async fn start<'a>(
     let resumed = async {
         // The session kept in the brokers: resumed, or ended by a clean start.
         let kept = match &cfg.router_http {
-            Some(http) => match session_subscriptions(http, &client_id).await {
+            Some(api) => match session_subscriptions(api, &client_id).await {
                 Ok(list) => list,
                 Err(e) => {
-                    tracing::warn!("sessions not readable at {http}: {e}");
+                    tracing::warn!("sessions not readable at {}: {e}", api.host());
                     let _ =
                         write(&mut s.sock, &connack(reason::SERVER_UNAVAILABLE, props), v).await;
                     return Err(e.into());
@@ -655,16 +656,12 @@ async fn replace_retained(
     p: &Publish,
     topic: &str,
 ) -> Result<Option<Bytes>, ConnError> {
-    let Some((http_at, prefix)) = retained_store(cfg) else {
+    let Some((api, prefix)) = retained_store(cfg) else {
         return Ok(None);
     };
     let queue = format!("{prefix}{topic}");
-    http(
-        http_at,
-        "POST",
-        &format!("/api/v1/purge/{}", percent_path(&queue)),
-    )
-    .await?;
+    api.request("POST", &format!("/api/v1/purge/{}", percent_path(&queue)))
+        .await?;
     if p.payload.is_empty() {
         return Ok(None);
     }
@@ -679,8 +676,8 @@ async fn replace_retained(
     Ok(Some(to.freeze()))
 }
 
-/// Where retained messages live, if the gateway keeps them: (router HTTP, queue prefix).
-fn retained_store(cfg: &Config) -> Option<(&str, &str)> {
+/// Where retained messages live, if the gateway keeps them: (router API, queue prefix).
+fn retained_store(cfg: &Config) -> Option<(&RouterApi, &str)> {
     Some((cfg.router_http.as_deref()?, cfg.retained_prefix.as_deref()?))
 }
 
@@ -763,9 +760,11 @@ fn receiver_request(name: String, source: amqp::Terminus, settled: bool) -> Atta
 
 /// The subscriptions a client's persistent session keeps in the brokers, as `(QoS, filter)`,
 /// from the router's queue list.
-async fn session_subscriptions(http: &str, client_id: &str) -> io::Result<Vec<(QoS, String)>> {
+async fn session_subscriptions(api: &RouterApi, client_id: &str) -> io::Result<Vec<(QoS, String)>> {
     let prefix = format!("$sub:{}:{}:", mux::CONTAINER, escaped(client_id));
-    let body = http_get(http, &format!("/api/v1/queues?prefix={}", percent(&prefix))).await?;
+    let body = api
+        .get(&format!("/api/v1/queues?prefix={}", percent(&prefix)))
+        .await?;
     let list: Vec<serde_json::Value> =
         serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut out = Vec::new();
@@ -781,88 +780,6 @@ async fn session_subscriptions(http: &str, client_id: &str) -> io::Result<Vec<(Q
         }
     }
     Ok(out)
-}
-
-/// Percent-encodes everything but unreserved characters (for a query value).
-fn percent(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Percent-encodes a path's segments (keeps `/`).
-fn percent_path(s: &str) -> String {
-    s.split('/').map(percent).collect::<Vec<_>>().join("/")
-}
-
-/// A minimal HTTP/1.1 GET (the router's management API on a trusted address); the body of a
-/// 200 answer, at most 64 MiB.
-async fn http_get(host: &str, path: &str) -> io::Result<Vec<u8>> {
-    http(host, "GET", path).await
-}
-
-/// A minimal HTTP/1.1 request without a body; the body of a 2xx answer, at most 64 MiB.
-async fn http(host: &str, method: &str, path: &str) -> io::Result<Vec<u8>> {
-    let run = async {
-        let mut s = TcpStream::connect(host).await?;
-        s.write_all(
-            format!(
-                "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        (&mut s).take(64 << 20).read_to_end(&mut buf).await?;
-        let split = buf
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no HTTP header end"))?;
-        let head = String::from_utf8_lossy(&buf[..split]).to_string();
-        if !head.starts_with("HTTP/1.1 2") {
-            return Err(io::Error::other(format!(
-                "HTTP: {}",
-                head.lines().next().unwrap_or("")
-            )));
-        }
-        let body = buf[split + 4..].to_vec();
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            return dechunk(&body);
-        }
-        Ok(body)
-    };
-    tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP request timed out"))?
-}
-
-fn dechunk(mut b: &[u8]) -> io::Result<Vec<u8>> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "bad chunked body");
-    let mut out = Vec::new();
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n").ok_or_else(bad)?;
-        let size = std::str::from_utf8(&b[..line_end]).map_err(|_| bad())?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| bad())?;
-        b = &b[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            return Err(bad());
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
 }
 
 /// How a connection's session ended without an error.
@@ -1579,27 +1496,24 @@ impl<'a> Session<'a> {
         opts: SubOptions,
         id: Option<u32>,
     ) -> Result<(), ConnError> {
-        let Some((http_at, prefix)) = retained_store(self.cfg) else {
+        let Some((api, prefix)) = retained_store(self.cfg) else {
             return Ok(());
         };
-        let (http_at, prefix) = (http_at.to_owned(), prefix.to_owned());
         // Only queues under the filter's literal head can match.
-        let head: String = f.split(['+', '#']).next().unwrap_or("").to_owned();
-        let body = http_get(
-            &http_at,
-            &format!(
+        let head = f.split(['+', '#']).next().unwrap_or("");
+        let body = api
+            .get(&format!(
                 "/api/v1/queues?prefix={}",
                 percent(&format!("{prefix}{head}"))
-            ),
-        )
-        .await?;
+            ))
+            .await?;
         let list: Vec<serde_json::Value> = serde_json::from_slice(&body)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         for q in list {
             let (Some(queue), Some(depth)) = (q["address"].as_str(), q["depth"].as_u64()) else {
                 continue;
             };
-            let Some(topic) = queue.strip_prefix(prefix.as_str()) else {
+            let Some(topic) = queue.strip_prefix(prefix) else {
                 continue;
             };
             if depth == 0 || !topic::matches(f, topic) {

@@ -1,0 +1,333 @@
+//! The gateway's client of the router's management API (HTTP/1.1 on a trusted address), where
+//! persistent sessions and retained messages are found and retained queues are purged.
+//!
+//! Connections are kept alive and reused: a device's CONNECT and each of its SUBSCRIBEs ask the
+//! router something, and a fresh TCP connection per question (a socket and an HTTP connection
+//! task on both sides, torn down right after) cost more than the question, and left holes in
+//! the heap between the long-lived state of the devices connecting meanwhile.
+
+use std::io;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Idle connections kept for reuse (more are opened under bursts and closed after use).
+const KEEP_IDLE: usize = 8;
+/// Largest answer read.
+const MAX_BODY: usize = 64 << 20;
+/// A request's time limit, connecting included.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The router's management API at one address, with its idle kept-alive connections.
+pub struct RouterApi {
+    host: String,
+    idle: Mutex<Vec<TcpStream>>,
+}
+
+impl std::fmt::Debug for RouterApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterApi")
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+/// Why an exchange failed: on a kept connection the router may have closed meanwhile
+/// (nothing of an answer came), or for good.
+enum Failed {
+    Stale(io::Error),
+    Other(io::Error),
+}
+
+impl RouterApi {
+    pub fn new(host: impl Into<String>) -> RouterApi {
+        RouterApi {
+            host: host.into(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// GET `path`: the body of a 2xx answer.
+    pub async fn get(&self, path: &str) -> io::Result<Vec<u8>> {
+        self.request("GET", path).await
+    }
+
+    /// A request without a body: the body of a 2xx answer, at most 64 MiB.
+    pub async fn request(&self, method: &str, path: &str) -> io::Result<Vec<u8>> {
+        let run = async {
+            if let Some(s) = self.take() {
+                match exchange(s, &self.host, method, path).await {
+                    Ok((body, s)) => return self.done(body, s),
+                    // Closed by the router while idle: once more on a new connection (the
+                    // requests are reads and purges, which may be repeated).
+                    Err(Failed::Stale(_)) => {}
+                    Err(Failed::Other(e)) => return Err(e),
+                }
+            }
+            let s = TcpStream::connect(&self.host).await?;
+            let _ = s.set_nodelay(true);
+            match exchange(s, &self.host, method, path).await {
+                Ok((body, s)) => self.done(body, s),
+                Err(Failed::Stale(e) | Failed::Other(e)) => Err(e),
+            }
+        };
+        tokio::time::timeout(TIMEOUT, run)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP request timed out"))?
+    }
+
+    fn take(&self) -> Option<TcpStream> {
+        self.idle.lock().ok()?.pop()
+    }
+
+    /// Keeps a reusable connection and passes the answer on.
+    fn done(&self, body: io::Result<Vec<u8>>, s: Option<TcpStream>) -> io::Result<Vec<u8>> {
+        if let (Some(s), Ok(mut idle)) = (s, self.idle.lock())
+            && idle.len() < KEEP_IDLE
+        {
+            idle.push(s);
+        }
+        body
+    }
+}
+
+/// One request and its answer on `s`: the answer (an error for a non-2xx status) and the
+/// connection when it may be used again.
+async fn exchange(
+    mut s: TcpStream,
+    host: &str,
+    method: &str,
+    path: &str,
+) -> Result<(io::Result<Vec<u8>>, Option<TcpStream>), Failed> {
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).await.map_err(Failed::Stale)?;
+    let mut buf = Vec::with_capacity(512);
+    let head = loop {
+        let n = read_more(&mut s, &mut buf).await.map_err(|e| {
+            if buf.is_empty() {
+                Failed::Stale(e)
+            } else {
+                Failed::Other(e)
+            }
+        })?;
+        if n == 0 {
+            let e = io::Error::new(io::ErrorKind::UnexpectedEof, "HTTP connection closed");
+            return Err(if buf.is_empty() {
+                Failed::Stale(e)
+            } else {
+                Failed::Other(e)
+            });
+        }
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break Head::parse(&buf[..end])
+                .map_err(Failed::Other)?
+                .with_start(end + 4);
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(Failed::Other(bad("HTTP header too long")));
+        }
+    };
+    let other = Failed::Other;
+    let body = match head.framing {
+        Framing::Length(n) => {
+            if n > MAX_BODY {
+                return Err(other(bad("HTTP answer too large")));
+            }
+            while buf.len() < head.start + n {
+                if read_more(&mut s, &mut buf).await.map_err(other)? == 0 {
+                    return Err(other(bad("HTTP answer cut short")));
+                }
+            }
+            buf[head.start..head.start + n].to_vec()
+        }
+        Framing::Chunked => loop {
+            if let Some(body) = dechunk(&buf[head.start..]).map_err(other)? {
+                break body;
+            }
+            if buf.len() > MAX_BODY + 64 * 1024 {
+                return Err(other(bad("HTTP answer too large")));
+            }
+            if read_more(&mut s, &mut buf).await.map_err(other)? == 0 {
+                return Err(other(bad("HTTP answer cut short")));
+            }
+        },
+        Framing::UntilClose => {
+            (&mut s)
+                .take((MAX_BODY + head.start).saturating_sub(buf.len()) as u64)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(other)?;
+            buf[head.start..].to_vec()
+        }
+    };
+    let reuse = head.keep_alive && !matches!(head.framing, Framing::UntilClose);
+    let answer = if head.ok {
+        Ok(body)
+    } else {
+        Err(io::Error::other(format!("HTTP: {}", head.status)))
+    };
+    Ok((answer, reuse.then_some(s)))
+}
+
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.reserve(4096);
+    s.read_buf(buf).await
+}
+
+fn bad(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// What an answer's head says.
+struct Head {
+    status: String,
+    ok: bool,
+    framing: Framing,
+    keep_alive: bool,
+    /// Where the body starts in the read buffer.
+    start: usize,
+}
+
+impl Head {
+    fn parse(head: &[u8]) -> io::Result<Head> {
+        let head = std::str::from_utf8(head).map_err(|_| bad("HTTP header not UTF-8"))?;
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or("").to_owned();
+        let code = status.split(' ').nth(1).unwrap_or("");
+        let mut h = Head {
+            ok: status.starts_with("HTTP/1.") && code.starts_with('2'),
+            // HTTP/1.0 closes unless told otherwise.
+            keep_alive: status.starts_with("HTTP/1.1"),
+            framing: if matches!(code, "204" | "304") {
+                Framing::Length(0)
+            } else {
+                Framing::UntilClose
+            },
+            status,
+            start: 0,
+        };
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                if !matches!(h.framing, Framing::Chunked) {
+                    let n = value.parse().map_err(|_| bad("bad HTTP content-length"))?;
+                    h.framing = Framing::Length(n);
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                if value.to_ascii_lowercase().contains("chunked") {
+                    h.framing = Framing::Chunked;
+                }
+            } else if name.eq_ignore_ascii_case("connection") {
+                let v = value.to_ascii_lowercase();
+                if v.contains("close") {
+                    h.keep_alive = false;
+                } else if v.contains("keep-alive") {
+                    h.keep_alive = true;
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    fn with_start(mut self, start: usize) -> Head {
+        self.start = start;
+        self
+    }
+}
+
+/// A chunked body's content once all of it (with its trailer) is in `b`; `None` while it is
+/// not.
+fn dechunk(mut b: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let mut out = Vec::new();
+    loop {
+        let Some(line_end) = b.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let size = std::str::from_utf8(&b[..line_end]).map_err(|_| bad("bad chunked body"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("bad chunked body"))?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            // Trailer lines, up to an empty one.
+            loop {
+                let Some(end) = b.windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(None);
+                };
+                if end == 0 {
+                    return Ok(Some(out));
+                }
+                b = &b[end + 2..];
+            }
+        }
+        if b.len() < size + 2 {
+            return Ok(None);
+        }
+        if out.len() + size > MAX_BODY {
+            return Err(bad("HTTP answer too large"));
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (for a query value).
+pub fn percent(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Percent-encodes a path's segments (keeps `/`).
+pub fn percent_path(s: &str) -> String {
+    s.split('/').map(percent).collect::<Vec<_>>().join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunked_body_is_whole_only_with_its_last_chunk_and_trailer() {
+        let whole = b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nX-T: 1\r\n\r\n";
+        for cut in 0..whole.len() {
+            assert!(dechunk(&whole[..cut]).unwrap().is_none(), "cut at {cut}");
+        }
+        assert_eq!(dechunk(whole).unwrap().unwrap(), b"abcde");
+        assert!(dechunk(b"zz\r\n").is_err());
+    }
+
+    #[test]
+    fn heads_say_how_the_body_ends_and_whether_the_connection_stays() {
+        let h = Head::parse(b"HTTP/1.1 200 OK\r\ncontent-length: 12").unwrap();
+        assert!(h.ok && h.keep_alive && matches!(h.framing, Framing::Length(12)));
+        let h = Head::parse(
+            b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nTransfer-Encoding: chunked",
+        )
+        .unwrap();
+        assert!(!h.ok && !h.keep_alive && matches!(h.framing, Framing::Chunked));
+        let h = Head::parse(b"HTTP/1.0 200 OK").unwrap();
+        assert!(h.ok && !h.keep_alive && matches!(h.framing, Framing::UntilClose));
+        assert!(Head::parse(b"HTTP/1.1 200 OK\r\nContent-Length: x").is_err());
+    }
+}
