@@ -1161,14 +1161,33 @@ impl<'a> Session<'a> {
             Packet::Subscribe(s) => {
                 let mut reasons = Vec::with_capacity(s.filters.len());
                 let id = s.properties.subscription_identifiers.first().copied();
+                let mut retained = Vec::new();
                 for (f, opts) in s.filters {
-                    reasons.push(self.subscribe(f, opts, id, self.keep).await?);
+                    let new = !self.subs.contains(&f);
+                    let r = self.subscribe(f.clone(), opts, id, self.keep).await?;
+                    // Retained messages: at subscribe (handling 0), or only for a new
+                    // subscription (1); never to a shared subscription (§4.8.2).
+                    if r < 0x80
+                        && topic::shared(&f).is_none()
+                        && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new))
+                    {
+                        retained.push((f, opts));
+                    }
+                    reasons.push(r);
                 }
                 self.emit(&Packet::SubAck(SubAck {
                     packet_id: s.packet_id,
                     properties: Properties::default(),
                     reasons,
                 }));
+                // After the SUBACK (§3.8.4 allows either order): the device need not wait for
+                // the retained store's answer to learn that it is subscribed.
+                if !retained.is_empty() {
+                    self.flush().await?;
+                    for (f, opts) in retained {
+                        self.send_retained(&f, opts, id).await?;
+                    }
+                }
                 Ok(None)
             }
             p => self.on_packet(p),
@@ -1349,7 +1368,9 @@ impl<'a> Session<'a> {
         self.tags
     }
 
-    /// Subscribes to `f`; `durable` makes it a durable subscription kept in the brokers.
+    /// Subscribes to `f`; `keep` makes it a durable subscription kept in the brokers. Retained
+    /// messages are the caller's: a SUBSCRIBE sends them, a resumed session does not (its
+    /// subscriptions are not new, §3.3.1.3).
     async fn subscribe(
         &mut self,
         f: String,
@@ -1378,7 +1399,6 @@ impl<'a> Session<'a> {
             ));
         }
         // A repeated filter replaces the subscription (§3.8.4): the old link goes.
-        let new = !self.subs.contains(&f);
         if let Some(old) = self.subs.remove(&f) {
             self.end_sub(old, true)?;
         }
@@ -1432,11 +1452,6 @@ impl<'a> Session<'a> {
                 marker,
             },
         );
-        // Retained messages: at subscribe (handling 0), or only for a new subscription (1);
-        // never to a shared subscription (§4.8.2).
-        if shared.is_none() && (opts.retain_handling == 0 || (opts.retain_handling == 1 && new)) {
-            self.send_retained(&f, opts, id).await?;
-        }
         Ok(qos as u8)
     }
 

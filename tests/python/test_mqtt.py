@@ -698,6 +698,30 @@ def test_publish_rate_limit_slows_a_device_down_without_dropping(tmp_path):
         r.close()
 
 
+@pytest.mark.parametrize("proto", [V311, V5], ids=["3.1.1", "5"])
+def test_a_resumed_session_is_not_sent_retained_messages_again(router, proto):
+    # Retained messages go to a new subscription (§3.3.1.3); a resumed session's subscriptions
+    # are not new. Sent after the SUBACK here (§3.8.4 allows either order).
+    cid = "rt-resume-%d" % proto
+    pub = Device(router, "rt-resume-pub-%d" % proto, V311)
+    try:
+        pub.c.publish("rtr/%d" % proto, b"kept", qos=1, retain=True).wait_for_publish(5)
+    finally:
+        pub.close()
+    d = Persistent(router.mqtt_port, cid, proto)
+    d.c.subscribe("rtr/%d" % proto, qos=1)
+    assert [(m.payload, m.retain) for m in d.wait(1)] == [(b"kept", True)]
+    d.close()
+    d = Persistent(router.mqtt_port, cid, proto)
+    try:
+        assert d.present is True
+        time.sleep(0.7)
+        assert d.got == []
+    finally:
+        d.close()
+        Persistent(router.mqtt_port, cid, proto, clean=True).close()
+
+
 def test_retained_messages_set_replace_clear_and_sent_on_subscribe(router):
     from paho.mqtt.subscribeoptions import SubscribeOptions
     pub = Device(router, "rt-pub", V311)
