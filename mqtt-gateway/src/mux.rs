@@ -397,16 +397,28 @@ impl Mux {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { return Ok(()) };
                     self.on_cmd(cmd);
-                    for _ in 1..BATCH {
-                        match rx.try_recv() {
-                            Ok(cmd) => self.on_cmd(cmd),
-                            Err(_) => break,
-                        }
+                    if self.take_cmds(rx, BATCH - 1) < BATCH - 1 {
+                        // A device that sends wakes this task at once (tokio runs the woken
+                        // task next): writing now would cost a write per message. The other
+                        // devices ready to run go first, and one write carries what they send.
+                        tokio::task::yield_now().await;
+                        self.take_cmds(rx, BATCH);
                     }
                 }
                 _ = sleep_until(next) => {}
             }
         }
+    }
+
+    /// Handles up to `n` commands that are waiting; how many there were.
+    fn take_cmds(&mut self, rx: &mut mpsc::UnboundedReceiver<Cmd>, n: usize) -> usize {
+        for i in 0..n {
+            match rx.try_recv() {
+                Ok(cmd) => self.on_cmd(cmd),
+                Err(_) => return i,
+            }
+        }
+        n
     }
 
     fn tell(&self, dev: u64, e: Ev) {
