@@ -1110,6 +1110,30 @@ impl Connection {
             }
             l.delivery_count = l.delivery_count.wrapping_add(1);
             l.credit = l.credit.saturating_sub(1);
+            if !t.more && !t.aborted {
+                // One frame, the usual case: delivered as it came, with no partial state
+                // (nothing allocated per message).
+                if payload.len() as u64 > max_msg {
+                    self.fail_link(
+                        id,
+                        ErrorCondition::new(
+                            condition::MESSAGE_SIZE_EXCEEDED,
+                            format!("message larger than {max_msg} bytes"),
+                        ),
+                    );
+                    return Ok(());
+                }
+                self.events.push_back(Event::Delivery(Delivery {
+                    link: id,
+                    delivery_id,
+                    tag: t.delivery_tag.unwrap_or_default(),
+                    settled: t.settled.unwrap_or(false),
+                    message_format: t.message_format.unwrap_or(0),
+                    rcv_settle_mode: t.rcv_settle_mode,
+                    payload,
+                }));
+                return Ok(());
+            }
             l.partial = Some(Box::new(Partial {
                 delivery_id,
                 tag: t.delivery_tag.clone().unwrap_or_default(),
