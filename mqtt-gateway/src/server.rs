@@ -71,6 +71,9 @@ use crate::topic;
 /// Read buffer of a device that sends little (15,000 idle devices each keep one).
 const IDLE_BUF: usize = 64;
 
+/// An output buffer this small is released once written (idle devices keep none).
+const SMALL_WBUF: usize = 256;
+
 /// Topic aliases a device may set (MQTT 5, device → gateway).
 const TOPIC_ALIASES: u16 = 64;
 
@@ -953,9 +956,15 @@ impl<'a> Session<'a> {
 
     async fn flush(&mut self) -> Result<(), ConnError> {
         if !self.wbuf.is_empty() {
-            let b = self.wbuf.split();
-            self.sock.write_all(&b).await?;
+            // Written from the buffer itself: splitting it off would make it shared (a small
+            // allocation every idle device would keep).
+            self.sock.write_all(&self.wbuf).await?;
             self.sock.flush().await?;
+            self.wbuf.clear();
+            if self.wbuf.capacity() <= SMALL_WBUF {
+                // A few acknowledgements' worth: released rather than kept while idle.
+                self.wbuf = BytesMut::new();
+            }
         }
         Ok(())
     }
