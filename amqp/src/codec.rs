@@ -552,6 +552,21 @@ impl<'a> ListReader<'a> {
         let n = self.inner.var_len(c == code::VBIN32)?;
         self.inner.take(n).map(Some)
     }
+    /// When the next field is a described value with a small ulong descriptor and an empty
+    /// list (`accepted`, `released`: the outcomes every message carries), takes it and returns
+    /// its descriptor, building no value tree; otherwise leaves it and returns `None`.
+    pub fn empty_described(&mut self) -> Result<Option<u64>, DecodeError> {
+        let at = self.inner.pos;
+        match self.inner.buf.get(at..at + 4) {
+            Some(&[code::DESCRIBED, code::SMALLULONG, d, code::LIST0]) if self.left > 0 => {
+                self.inner.pos += 4;
+                self.left -= 1;
+                Ok(Some(u64::from(d)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Skips the next field without decoding it.
     pub fn skip(&mut self) -> Result<(), DecodeError> {
         if self.left > 0 {

@@ -116,6 +116,24 @@ pub enum DeliveryState {
     Other(Value),
 }
 
+/// A transfer's or disposition's state: accepted and released read in place (no value tree
+/// per message), the others through [`DeliveryState::decode`].
+fn delivery_state(l: &mut ListReader) -> Result<Option<DeliveryState>, DecodeError> {
+    match l.empty_described()? {
+        Some(descriptor::ACCEPTED) => return Ok(Some(DeliveryState::Accepted)),
+        Some(descriptor::RELEASED) => return Ok(Some(DeliveryState::Released)),
+        Some(d) => {
+            return DeliveryState::decode(Value::Described(
+                Box::new(Value::Ulong(d)),
+                Box::new(Value::List(Vec::new())),
+            ))
+            .map(Some);
+        }
+        None => {}
+    }
+    l.value()?.map(DeliveryState::decode).transpose()
+}
+
 impl DeliveryState {
     pub fn is_terminal(&self) -> bool {
         !matches!(self, DeliveryState::Received { .. })
@@ -500,7 +518,7 @@ pub fn decode_performative(body: Bytes) -> Result<Performative, DecodeError> {
                 settled: l.boolean()?,
                 more: l.boolean()?.unwrap_or(false),
                 rcv_settle_mode: l.ubyte()?,
-                state: l.value()?.map(DeliveryState::decode).transpose()?,
+                state: delivery_state(&mut l)?,
                 resume: l.boolean()?.unwrap_or(false),
                 aborted: l.boolean()?.unwrap_or(false),
                 batchable: l.boolean()?.unwrap_or(false),
@@ -513,7 +531,7 @@ pub fn decode_performative(body: Bytes) -> Result<Performative, DecodeError> {
             first: need(l.uint()?, "disposition.first")?,
             last: l.uint()?,
             settled: l.boolean()?.unwrap_or(false),
-            state: l.value()?.map(DeliveryState::decode).transpose()?,
+            state: delivery_state(&mut l)?,
             batchable: l.boolean()?.unwrap_or(false),
         }),
         descriptor::DETACH => Performative::Detach(Detach {
@@ -781,5 +799,58 @@ impl SaslFrame {
                 f.finish();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disposition(state: Option<DeliveryState>) -> Disposition {
+        Disposition {
+            role: Role::Receiver,
+            first: 3,
+            last: Some(9),
+            settled: true,
+            state,
+            batchable: false,
+        }
+    }
+
+    fn decoded(b: BytesMut) -> Option<DeliveryState> {
+        match decode_performative(b.freeze()) {
+            Ok(Performative::Disposition(d)) => d.state,
+            other => panic!("not a disposition: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn outcomes_read_in_place_equal_the_general_decoding() {
+        for state in [
+            DeliveryState::Accepted,
+            DeliveryState::Released,
+            DeliveryState::Rejected(None),
+            DeliveryState::Modified {
+                delivery_failed: false,
+                undeliverable_here: false,
+                message_annotations: None,
+            },
+        ] {
+            let mut b = BytesMut::new();
+            disposition(Some(state.clone())).encode(&mut b);
+            assert_eq!(decoded(b), Some(state));
+        }
+        // Accepted as a list8 with no fields (other encoders): the general path.
+        let mut b = BytesMut::new();
+        let mut f = Fields::new(&mut b, descriptor::DISPOSITION);
+        f.boolean(Some(true))
+            .uint(Some(3))
+            .uint(None)
+            .boolean(Some(true))
+            .with(true, |b| {
+                b.put_slice(&[0x00, 0x53, 0x24, 0xc0, 0x01, 0x00]);
+            });
+        f.finish();
+        assert_eq!(decoded(b), Some(DeliveryState::Accepted));
     }
 }

@@ -813,7 +813,8 @@ impl Bindings {
     /// The queues of the subscriptions matching `topic`, in queue order (deterministic on
     /// every replica).
     fn targets(&self, topic: &str) -> Vec<Name> {
-        let mut out: BTreeSet<&Name> = self
+        // `wild` iterates in order; literal matches (sorted, and never wild) are merged in.
+        let mut out: Vec<Name> = self
             .wild
             .iter()
             .filter(|q| {
@@ -821,11 +822,17 @@ impl Bindings {
                     .get(*q)
                     .is_some_and(|b| crate::topic::matches(&b.filter, topic))
             })
+            .cloned()
             .collect();
         if let Some(qs) = self.literal.get(topic) {
-            out.extend(qs.iter());
+            let wild = out.len();
+            out.extend(qs.iter().cloned());
+            if wild > 0 {
+                out.sort_unstable();
+                out.dedup();
+            }
         }
-        out.into_iter().cloned().collect()
+        out
     }
 }
 
@@ -1237,11 +1244,14 @@ impl Shard {
     /// Turns queue effects into shard effects; dead letters move to the dead-letter queue.
     fn resolve(&mut self, address: &str, fx: Vec<Effect>, now: u64) -> Vec<ShardEffect> {
         let mut out = Vec::with_capacity(fx.len());
-        let mut pending = vec![(address.to_owned(), fx)];
         // Dead-lettering can chain (a dead-letter queue with its own dead-letter address);
-        // bound the chain so a cycle in configuration cannot loop.
+        // bound the chain so a cycle in configuration cannot loop. The first queue's effects
+        // need no owned copy of its name (nothing is allocated for the usual single queue).
+        let mut pending: Vec<(String, Vec<Effect>)> = Vec::new();
         let mut hops = 0;
-        while let Some((addr, fx)) = pending.pop() {
+        let mut next = Some((std::borrow::Cow::Borrowed(address), fx));
+        while let Some((addr, fx)) = next.take() {
+            let addr = &*addr;
             for e in fx {
                 match e {
                     Effect::Deliver {
@@ -1263,18 +1273,18 @@ impl Shard {
                             Effect::Expired { seq } => (
                                 seq,
                                 self.queues
-                                    .get(addr.as_str())
+                                    .get(addr)
                                     .and_then(|q| q.expiry_address().map(str::to_owned)),
                             ),
                             Effect::DeadLetter { seq, .. } => (
                                 seq,
                                 self.queues
-                                    .get(addr.as_str())
+                                    .get(addr)
                                     .and_then(|q| q.dead_letter().map(str::to_owned)),
                             ),
                             _ => continue,
                         };
-                        let dl = to.filter(|d| *d != addr);
+                        let dl = to.filter(|d| d != addr);
                         match dl {
                             Some(d) if hops < 8 => {
                                 hops += 1;
@@ -1286,6 +1296,9 @@ impl Shard {
                     }
                 }
             }
+            next = pending
+                .pop()
+                .map(|(a, fx)| (std::borrow::Cow::Owned(a), fx));
         }
         out
     }

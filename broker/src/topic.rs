@@ -13,6 +13,9 @@ pub fn matches(filter: &str, topic: &str) -> bool {
         // No wildcard character at all: only the same name matches (no allocation).
         return filter == topic && topic.split('/').count() <= MAX_LEVELS;
     }
+    if let Some(m) = match_without_inner_hash(filter, topic) {
+        return m;
+    }
     let p: Vec<&str> = filter.split('/').collect();
     let a: Vec<&str> = topic.split('/').collect();
     if p.len() > MAX_LEVELS || a.len() > MAX_LEVELS {
@@ -35,9 +38,93 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     next[0]
 }
 
+/// Level by level, allocating nothing, when `filter` has no `#` before its last level (every
+/// MQTT filter, and the usual Enmesh pattern); `None` leaves the rest to the general algorithm.
+fn match_without_inner_hash(filter: &str, topic: &str) -> Option<bool> {
+    let mut f = filter.split('/').peekable();
+    let mut t = topic.split('/');
+    // Levels of each seen so far (both are bounded by MAX_LEVELS).
+    let mut levels = 0usize;
+    while let Some(seg) = f.next() {
+        if seg == "#" {
+            if f.peek().is_some() {
+                return None;
+            }
+            // The remaining levels, zero included.
+            return Some(levels < MAX_LEVELS && levels + t.count() <= MAX_LEVELS);
+        }
+        let Some(level) = t.next() else {
+            return Some(false);
+        };
+        levels += 1;
+        if seg != "*" && seg != level {
+            return Some(false);
+        }
+    }
+    Some(t.next().is_none() && levels <= MAX_LEVELS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::matches;
+
+    /// The general algorithm alone (the reference for the level-by-level path).
+    fn general(filter: &str, topic: &str) -> bool {
+        let p: Vec<&str> = filter.split('/').collect();
+        let a: Vec<&str> = topic.split('/').collect();
+        if p.len() > super::MAX_LEVELS || a.len() > super::MAX_LEVELS {
+            return false;
+        }
+        let mut next = vec![false; a.len() + 1];
+        next[a.len()] = true;
+        let mut cur = vec![false; a.len() + 1];
+        for seg in p.iter().rev() {
+            for j in (0..=a.len()).rev() {
+                cur[j] = match *seg {
+                    "#" => next[j] || (j < a.len() && cur[j + 1]),
+                    "*" => j < a.len() && next[j + 1],
+                    s => j < a.len() && a[j] == s && next[j + 1],
+                };
+            }
+            std::mem::swap(&mut cur, &mut next);
+        }
+        next[0]
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_general_algorithm() {
+        // Every filter and topic of up to 4 levels over a small alphabet.
+        fn all(levels: &[&str], max: usize) -> Vec<String> {
+            let mut out: Vec<String> = levels.iter().map(|s| s.to_string()).collect();
+            let mut last = out.clone();
+            for _ in 1..max {
+                let mut grown = Vec::new();
+                for p in &last {
+                    for l in levels {
+                        grown.push(format!("{p}/{l}"));
+                    }
+                }
+                out.extend(grown.iter().cloned());
+                last = grown;
+            }
+            out
+        }
+        let filters = all(&["a", "b", "*", "#", ""], 4);
+        let topics = all(&["a", "b", ""], 4);
+        for f in &filters {
+            for t in &topics {
+                assert_eq!(matches(f, t), general(f, t), "{f} vs {t}");
+            }
+        }
+        // At the level bound.
+        let long = vec!["x"; super::MAX_LEVELS].join("/");
+        let longer = vec!["x"; super::MAX_LEVELS + 1].join("/");
+        for f in ["#", "x/#", "*/#", &long, &longer, &(long.clone() + "/#")] {
+            for t in [&long, &longer] {
+                assert_eq!(matches(f, t), general(f, t), "{} levels", f.len());
+            }
+        }
+    }
 
     #[test]
     fn levels_and_wildcards() {
