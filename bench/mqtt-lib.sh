@@ -1,8 +1,10 @@
 # Shared by the MQTT bench scripts (sourced from the repository root, with $root and $out set).
 #
 #   mqtt_setup                  builds the release binaries, installs Debian's mosquitto if missing
-#   start_enmesh_mqtt PORT      enmesh standalone on core 0, MQTT on 127.0.0.1:PORT, data in
-#                               $out/enmesh-data; waits until ready; sets $epid
+#   start_enmesh_mqtt PORT [fair] enmesh standalone on core 0, MQTT on 127.0.0.1:PORT, data in
+#                               $out/enmesh-data; waits until ready; sets $epid. `fair` matches
+#                               mosquitto's: 1,000 unacknowledged messages per subscription
+#                               (`mqtt.inflight`; the default 64 suits small devices)
 #   start_mosquitto PORT [fair] mosquitto 2.0.11 on core 0 on 127.0.0.1:PORT, no persistence;
 #                               `fair` adds what a throughput comparison needs (max_queued_messages
 #                               1,000,000: the default 1,000 drops silently for a slow subscriber;
@@ -19,7 +21,13 @@ mqtt_setup() {
 
 start_enmesh_mqtt() {
   rm -rf "$out/enmesh-data"
-  taskset -c 0 "$root/target/release/enmesh" standalone --listen 127.0.0.1:0 --http 127.0.0.1:0 \
+  if [ "${2:-}" = fair ]; then
+    printf 'mqtt:\n  inflight: 1000\n' > "$out/enmesh.yaml"
+  else
+    : > "$out/enmesh.yaml"
+  fi
+  taskset -c 0 "$root/target/release/enmesh" standalone --config "$out/enmesh.yaml" \
+    --listen 127.0.0.1:0 --http 127.0.0.1:0 \
     --mqtt "127.0.0.1:$1" --data "$out/enmesh-data" > "$out/enmesh.log" 2>&1 &
   epid=$!
   for _ in $(seq 100); do grep -q "enmesh ready" "$out/enmesh.log" && break; sleep 0.1; done

@@ -7,7 +7,8 @@
 #   - fan-in: FAN publishers (default 10,000), one PUBLISH in flight each, to one subscriber
 #     on bench/fan/+.
 # mosquitto as in bench/mqtt.sh: max_queued_messages 1,000,000, no in-flight limit, no
-# persistence (Enmesh stores every message in its shard's log). ActiveMQ: bench/peers/activemq.sh
+# persistence (Enmesh stores every message in its shard's log); Enmesh with 1,000 in flight per
+# subscription (`mqtt.inflight`). ActiveMQ: bench/peers/activemq.sh
 # (KahaDB as shipped, 1 GB heap). AMQ=0 skips ActiveMQ.
 #
 #   bash bench/mqtt-many.sh            PAIRS=1000 FAN=10000 COUNT=200000 bash bench/mqtt-many.sh
@@ -39,7 +40,7 @@ run_all() {  # LABEL PORT PID
 }
 
 echo "== enmesh standalone (MQTT gateway)" >&2
-start_enmesh_mqtt "$E_PORT"
+start_enmesh_mqtt "$E_PORT" fair
 trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true; bash bench/peers/activemq.sh stop "$A_PORT"' EXIT
 E=$(run_all enmesh "$E_PORT" "$epid")
 echo "$E" >&2

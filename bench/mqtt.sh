@@ -8,7 +8,8 @@
 # mosquitto is configured so that it loses nothing a fair comparison needs: max_queued_messages
 # raised to 1,000,000 (the default 1,000 drops silently for a slow subscriber), no inflight
 # limit, no persistence (Enmesh stores every message in its shard's log; mosquitto keeps them
-# in memory).
+# in memory). Enmesh likewise lets 1,000 messages per subscription go unacknowledged
+# (`mqtt.inflight`, default 64) instead of mosquitto's unlimited.
 #
 #   bash bench/mqtt.sh            RUNS=5 COUNT=200000 bash bench/mqtt.sh
 set -euo pipefail
@@ -47,7 +48,7 @@ run_all() {  # LABEL PORT PID
 }
 
 echo "== enmesh standalone (MQTT gateway)" >&2
-start_enmesh_mqtt "$E_PORT"
+start_enmesh_mqtt "$E_PORT" fair
 trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true; bash bench/peers/activemq.sh stop "$A_PORT"' EXIT
 E=$(run_all enmesh "$E_PORT" "$epid")
 stop_pid "$epid"
