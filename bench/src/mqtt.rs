@@ -59,7 +59,34 @@ struct Conn {
 
 impl Conn {
     fn connect(url: &str, client_id: &str) -> anyhow::Result<Conn> {
-        let s = TcpStream::connect(url).with_context(|| format!("connect {url}"))?;
+        Conn::connect_from(url, client_id, None)
+    }
+
+    /// Connects from local address `from` (port chosen by the kernel) when given.
+    fn connect_from(
+        url: &str,
+        client_id: &str,
+        from: Option<std::net::IpAddr>,
+    ) -> anyhow::Result<Conn> {
+        let s = match from {
+            None => TcpStream::connect(url).with_context(|| format!("connect {url}"))?,
+            Some(ip) => {
+                use std::net::ToSocketAddrs;
+                let to = url
+                    .to_socket_addrs()?
+                    .next()
+                    .with_context(|| format!("no address for {url}"))?;
+                let sock = socket2::Socket::new(
+                    socket2::Domain::for_address(to),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                sock.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+                sock.connect(&to.into())
+                    .with_context(|| format!("connect {url} from {ip}"))?;
+                sock.into()
+            }
+        };
         s.set_nodelay(true)?;
         let mut c = Conn {
             s,
@@ -327,8 +354,14 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
     let before = sample(a.server_pid).context("cannot read the server process")?;
     let start = Instant::now();
     let mut conns = Vec::with_capacity(a.connections);
+    // Loopback servers are reached from several local addresses, 8,000 connections each:
+    // past ~14,000 connections from one address the kernel's search for a free ephemeral port
+    // (half the range serves connect()) slows every CONNECT down, whichever the server.
+    let loopback = a.url.starts_with("127.");
     for i in 0..a.connections {
-        let mut c = Conn::connect(&a.url, &format!("idle-{i}"))?;
+        let from =
+            loopback.then(|| std::net::IpAddr::from([127, 0, 0, 2 + (i / 8000).min(250) as u8]));
+        let mut c = Conn::connect_from(&a.url, &format!("idle-{i}"), from)?;
         c.s.set_nonblocking(false)?;
         c.send(&Packet::Subscribe(Subscribe {
             packet_id: 1,
@@ -341,6 +374,13 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
             p => bail!("no SUBACK: {p:?}"),
         }
         conns.push(c);
+        if (i + 1) % 5000 == 0 {
+            eprintln!(
+                "{} connections after {:.2} s",
+                i + 1,
+                start.elapsed().as_secs_f64()
+            );
+        }
     }
     let connect_secs = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
