@@ -356,11 +356,14 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
     let mut conns = Vec::with_capacity(a.connections);
     // Loopback servers are reached from several local addresses, 8,000 connections each:
     // past ~14,000 connections from one address the kernel's search for a free ephemeral port
-    // (half the range serves connect()) slows every CONNECT down, whichever the server.
+    // (half the range serves connect()) slows every CONNECT down, whichever the server. The
+    // block of addresses is this process's own (by pid), so that the previous run's sockets
+    // in TIME-WAIT do not slow the port search of the next server measured.
     let loopback = a.url.starts_with("127.");
+    let block = 1 + (std::process::id() % 250) as u8;
     for i in 0..a.connections {
-        let from =
-            loopback.then(|| std::net::IpAddr::from([127, 0, 0, 2 + (i / 8000).min(250) as u8]));
+        let from = loopback
+            .then(|| std::net::IpAddr::from([127, block, 0, 2 + (i / 8000).min(250) as u8]));
         let mut c = Conn::connect_from(&a.url, &format!("idle-{i}"), from)?;
         c.s.set_nonblocking(false)?;
         c.send(&Packet::Subscribe(Subscribe {
