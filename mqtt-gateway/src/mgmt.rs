@@ -317,6 +317,72 @@ mod tests {
         assert!(dechunk(b"zz\r\n").is_err());
     }
 
+    /// A server on a real socket that answers `answers` requests per connection (then
+    /// closes it without saying so, as a restarted router would have), counting connections.
+    async fn server(answers: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::Ordering;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap().to_string();
+        let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let k = n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for i in 0..answers {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut b = [0u8; 512];
+                            match s.read(&mut b).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(m) => buf.extend_from_slice(&b[..m]),
+                            }
+                        }
+                        buf.clear();
+                        let body = format!("conn {k} answer {i}");
+                        // Chunked and with a length in turn.
+                        let a = if i % 2 == 0 {
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                        } else {
+                            format!(
+                                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                                body.len()
+                            )
+                        };
+                        if s.write_all(a.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (at, conns)
+    }
+
+    #[tokio::test]
+    async fn connections_are_kept_and_a_stale_one_is_replaced() {
+        use std::sync::atomic::Ordering;
+        let (at, conns) = server(3).await;
+        let api = RouterApi::new(at);
+        for i in 0..3 {
+            let b = api.get("/x").await.unwrap();
+            assert_eq!(String::from_utf8(b).unwrap(), format!("conn 0 answer {i}"));
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "one connection for three requests"
+        );
+        // The server closed that connection after its third answer: the next request finds
+        // it stale and goes again on a new one.
+        let b = api.get("/x").await.unwrap();
+        assert_eq!(String::from_utf8(b).unwrap(), "conn 1 answer 0");
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
     #[test]
     fn heads_say_how_the_body_ends_and_whether_the_connection_stays() {
         let h = Head::parse(b"HTTP/1.1 200 OK\r\ncontent-length: 12").unwrap();
