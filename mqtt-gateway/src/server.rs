@@ -434,14 +434,31 @@ async fn start<'a>(
     }
     let mut s = Session::new(sock, port, v, c, client_id.clone(), cfg);
     let resumed = async {
+        // A clean start's answer is known before the brokers are asked (no session present):
+        // the device may send its next packets while the old session is looked up and ended.
+        // They are read only once it has ended.
+        if clean_start {
+            write(&mut s.sock, &connack(reason::SUCCESS, props.clone()), v).await?;
+        }
         // The session kept in the brokers: resumed, or ended by a clean start.
         let kept = match &cfg.router_http {
             Some(api) => match session_subscriptions(api, &client_id).await {
                 Ok(list) => list,
                 Err(e) => {
                     tracing::warn!("sessions not readable at {}: {e}", api.host());
-                    let _ =
-                        write(&mut s.sock, &connack(reason::SERVER_UNAVAILABLE, props), v).await;
+                    let refusal = if !clean_start {
+                        Some(connack(reason::SERVER_UNAVAILABLE, props))
+                    } else if v == Version::V5 {
+                        Some(Packet::Disconnect(Disconnect {
+                            reason: reason::SERVER_UNAVAILABLE,
+                            properties: Properties::default(),
+                        }))
+                    } else {
+                        None
+                    };
+                    if let Some(p) = refusal {
+                        let _ = write(&mut s.sock, &p, v).await;
+                    }
                     return Err(e.into());
                 }
             },
@@ -461,11 +478,13 @@ async fn start<'a>(
             }
         }
         s.keep = keep;
-        let mut ack = connack(reason::SUCCESS, props);
-        if let Packet::ConnAck(a) = &mut ack {
-            a.session_present = session_present;
+        if !clean_start {
+            let mut ack = connack(reason::SUCCESS, props);
+            if let Packet::ConnAck(a) = &mut ack {
+                a.session_present = session_present;
+            }
+            write(&mut s.sock, &ack, v).await?;
         }
-        write(&mut s.sock, &ack, v).await?;
         Ok::<bool, ConnError>(session_present)
     };
     match resumed.await {
