@@ -899,8 +899,6 @@ struct Outbound {
 struct Session<'a> {
     sock: Io,
     port: Port,
-    /// Events read while waiting for another (handled first by the main loop).
-    backlog: VecDeque<Ev>,
     v: Version,
     cfg: &'a Config,
     /// Keep alive × 1.5 in milliseconds (0: none).
@@ -908,15 +906,13 @@ struct Session<'a> {
     /// Publishing links, settled (QoS 0) and unsettled; attached at the first PUBLISH.
     pub0: Option<LinkId>,
     pub1: Option<LinkId>,
-    /// Our unsettled publishes by tag → the device's (packet id, QoS).
-    publishing: SmallMap<u64, (u16, QoS)>,
     /// What most devices never use, boxed on first use.
     rare: Option<Box<Rare>>,
     subs: Subs,
-    out: SmallMap<u16, Outbound>,
+    /// Queues and maps of a device that has sent or received messages, boxed on first use:
+    /// a device that only subscribed (most of an idle fleet) keeps none.
+    busy: Option<Box<Busy>>,
     next_id: u16,
-    /// Decoded PUBLISHes waiting for publishing credit.
-    waiting: VecDeque<Publish>,
     wbuf: BytesMut,
     /// Delivery tags of our publishes.
     tags: u64,
@@ -927,6 +923,19 @@ struct Session<'a> {
     client_id: String,
     /// QoS 1/2 messages the device accepts unacknowledged (its receive maximum).
     receive_max: u16,
+}
+
+/// A session's in-flight state (see [`Session::busy`]).
+#[derive(Default)]
+struct Busy {
+    /// Events read while waiting for another (handled first by the main loop).
+    backlog: VecDeque<Ev>,
+    /// Our unsettled publishes by tag → the device's (packet id, QoS).
+    publishing: SmallMap<u64, (u16, QoS)>,
+    /// Our unacknowledged PUBLISHes to the device by packet id.
+    out: SmallMap<u16, Outbound>,
+    /// Decoded PUBLISHes waiting for publishing credit.
+    waiting: VecDeque<Publish>,
     /// Deliveries waiting for a slot under `receive_max` (bounded by the links' credit).
     held: VecDeque<mux::Delivery>,
 }
@@ -934,6 +943,17 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     fn rare(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Box::default)
+    }
+
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
+    }
+
+    /// Outbound `packet_id` is unacknowledged.
+    fn awaits_ack(&self, packet_id: u16) -> bool {
+        self.busy
+            .as_ref()
+            .is_some_and(|b| b.out.contains_key(&packet_id))
     }
 
     fn new(
@@ -947,25 +967,21 @@ impl<'a> Session<'a> {
         Session {
             sock,
             port,
-            backlog: VecDeque::new(),
             v,
             cfg,
             keep_alive_ms: u32::from(c.keep_alive) * 1500,
             pub0: None,
             pub1: None,
-            publishing: SmallMap::default(),
             rare: None,
             subs: Subs::default(),
-            out: SmallMap::default(),
+            busy: None,
             next_id: 1,
-            waiting: VecDeque::new(),
             wbuf: BytesMut::new(),
             tags: 0,
             keep: Keep::No,
             budget: (cfg.max_publish_rate > 0).then(|| Box::new(Budget::new(cfg.max_publish_rate))),
             client_id,
             receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX),
-            held: VecDeque::new(),
         }
     }
 
@@ -990,7 +1006,7 @@ impl<'a> Session<'a> {
 
     /// Whether the device may be read: nothing waits for publishing credit.
     fn can_publish(&self) -> bool {
-        self.waiting.is_empty()
+        self.busy.as_ref().is_none_or(|b| b.waiting.is_empty())
     }
 
     /// The publishing link for `qos`, attached on first use.
@@ -1013,7 +1029,7 @@ impl<'a> Session<'a> {
     async fn wait_credit(&mut self, link: LinkId) -> Result<(), ConnError> {
         while self.port.credit(link) == 0 {
             if let Some(e) = self.next_event().await? {
-                self.backlog.push_back(e);
+                self.busy().backlog.push_back(e);
             }
         }
         Ok(())
@@ -1024,7 +1040,7 @@ impl<'a> Session<'a> {
         loop {
             match self.next_event().await? {
                 Some(Ev::Outcome { tag: t, outcome }) if t == tag => return Ok(outcome),
-                Some(e) => self.backlog.push_back(e),
+                Some(e) => self.busy().backlog.push_back(e),
                 None => {}
             }
         }
@@ -1051,7 +1067,7 @@ impl<'a> Session<'a> {
     async fn run(&mut self, buf: &mut BytesMut) -> Result<End, ConnError> {
         let mut last_heard = Instant::now();
         loop {
-            while let Some(e) = self.backlog.pop_front() {
+            while let Some(e) = self.busy.as_mut().and_then(|b| b.backlog.pop_front()) {
                 self.on_amqp(e)?;
             }
             // Everything already buffered first (CONNECT may have arrived with more).
@@ -1070,7 +1086,7 @@ impl<'a> Session<'a> {
             self.flush().await?;
             let keep_alive = (self.keep_alive_ms > 0)
                 .then(|| last_heard + Duration::from_millis(u64::from(self.keep_alive_ms)));
-            let refill = (!self.waiting.is_empty())
+            let refill = (!self.can_publish())
                 .then(|| self.budget.as_ref()?.next())
                 .flatten();
             let wake = [keep_alive, refill].into_iter().flatten().min();
@@ -1226,7 +1242,7 @@ impl<'a> Session<'a> {
     fn on_packet(&mut self, p: Packet) -> Result<Option<End>, ConnError> {
         match p {
             Packet::Publish(p) => {
-                self.waiting.push_back(p);
+                self.busy().waiting.push_back(p);
                 self.drain_waiting()?;
             }
             Packet::PubRel(a) => {
@@ -1242,7 +1258,7 @@ impl<'a> Session<'a> {
             }
             Packet::PubAck(a) => self.acknowledged(a.packet_id)?,
             Packet::PubRec(a) => {
-                if self.out.contains_key(&a.packet_id) {
+                if self.awaits_ack(a.packet_id) {
                     if a.reason >= 0x80 {
                         // Refused by the device: done with it (accepted: it will not retry).
                         self.acknowledged(a.packet_id)?;
@@ -1298,8 +1314,13 @@ impl<'a> Session<'a> {
 
     /// Publishes what waits, as far as credit goes.
     fn drain_waiting(&mut self) -> Result<(), ConnError> {
-        while let Some(p) = self.waiting.front() {
-            let link = if p.qos == QoS::AtMostOnce {
+        while let Some(qos) = self
+            .busy
+            .as_ref()
+            .and_then(|b| b.waiting.front())
+            .map(|p| p.qos)
+        {
+            let link = if qos == QoS::AtMostOnce {
                 self.pub0
             } else {
                 self.pub1
@@ -1312,7 +1333,7 @@ impl<'a> Session<'a> {
             {
                 break;
             }
-            let Some(p) = self.waiting.pop_front() else {
+            let Some(p) = self.busy.as_mut().and_then(|b| b.waiting.pop_front()) else {
                 break;
             };
             self.publish(p, link)?;
@@ -1386,7 +1407,7 @@ impl<'a> Session<'a> {
         let tag = self.next_tag();
         self.port.send(link, tag, msg.freeze(), settled)?;
         if let (false, Some(id)) = (settled, p.packet_id) {
-            self.publishing.insert(tag, (id, p.qos));
+            self.busy().publishing.insert(tag, (id, p.qos));
         }
         Ok(())
     }
@@ -1568,7 +1589,7 @@ impl<'a> Session<'a> {
                 let qos = m.qos.unwrap_or(QoS::AtLeastOnce).min(opts.qos);
                 let packet_id = (qos != QoS::AtMostOnce).then(|| {
                     let id = self.free_id();
-                    self.out.insert(id, Outbound { from: None });
+                    self.busy().out.insert(id, Outbound { from: None });
                     id
                 });
                 let mut properties = if self.v == Version::V5 {
@@ -1618,7 +1639,7 @@ impl<'a> Session<'a> {
                 Ok(Some(Ev::Closed)) | Ok(None) => {
                     return Err(ConnError::Closed("router connection gone"));
                 }
-                Ok(Some(e)) => self.backlog.push_back(e),
+                Ok(Some(e)) => self.busy().backlog.push_back(e),
                 Err(_) => break,
             }
         }
@@ -1687,7 +1708,9 @@ impl<'a> Session<'a> {
     fn on_amqp(&mut self, e: Ev) -> Result<(), ConnError> {
         match e {
             Ev::Outcome { tag, outcome } => {
-                if let Some((packet_id, qos)) = self.publishing.remove(&tag) {
+                if let Some((packet_id, qos)) =
+                    self.busy.as_mut().and_then(|b| b.publishing.remove(&tag))
+                {
                     self.published(packet_id, qos, outcome)?;
                 }
             }
@@ -1765,9 +1788,10 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         let qos = m.qos.unwrap_or(QoS::AtLeastOnce).min(sub_qos);
-        if qos != QoS::AtMostOnce && !d.settled && self.out.len() >= usize::from(self.receive_max) {
+        let unacknowledged = self.busy.as_ref().map_or(0, |b| b.out.len());
+        if qos != QoS::AtMostOnce && !d.settled && unacknowledged >= usize::from(self.receive_max) {
             // The device's receive maximum is reached: wait for an acknowledgement.
-            self.held.push_back(d);
+            self.busy().held.push_back(d);
             return Ok(());
         }
         let mut properties = if self.v == Version::V5 {
@@ -1783,7 +1807,7 @@ impl<'a> Session<'a> {
             None
         } else {
             let id = self.free_id();
-            self.out.insert(
+            self.busy().out.insert(
                 id,
                 Outbound {
                     from: Some((link, d.delivery_id)),
@@ -1833,7 +1857,7 @@ impl<'a> Session<'a> {
         loop {
             let id = self.next_id;
             self.next_id = self.next_id.checked_add(1).unwrap_or(1);
-            if !self.out.contains_key(&id) {
+            if !self.awaits_ack(id) {
                 return id;
             }
         }
@@ -1841,7 +1865,7 @@ impl<'a> Session<'a> {
 
     /// The device acknowledged outbound `packet_id` (PUBACK for QoS 1, PUBCOMP for QoS 2).
     fn acknowledged(&mut self, packet_id: u16) -> Result<(), ConnError> {
-        let Some(o) = self.out.remove(&packet_id) else {
+        let Some(o) = self.busy.as_mut().and_then(|b| b.out.remove(&packet_id)) else {
             return Ok(());
         };
         let Some((link, delivery_id)) = o.from else {
@@ -1850,7 +1874,7 @@ impl<'a> Session<'a> {
         self.port
             .settle(link, delivery_id, DeliveryState::Accepted, 1)?;
         // A slot under the device's receive maximum: the next held delivery goes out.
-        if let Some(d) = self.held.pop_front() {
+        if let Some(d) = self.busy.as_mut().and_then(|b| b.held.pop_front()) {
             self.deliver(d)?;
         }
         Ok(())
