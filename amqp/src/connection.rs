@@ -1396,7 +1396,6 @@ impl Connection {
             let t = Transfer {
                 handle,
                 delivery_id: first.then_some(delivery_id),
-                delivery_tag: first.then(|| Bytes::copy_from_slice(tag)),
                 message_format: first.then_some(message_format),
                 settled: (first && settled).then_some(true),
                 more: true,
@@ -1412,14 +1411,15 @@ impl Connection {
             out.put_u8(FRAME_AMQP);
             out.put_u16(ch);
             let perf_at = out.len();
-            t.encode(out);
+            let tag = first.then_some(tag);
+            t.encode_with_tag(tag, out);
             let overhead = out.len() - fstart;
             let room = max_frame.saturating_sub(overhead).max(1);
             let last = rest.len() <= room;
             if last {
                 // Re-encode without `more` (it is the one flag that differs).
                 out.truncate(perf_at);
-                Transfer { more: false, ..t }.encode(out);
+                Transfer { more: false, ..t }.encode_with_tag(tag, out);
             }
             let n = rest.len().min(room);
             out.put_slice(&rest[..n]);

@@ -679,10 +679,16 @@ impl Flow {
 
 impl Transfer {
     pub fn encode(&self, buf: &mut BytesMut) {
+        self.encode_with_tag(self.delivery_tag.as_deref(), buf);
+    }
+
+    /// Encodes with `tag` as the delivery tag in place of the struct's own: a sender encodes
+    /// its frames from a borrowed tag, with no copy per message.
+    pub fn encode_with_tag(&self, tag: Option<&[u8]>, buf: &mut BytesMut) {
         let mut f = Fields::new(buf, descriptor::TRANSFER);
         f.uint(Some(self.handle))
             .uint(self.delivery_id)
-            .binary(self.delivery_tag.as_deref())
+            .binary(tag)
             .uint(self.message_format)
             .boolean(self.settled)
             .boolean(self.more.then_some(true))

@@ -886,9 +886,19 @@ impl Core {
         };
         p.outstanding = p.outstanding.saturating_sub(1);
         p.deliveries += 1;
-        let address: Arc<str> = match (&p.address, to) {
-            (Some(a), _) => a.clone(),
-            (None, Some(to)) => Arc::from(to),
+        // The link's own target, or the message's `to` on the anonymous relay (used as it
+        // came: no copy per message).
+        let held: Arc<str>;
+        let to_address: String;
+        let address: &str = match (&p.address, to) {
+            (Some(a), _) => {
+                held = a.clone();
+                &held
+            }
+            (None, Some(to)) => {
+                to_address = to;
+                &to_address
+            }
             (None, None) => {
                 self.release_in(link.conn, len);
                 self.settle_producer(
