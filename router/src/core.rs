@@ -916,8 +916,8 @@ impl Core {
         };
         let kind = self
             .addresses
-            .get(&*address)
-            .map_or_else(|| self.rules.resolve(&address), |a| a.kind);
+            .get(address)
+            .map_or_else(|| self.rules.resolve(address), |a| a.kind);
         if kind.is_brokered() {
             if let Some((cond, why)) = self.store_unavailable(kind, true) {
                 self.release_in(link.conn, len);
@@ -933,24 +933,24 @@ impl Core {
                 self.grant(link);
                 return;
             }
-            self.store(link, delivery_id, settled, &address, kind, payload);
+            self.store(link, delivery_id, settled, address, kind, payload);
             return;
         }
         let has_consumers = self
             .addresses
-            .get(&*address)
+            .get(address)
             .is_some_and(|a| !a.consumers.is_empty());
         if !has_consumers {
             self.release_in(link.conn, len);
             // Only the anonymous relay (or a race with the last consumer leaving) gets here.
-            if let Some(a) = self.addresses.get_mut(&*address) {
+            if let Some(a) = self.addresses.get_mut(address) {
                 a.counters().released += 1;
             }
             self.settle_producer(link, delivery_id, settled, released());
             self.grant(link);
             return;
         }
-        let Some(addr) = self.addresses.get_mut(&*address) else {
+        let Some(addr) = self.addresses.get_mut(address) else {
             return;
         };
         addr.counters().deliveries_in += 1;
@@ -991,7 +991,7 @@ impl Core {
                         dropped += 1;
                     }
                 }
-                if let Some(addr) = self.addresses.get_mut(&*address) {
+                if let Some(addr) = self.addresses.get_mut(address) {
                     addr.consumers = consumers;
                     addr.counters().deliveries_out += sent;
                     addr.counters().dropped += dropped;
@@ -1004,7 +1004,7 @@ impl Core {
                 if let Some(p) = self.producers.get_mut(&link) {
                     p.held += 1;
                 }
-                let Some(addr) = self.addresses.get_mut(&*address) else {
+                let Some(addr) = self.addresses.get_mut(address) else {
                     return;
                 };
                 addr.pending.push_back(Pending {
@@ -1014,7 +1014,7 @@ impl Core {
                     payload,
                     format,
                 });
-                self.pump_address(&address);
+                self.pump_address(address);
             }
         }
     }
