@@ -852,13 +852,14 @@ def test_dollar_topics_are_not_forwarded(router):
         sub.close()
 
 
-def _gateway_process(router):
-    """A separate `enmesh mqtt-gateway` in front of the standalone's router: (process, port)."""
+def _gateway_process(router, http_port=None):
+    """A separate `enmesh mqtt-gateway` in front of the standalone's router (its management API
+    at `http_port` if given): (process, port)."""
     import subprocess
     from conftest import enmesh_bin
     gw = subprocess.Popen([str(enmesh_bin()), "mqtt-gateway", "--listen", "127.0.0.1:0",
                            "--router", "127.0.0.1:%d" % router.amqp_port,
-                           "--router-http", "127.0.0.1:%d" % router.http_port],
+                           "--router-http", "127.0.0.1:%d" % (http_port or router.http_port)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = gw.stdout.readline()
     assert line.startswith("enmesh mqtt-gateway ready mqtt="), line
@@ -970,3 +971,37 @@ def test_session_expiry_ends_a_session_after_its_interval(router):
         assert d.present is False
     finally:
         d.close()
+
+
+def test_sessions_unreadable_refuse_the_connection_with_the_right_code(router):
+    # The router's management API is not reachable (a port nobody listens on). A clean start
+    # has had its CONNACK already (it is answered before the lookup): MQTT 5 then gets
+    # DISCONNECT 0x88, 3.1.1 a closed connection; a session to resume gets CONNACK 0x88.
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    dead = probe.getsockname()[1]
+    probe.close()
+    gw, port = _gateway_process(router, http_port=dead)
+    try:
+        def connect(level, clean):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(connect_pkt("unreadable-%d-%d" % (level, clean), level=level, clean=clean))
+            return s
+
+        s = connect(5, True)
+        first, body = read_packet(s)
+        assert (first, body[1]) == (0x20, 0x00)
+        first, body = read_packet(s)
+        assert (first, body[0]) == (0xE0, 0x88)
+        assert read_packet(s) is None
+        s = connect(4, True)
+        first, body = read_packet(s)
+        assert (first, body[1]) == (0x20, 0x00)
+        assert read_packet(s) is None
+        s = connect(5, False)
+        first, body = read_packet(s)
+        assert (first, body[1]) == (0x20, 0x88)
+        assert read_packet(s) is None
+    finally:
+        gw.kill()
+        gw.wait()
