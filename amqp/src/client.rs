@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::connection::{AttachRequest, Config, Connection, Event, Fatal, LinkId};
 use crate::frames::{ErrorCondition, Role, Terminus};
+use crate::pipe::{Dialer, Stream};
 use crate::sasl::SaslClient;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum ClientError {
 }
 
 pub struct Client {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub conn: Connection,
     pub inbuf: BytesMut,
     pub events: VecDeque<Event>,
@@ -45,8 +45,16 @@ impl Client {
         container_id: &str,
         capacity: usize,
     ) -> Result<Client, ClientError> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        Self::connect_via(&Dialer::Tcp(addr.to_owned()), container_id, capacity).await
+    }
+
+    /// Like [`Client::connect_with`], over a stream `to` opens (TCP, or an in-process pipe).
+    pub async fn connect_via(
+        to: &Dialer,
+        container_id: &str,
+        capacity: usize,
+    ) -> Result<Client, ClientError> {
+        let stream = to.dial().await?;
         let cfg = Config {
             container_id: container_id.to_owned(),
             max_frame_size: 1 << 20,

@@ -14,6 +14,8 @@ pub mod connection;
 pub mod error;
 pub mod frames;
 pub mod message;
+#[cfg(feature = "client")]
+pub mod pipe;
 pub mod sasl;
 
 pub use codec::Value;

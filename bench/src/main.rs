@@ -240,6 +240,9 @@ impl Raw {
             events,
             ..
         } = c;
+        let amqp::pipe::Stream::Tcp(stream) = stream else {
+            anyhow::bail!("not a TCP connection");
+        };
         let s = stream.into_std()?;
         s.set_nonblocking(true)?;
         Ok(Raw {

@@ -339,18 +339,17 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.router.http))?;
     // Installed before anything is announced, so an early SIGTERM is clean too.
     let rx = shutdown_on_signal()?;
+    let mut local = router::Local::default();
     if let Some(m) = mqtt {
-        let mut router_at = listener.local_addr()?;
-        if router_at.ip().is_unspecified() {
-            router_at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        let mut http_at = http.local_addr()?;
-        if http_at.ip().is_unspecified() {
-            http_at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
+        // The gateway reaches this process's router through in-process pipes: the same AMQP
+        // and HTTP, without a socket pair and three system calls per frame.
+        let (amqp_to, amqp_in) = amqp::pipe::local("the router's AMQP listener", 1 << 20);
+        let (http_to, http_in) = amqp::pipe::local("the router's HTTP listener", 1 << 16);
+        local.amqp = Some(amqp_in);
+        local.http = Some(http_in);
         println!("enmesh mqtt listening mqtt={}", m.local_addr()?);
         let ws = bind_ws(a.mqtt_ws.or(config.mqtt.ws_listen)).await?;
-        let cfg = gateway_config(&config.mqtt, router_at.to_string(), http_at.to_string());
+        let cfg = gateway_config(&config.mqtt, amqp_to, http_to);
         tokio::spawn(mqtt_gateway::server::serve(
             m,
             ws,
@@ -364,7 +363,10 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
         http.local_addr()?
     );
     // Announced only once the broker shard is open and connections are being accepted.
-    router::run(config, listener, http, rx, move || println!("{ready_line}")).await?;
+    router::run(config, listener, http, local, rx, move || {
+        println!("{ready_line}")
+    })
+    .await?;
     Ok(())
 }
 
@@ -426,12 +428,12 @@ fn declare_mqtt_topics(config: &mut Config) {
 
 fn gateway_config(
     m: &router::config::MqttSection,
-    router: String,
-    router_http: String,
+    router: amqp::pipe::Dialer,
+    router_http: amqp::pipe::Dialer,
 ) -> mqtt_gateway::server::Config {
     mqtt_gateway::server::Config {
         router,
-        router_http: Some(std::sync::Arc::new(mqtt_gateway::mgmt::RouterApi::new(
+        router_http: Some(std::sync::Arc::new(mqtt_gateway::mgmt::RouterApi::via(
             router_http,
         ))),
         topic_prefix: m.topic_prefix.clone(),
@@ -471,7 +473,11 @@ async fn serve_gateway(
     );
     let ws = bind_ws(ws.or(config.mqtt.ws_listen)).await?;
     let http = router_http.unwrap_or_else(|| config.mqtt.router_http.clone());
-    let cfg = gateway_config(&config.mqtt, router, http);
+    let cfg = gateway_config(
+        &config.mqtt,
+        amqp::pipe::Dialer::Tcp(router),
+        amqp::pipe::Dialer::Tcp(http),
+    );
     mqtt_gateway::server::serve(l, ws, std::sync::Arc::new(cfg), rx).await?;
     Ok(())
 }

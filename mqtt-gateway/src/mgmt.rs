@@ -10,8 +10,8 @@ use std::io;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use amqp::pipe::{Dialer, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Idle connections kept for reuse (more are opened under bursts and closed after use).
 const KEEP_IDLE: usize = 8;
@@ -22,14 +22,14 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The router's management API at one address, with its idle kept-alive connections.
 pub struct RouterApi {
-    host: String,
-    idle: Mutex<Vec<TcpStream>>,
+    to: Dialer,
+    idle: Mutex<Vec<Stream>>,
 }
 
 impl std::fmt::Debug for RouterApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RouterApi")
-            .field("host", &self.host)
+            .field("to", &self.to.name())
             .finish()
     }
 }
@@ -42,15 +42,30 @@ enum Failed {
 }
 
 impl RouterApi {
+    /// The API at TCP address `host` (host:port).
     pub fn new(host: impl Into<String>) -> RouterApi {
+        RouterApi::via(Dialer::Tcp(host.into()))
+    }
+
+    /// The API at `to`: a TCP address, or in-process (standalone).
+    pub fn via(to: Dialer) -> RouterApi {
         RouterApi {
-            host: host.into(),
+            to,
             idle: Mutex::new(Vec::new()),
         }
     }
 
+    /// Its address, or the in-process listener's name.
     pub fn host(&self) -> &str {
-        &self.host
+        self.to.name()
+    }
+
+    /// What requests say in `Host`: the address, or `localhost` in-process.
+    fn host_header(&self) -> &str {
+        match &self.to {
+            Dialer::Tcp(a) => a,
+            Dialer::Local(_) => "localhost",
+        }
     }
 
     /// GET `path`: the body of a 2xx answer.
@@ -62,7 +77,7 @@ impl RouterApi {
     pub async fn request(&self, method: &str, path: &str) -> io::Result<Vec<u8>> {
         let run = async {
             if let Some(s) = self.take() {
-                match exchange(s, &self.host, method, path).await {
+                match exchange(s, self.host_header(), method, path).await {
                     Ok((body, s)) => return self.done(body, s),
                     // Closed by the router while idle: once more on a new connection (the
                     // requests are reads and purges, which may be repeated).
@@ -70,9 +85,8 @@ impl RouterApi {
                     Err(Failed::Other(e)) => return Err(e),
                 }
             }
-            let s = TcpStream::connect(&self.host).await?;
-            let _ = s.set_nodelay(true);
-            match exchange(s, &self.host, method, path).await {
+            let s = self.to.dial().await?;
+            match exchange(s, self.host_header(), method, path).await {
                 Ok((body, s)) => self.done(body, s),
                 Err(Failed::Stale(e) | Failed::Other(e)) => Err(e),
             }
@@ -82,12 +96,12 @@ impl RouterApi {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP request timed out"))?
     }
 
-    fn take(&self) -> Option<TcpStream> {
+    fn take(&self) -> Option<Stream> {
         self.idle.lock().ok()?.pop()
     }
 
     /// Keeps a reusable connection and passes the answer on.
-    fn done(&self, body: io::Result<Vec<u8>>, s: Option<TcpStream>) -> io::Result<Vec<u8>> {
+    fn done(&self, body: io::Result<Vec<u8>>, s: Option<Stream>) -> io::Result<Vec<u8>> {
         if let (Some(s), Ok(mut idle)) = (s, self.idle.lock())
             && idle.len() < KEEP_IDLE
         {
@@ -100,11 +114,11 @@ impl RouterApi {
 /// One request and its answer on `s`: the answer (an error for a non-2xx status) and the
 /// connection when it may be used again.
 async fn exchange(
-    mut s: TcpStream,
+    mut s: Stream,
     host: &str,
     method: &str,
     path: &str,
-) -> Result<(io::Result<Vec<u8>>, Option<TcpStream>), Failed> {
+) -> Result<(io::Result<Vec<u8>>, Option<Stream>), Failed> {
     let req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
     s.write_all(req.as_bytes()).await.map_err(Failed::Stale)?;
     let mut buf = Vec::with_capacity(512);
@@ -175,7 +189,7 @@ async fn exchange(
     Ok((answer, reuse.then_some(s)))
 }
 
-async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+async fn read_more(s: &mut Stream, buf: &mut Vec<u8>) -> io::Result<usize> {
     buf.reserve(4096);
     s.read_buf(buf).await
 }

@@ -125,14 +125,14 @@ struct Handle {
 
 /// The gateway's AMQP connections to the router.
 pub struct Pool {
-    router: String,
+    router: amqp::pipe::Dialer,
     per_connection: usize,
     conns: Mutex<Vec<Handle>>,
     next_dev: AtomicU64,
 }
 
 impl Pool {
-    pub fn new(router: String, per_connection: usize) -> Arc<Pool> {
+    pub fn new(router: amqp::pipe::Dialer, per_connection: usize) -> Arc<Pool> {
         Arc::new(Pool {
             router,
             per_connection: per_connection.max(1),
@@ -148,7 +148,7 @@ impl Pool {
             return Ok(p);
         }
         // Connected outside the lock; a race may open one connection more than needed.
-        let client = Client::connect_with(&self.router, CONTAINER, 1 << 16).await?;
+        let client = Client::connect_via(&self.router, CONTAINER, 1 << 16).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let devices = Arc::new(AtomicUsize::new(0));
         tokio::spawn(run(client, rx));

@@ -83,8 +83,8 @@ const BATCH: usize = 256;
 /// What the gateway needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The router's AMQP address (host:port).
-    pub router: String,
+    /// The router's AMQP listener: host:port, or in-process (standalone).
+    pub router: amqp::pipe::Dialer,
     /// Enmesh address prefix of MQTT topics (a topic address in the router's configuration).
     pub topic_prefix: String,
     /// Largest MQTT packet accepted (and announced to MQTT 5 clients).
@@ -95,8 +95,8 @@ pub struct Config {
     pub inflight: u16,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout: Duration,
-    /// The router's management HTTP address (host:port), where persistent sessions are found;
-    /// without it every session is clean.
+    /// The router's management HTTP API, where persistent sessions are found; without it
+    /// every session is clean.
     pub router_http: Option<Arc<RouterApi>>,
     /// PUBLISHes per second one connection may send (0: no limit). Beyond it the gateway stops
     /// reading from the device until the budget refills (bursts of one second's worth).
@@ -111,7 +111,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            router: "127.0.0.1:5672".into(),
+            router: amqp::pipe::Dialer::Tcp("127.0.0.1:5672".into()),
             topic_prefix: "mqtt/".into(),
             max_packet_size: 1024 * 1024,
             max_connections: 100_000,
@@ -1953,7 +1953,7 @@ mod tests {
     async fn an_idle_device_keeps_a_small_future() {
         let cfg = Config::default();
         let clients = Clients::default();
-        let pool = Pool::new("127.0.0.1:1".into(), 10);
+        let pool = Pool::new(amqp::pipe::Dialer::Tcp("127.0.0.1:1".into()), 10);
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let f = connection(Box::new(a), false, &cfg, &clients, &pool, false);

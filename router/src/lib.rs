@@ -62,14 +62,55 @@ async fn start_store(
     Ok(req_tx)
 }
 
-/// Serves AMQP on `listener` and HTTP on `http` until `shutdown` turns true; then closes every
-/// connection with `amqp:connection:forced` and returns.
+/// In-process listeners served beside the TCP ones: standalone's MQTT gateway dials them
+/// ([`amqp::pipe`]), and they serve exactly what the TCP listeners serve.
+#[derive(Default)]
+pub struct Local {
+    pub amqp: Option<amqp::pipe::Accepted>,
+    pub http: Option<amqp::pipe::Accepted>,
+}
+
+/// The in-process HTTP listener, as axum takes listeners.
+struct PipeListener(amqp::pipe::Accepted);
+
+impl axum::serve::Listener for PipeListener {
+    type Io = tokio::io::DuplexStream;
+    type Addr = &'static str;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.0.recv().await {
+            Some(s) => (s, "in-process"),
+            // Nobody can dial any more: nothing more to accept.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok("in-process")
+    }
+}
+
+/// The next pipe from an in-process listener (never, without one).
+async fn accept_local(l: &mut Option<amqp::pipe::Accepted>) -> tokio::io::DuplexStream {
+    match l {
+        Some(rx) => match rx.recv().await {
+            Some(s) => s,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves AMQP on `listener` and HTTP on `http` (and both on `local`'s in-process listeners)
+/// until `shutdown` turns true; then closes every connection with `amqp:connection:forced`
+/// and returns.
 /// `ready` is called once the broker shard (if any) is open and connections are about to be
 /// accepted.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     http: TcpListener,
+    local: Local,
     mut shutdown: watch::Receiver<bool>,
     ready: impl FnOnce(),
 ) -> std::io::Result<()> {
@@ -126,6 +167,17 @@ pub async fn run(
         core: core_tx.clone(),
     };
     let mut http_shutdown = shutdown.clone();
+    let local_http = local.http.map(|rx| {
+        let app = http::app(api.clone());
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(PipeListener(rx), app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                })
+                .await;
+        })
+    });
     let http_task = tokio::spawn(async move {
         let _ = axum::serve(http, http::app(api))
             .with_graceful_shutdown(async move {
@@ -133,10 +185,32 @@ pub async fn run(
             })
             .await;
     });
+    let mut local_amqp = local.amqp;
     let active = Arc::new(AtomicUsize::new(0));
     let next_id = AtomicU64::new(1);
     let (conn_shutdown_tx, conn_shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    // Each connection's task, on either kind of listener.
+    let spawn = |tasks: &mut tokio::task::JoinSet<()>, sock, peer: String| {
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let n = active.fetch_add(1, Ordering::AcqRel) + 1;
+        let refuse = (n > config.router.limits.max_connections).then(|| {
+            ErrorCondition::new(
+                condition::RESOURCE_LIMIT_EXCEEDED,
+                format!(
+                    "at most {} connections",
+                    config.router.limits.max_connections
+                ),
+            )
+        });
+        let shared = shared.clone();
+        let active = active.clone();
+        let rx = conn_shutdown_rx.clone();
+        tasks.spawn(async move {
+            conn::run(sock, id, peer, shared, rx, refuse).await;
+            active.fetch_sub(1, Ordering::AcqRel);
+        });
+    };
     ready();
     loop {
         tokio::select! {
@@ -151,21 +225,10 @@ pub async fn run(
                     }
                 };
                 let _ = sock.set_nodelay(true);
-                let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let n = active.fetch_add(1, Ordering::AcqRel) + 1;
-                let refuse = (n > config.router.limits.max_connections).then(|| {
-                    ErrorCondition::new(
-                        condition::RESOURCE_LIMIT_EXCEEDED,
-                        format!("at most {} connections", config.router.limits.max_connections),
-                    )
-                });
-                let shared = shared.clone();
-                let active = active.clone();
-                let rx = conn_shutdown_rx.clone();
-                tasks.spawn(async move {
-                    conn::run(sock, id, peer.to_string(), shared, rx, refuse).await;
-                    active.fetch_sub(1, Ordering::AcqRel);
-                });
+                spawn(&mut tasks, amqp::pipe::Stream::Tcp(sock), peer.to_string());
+            }
+            sock = accept_local(&mut local_amqp) => {
+                spawn(&mut tasks, amqp::pipe::Stream::Local(sock), "in-process".to_owned());
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = shutdown.wait_for(|v| *v) => break,
@@ -184,6 +247,9 @@ pub async fn run(
     drop(shared);
     drop(core_tx);
     let _ = http_task.await;
+    if let Some(t) = local_http {
+        let _ = t.await;
+    }
     core_task.abort();
     Ok(())
 }
