@@ -676,6 +676,19 @@ impl<'a> Encoder<'a> {
     pub fn string(&mut self, s: &str) {
         self.var(code::STR8, code::STR32, s.as_bytes());
     }
+    /// The string `a` followed by `b`, written without joining them first.
+    pub fn string2(&mut self, a: &str, b: &str) {
+        let n = a.len() + b.len();
+        if n < 256 {
+            self.buf.put_u8(code::STR8);
+            self.buf.put_u8(n as u8);
+        } else {
+            self.buf.put_u8(code::STR32);
+            self.buf.put_u32(n as u32);
+        }
+        self.buf.put_slice(a.as_bytes());
+        self.buf.put_slice(b.as_bytes());
+    }
     pub fn symbol(&mut self, s: &str) {
         self.var(code::SYM8, code::SYM32, s.as_bytes());
     }
@@ -1055,6 +1068,12 @@ impl<'a> Fields<'a> {
             }
             None => return self.null(),
         }
+        self
+    }
+    /// A string given in two parts (a prefix and the rest).
+    pub fn string2(&mut self, a: &str, b: &str) -> &mut Self {
+        self.e.string2(a, b);
+        self.mark(true);
         self
     }
     pub fn symbol(&mut self, v: Option<&str>) -> &mut Self {

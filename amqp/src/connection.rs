@@ -103,7 +103,7 @@ pub enum Event {
 pub struct Delivery {
     pub link: LinkId,
     pub delivery_id: u32,
-    pub tag: Bytes,
+    pub tag: crate::frames::DeliveryTag,
     pub settled: bool,
     pub message_format: u32,
     pub rcv_settle_mode: Option<u8>,
@@ -158,7 +158,7 @@ struct Link {
 
 struct Partial {
     delivery_id: u32,
-    tag: Bytes,
+    tag: crate::frames::DeliveryTag,
     settled: bool,
     message_format: u32,
     rcv_settle_mode: Option<u8>,
@@ -1136,7 +1136,7 @@ impl Connection {
             }
             l.partial = Some(Box::new(Partial {
                 delivery_id,
-                tag: t.delivery_tag.clone().unwrap_or_default(),
+                tag: t.delivery_tag.unwrap_or_default(),
                 settled: t.settled.unwrap_or(false),
                 message_format: t.message_format.unwrap_or(0),
                 rcv_settle_mode: t.rcv_settle_mode,

@@ -373,11 +373,45 @@ pub struct Flow {
     pub echo: bool,
 }
 
+/// A delivery tag (at most 32 bytes, AMQP 1.0 §2.7.5), held inline: one arrives with every
+/// message, and copying it out of the frame would be an allocation per message (slicing it
+/// instead would keep the whole read buffer alive while the delivery is unsettled).
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeliveryTag {
+    len: u8,
+    bytes: [u8; DeliveryTag::MAX],
+}
+
+impl DeliveryTag {
+    pub const MAX: usize = 32;
+
+    /// `b` as a tag; none if it is longer than 32 bytes.
+    pub fn new(b: &[u8]) -> Option<DeliveryTag> {
+        let mut t = DeliveryTag::default();
+        t.bytes.get_mut(..b.len())?.copy_from_slice(b);
+        t.len = b.len() as u8;
+        Some(t)
+    }
+}
+
+impl std::ops::Deref for DeliveryTag {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for DeliveryTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeliveryTag({:02x?})", &**self)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Transfer {
     pub handle: u32,
     pub delivery_id: Option<u32>,
-    pub delivery_tag: Option<Bytes>,
+    pub delivery_tag: Option<DeliveryTag>,
     pub message_format: Option<u32>,
     pub settled: Option<bool>,
     pub more: bool,
@@ -513,7 +547,13 @@ pub fn decode_performative(body: Bytes) -> Result<Performative, DecodeError> {
             let t = Transfer {
                 handle: need(l.uint()?, "transfer.handle")?,
                 delivery_id: l.uint()?,
-                delivery_tag: l.binary()?,
+                delivery_tag: match l.binary_ref()? {
+                    Some(b) => Some(
+                        DeliveryTag::new(b)
+                            .ok_or(DecodeError::Invalid("delivery-tag longer than 32 bytes"))?,
+                    ),
+                    None => None,
+                },
                 message_format: l.uint()?,
                 settled: l.boolean()?,
                 more: l.boolean()?.unwrap_or(false),
@@ -858,5 +898,24 @@ mod tests {
             });
         f.finish();
         assert_eq!(decoded(b), Some(DeliveryState::Accepted));
+    }
+
+    #[test]
+    fn delivery_tags_of_up_to_32_bytes_are_read_inline_and_longer_ones_refused() {
+        for n in [0usize, 1, 8, 32, 33, 300] {
+            let tag = vec![n as u8; n];
+            let mut b = BytesMut::new();
+            Transfer::default().encode_with_tag(Some(&tag), &mut b);
+            match decode_performative(b.freeze()) {
+                Ok(Performative::Transfer(t, _)) => {
+                    assert!(n <= DeliveryTag::MAX, "{n} bytes read");
+                    assert_eq!(t.delivery_tag.as_deref(), Some(&tag[..]));
+                }
+                Err(e) => {
+                    assert!(n > DeliveryTag::MAX, "{n} bytes refused: {e}");
+                }
+                Ok(other) => panic!("not a transfer: {other:?}"),
+            }
+        }
     }
 }

@@ -151,7 +151,7 @@ fn transfer_beyond_credit_detaches_link() {
         amqp::frames::Transfer {
             handle: 0,
             delivery_id: Some(0),
-            delivery_tag: Some(bytes::Bytes::from_static(b"x")),
+            delivery_tag: amqp::frames::DeliveryTag::new(b"x"),
             ..Default::default()
         }
         .encode(b)

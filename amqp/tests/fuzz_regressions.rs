@@ -212,7 +212,7 @@ fn sample_performatives() -> Vec<Performative> {
             Transfer {
                 handle: 0,
                 delivery_id: Some(i as u32),
-                delivery_tag: Some(Bytes::from(vec![i as u8])),
+                delivery_tag: amqp::frames::DeliveryTag::new(&[i as u8]),
                 message_format: Some(0),
                 settled: Some(false),
                 more: i == 1,

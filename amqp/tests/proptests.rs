@@ -329,7 +329,12 @@ fn transfer() -> impl Strategy<Value = Transfer> {
     (
         u32s(),
         option::of(u32s()),
-        option::of(small_bytes().prop_map(Bytes::from)),
+        option::of(
+            proptest::collection::vec(any::<u8>(), 0..=32)
+                .prop_filter_map("tags are at most 32 bytes", |v| {
+                    amqp::frames::DeliveryTag::new(&v)
+                }),
+        ),
         option::of(u32s()),
         option::of(any::<bool>()),
         any::<bool>(),

@@ -341,15 +341,17 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
     let rx = shutdown_on_signal()?;
     let mut local = router::Local::default();
     if let Some(m) = mqtt {
-        // The gateway reaches this process's router through in-process pipes: the same AMQP
-        // and HTTP, without a socket pair and three system calls per frame.
+        // The gateway reaches this process's router through an in-process pipe (the same AMQP,
+        // without a socket pair and three system calls per frame) and asks its management
+        // questions by direct calls (no HTTP request and JSON answer per device).
         let (amqp_to, amqp_in) = amqp::pipe::local("the router's AMQP listener", 1 << 20);
-        let (http_to, http_in) = amqp::pipe::local("the router's HTTP listener", 1 << 16);
+        let (api_tx, api_rx) = tokio::sync::watch::channel(None);
         local.amqp = Some(amqp_in);
-        local.http = Some(http_in);
+        local.api = Some(api_tx);
         println!("enmesh mqtt listening mqtt={}", m.local_addr()?);
         let ws = bind_ws(a.mqtt_ws.or(config.mqtt.ws_listen)).await?;
-        let cfg = gateway_config(&config.mqtt, amqp_to, http_to);
+        let api = mqtt_gateway::mgmt::RouterApi::direct(InProcess(api_rx));
+        let cfg = gateway_config(&config.mqtt, amqp_to, api);
         tokio::spawn(mqtt_gateway::server::serve(
             m,
             ws,
@@ -426,16 +428,69 @@ fn declare_mqtt_topics(config: &mut Config) {
     }
 }
 
+/// The standalone gateway's management calls, made straight to the router in this process
+/// (its API is given once the router runs).
+struct InProcess(tokio::sync::watch::Receiver<Option<router::http::Api>>);
+
+impl InProcess {
+    fn api(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<router::http::Api>> + Send + 'static
+    {
+        let mut rx = self.0.clone();
+        async move {
+            let api = rx
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| std::io::Error::other("the router is gone"))?;
+            api.clone()
+                .ok_or_else(|| std::io::Error::other("the router is gone"))
+        }
+    }
+}
+
+fn unavailable(s: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("router: {s}"))
+}
+
+impl mqtt_gateway::mgmt::Direct for InProcess {
+    fn queues(
+        &self,
+        prefix: String,
+    ) -> mqtt_gateway::mgmt::BoxFuture<std::io::Result<Vec<mqtt_gateway::mgmt::Queue>>> {
+        let api = self.api();
+        Box::pin(async move {
+            let list = api.await?.queues(prefix).await.map_err(unavailable)?;
+            Ok(list
+                .into_iter()
+                .map(|q| mqtt_gateway::mgmt::Queue {
+                    address: q.address,
+                    depth: q.depth as u64,
+                })
+                .collect())
+        })
+    }
+
+    fn purge(&self, address: String) -> mqtt_gateway::mgmt::BoxFuture<std::io::Result<()>> {
+        let api = self.api();
+        Box::pin(async move {
+            if api.await?.purge(address).await.map_err(unavailable)? {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("no broker shard to purge in"))
+            }
+        })
+    }
+}
+
 fn gateway_config(
     m: &router::config::MqttSection,
     router: amqp::pipe::Dialer,
-    router_http: amqp::pipe::Dialer,
+    api: mqtt_gateway::mgmt::RouterApi,
 ) -> mqtt_gateway::server::Config {
     mqtt_gateway::server::Config {
         router,
-        router_http: Some(std::sync::Arc::new(mqtt_gateway::mgmt::RouterApi::via(
-            router_http,
-        ))),
+        router_http: Some(std::sync::Arc::new(api)),
         topic_prefix: m.topic_prefix.clone(),
         max_packet_size: m.max_packet_size as usize,
         max_connections: m.max_connections,
@@ -476,7 +531,7 @@ async fn serve_gateway(
     let cfg = gateway_config(
         &config.mqtt,
         amqp::pipe::Dialer::Tcp(router),
-        amqp::pipe::Dialer::Tcp(http),
+        mqtt_gateway::mgmt::RouterApi::new(http),
     );
     mqtt_gateway::server::serve(l, ws, std::sync::Arc::new(cfg), rx).await?;
     Ok(())

@@ -83,7 +83,6 @@ pub fn to_amqp(p: &Publish, client: &str, prefix: &str, out: &mut BytesMut) {
     let size = (e.buf.len() - at - 4) as u32;
     e.buf[at..at + 4].copy_from_slice(&size.to_be_bytes());
     e.buf[at + 4..at + 8].copy_from_slice(&count.to_be_bytes());
-    let to = topic::name_address(prefix, &p.topic);
     let reply_to = props
         .response_topic
         .as_deref()
@@ -92,7 +91,7 @@ pub fn to_amqp(p: &Publish, client: &str, prefix: &str, out: &mut BytesMut) {
     let mut f = Fields::new(out, PROPERTIES);
     f.null() // message-id
         .null() // user-id
-        .string(Some(&to))
+        .string2(prefix, &p.topic)
         .null() // subject
         .string(reply_to.as_deref())
         .value(correlation.as_ref())
@@ -155,8 +154,9 @@ pub struct Incoming {
     /// The publisher's QoS, if it came through a gateway.
     pub qos: Option<QoS>,
     pub retain: bool,
-    /// The publishing MQTT client, if it came through a gateway.
-    pub publisher: Option<String>,
+    /// The publishing MQTT client's id (UTF-8, a slice of the message: only a no-local
+    /// subscription compares it), if it came through a gateway.
+    pub publisher: Option<Bytes>,
     pub properties: Properties,
     pub payload: Bytes,
 }
@@ -193,7 +193,9 @@ pub fn from_amqp(msg: &Bytes, prefix: &str) -> Result<Incoming, amqp::DecodeErro
                                 m.retain = r;
                             }
                         }
-                        Some(CLIENT) => m.publisher = a.str_ref()?.map(str::to_owned),
+                        Some(CLIENT) => {
+                            m.publisher = a.str_ref()?.map(|c| msg.slice_ref(c.as_bytes()))
+                        }
                         Some(FORMAT) => {
                             if let Some(Value::Ubyte(f)) = a.value()?
                                 && f <= 1
@@ -338,7 +340,7 @@ mod tests {
         assert_eq!(back.topic.as_deref(), Some("devices/7/telemetry"));
         assert_eq!(back.qos, Some(QoS::ExactlyOnce));
         assert!(back.retain);
-        assert_eq!(back.publisher.as_deref(), Some("dev-7"));
+        assert_eq!(back.publisher.as_deref(), Some(&b"dev-7"[..]));
         assert_eq!(back.properties.message_expiry_interval, Some(30));
         assert_eq!(back.properties.payload_format_indicator, Some(1));
         assert_eq!(

@@ -1,12 +1,15 @@
-//! The gateway's client of the router's management API (HTTP/1.1 on a trusted address), where
-//! persistent sessions and retained messages are found and retained queues are purged.
+//! The gateway's client of the router's management API, where persistent sessions and
+//! retained messages are found and retained queues are purged: over HTTP/1.1 on a trusted
+//! address, or by direct calls into a router in the same process (standalone, [`Direct`]).
 //!
-//! Connections are kept alive and reused: a device's CONNECT and each of its SUBSCRIBEs ask the
-//! router something, and a fresh TCP connection per question (a socket and an HTTP connection
-//! task on both sides, torn down right after) cost more than the question, and left holes in
-//! the heap between the long-lived state of the devices connecting meanwhile.
+//! HTTP connections are kept alive and reused: a device's CONNECT and each of its SUBSCRIBEs
+//! ask the router something, and a fresh TCP connection per question (a socket and an HTTP
+//! connection task on both sides, torn down right after) cost more than the question, and left
+//! holes in the heap between the long-lived state of the devices connecting meanwhile.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,16 +23,45 @@ const MAX_BODY: usize = 64 << 20;
 /// A request's time limit, connecting included.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The router's management API at one address, with its idle kept-alive connections.
+/// A queue (or subscription) as the router lists it: what the gateway reads of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queue {
+    pub address: String,
+    /// Messages held.
+    pub depth: u64,
+}
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The management calls the gateway makes, answered by a router in the same process without
+/// HTTP: the same questions to the same router core, without a request to format and parse
+/// and a JSON answer per device.
+pub trait Direct: Send + Sync {
+    /// The queues (subscriptions included, as `$sub:NAME`) whose address starts with `prefix`.
+    fn queues(&self, prefix: String) -> BoxFuture<io::Result<Vec<Queue>>>;
+    /// Removes the ready messages of queue `address`.
+    fn purge(&self, address: String) -> BoxFuture<io::Result<()>>;
+}
+
+/// The router's management API.
 pub struct RouterApi {
-    to: Dialer,
-    idle: Mutex<Vec<Stream>>,
+    via: Via,
+}
+
+enum Via {
+    /// At an address, with idle kept-alive connections.
+    Http {
+        to: Dialer,
+        idle: Mutex<Vec<Stream>>,
+    },
+    /// In this process.
+    Direct(Box<dyn Direct>),
 }
 
 impl std::fmt::Debug for RouterApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RouterApi")
-            .field("to", &self.to.name())
+            .field("at", &self.host())
             .finish()
     }
 }
@@ -42,73 +74,130 @@ enum Failed {
 }
 
 impl RouterApi {
-    /// The API at TCP address `host` (host:port).
+    /// The API over HTTP at TCP address `host` (host:port).
     pub fn new(host: impl Into<String>) -> RouterApi {
         RouterApi::via(Dialer::Tcp(host.into()))
     }
 
-    /// The API at `to`: a TCP address, or in-process (standalone).
+    /// The API over HTTP at `to`.
     pub fn via(to: Dialer) -> RouterApi {
         RouterApi {
-            to,
-            idle: Mutex::new(Vec::new()),
+            via: Via::Http {
+                to,
+                idle: Mutex::new(Vec::new()),
+            },
         }
     }
 
-    /// Its address, or the in-process listener's name.
+    /// The API of a router in this process.
+    pub fn direct(d: impl Direct + 'static) -> RouterApi {
+        RouterApi {
+            via: Via::Direct(Box::new(d)),
+        }
+    }
+
+    /// Where it is, for messages.
     pub fn host(&self) -> &str {
-        self.to.name()
-    }
-
-    /// What requests say in `Host`: the address, or `localhost` in-process.
-    fn host_header(&self) -> &str {
-        match &self.to {
-            Dialer::Tcp(a) => a,
-            Dialer::Local(_) => "localhost",
+        match &self.via {
+            Via::Http { to, .. } => to.name(),
+            Via::Direct(_) => "the router in this process",
         }
     }
 
-    /// GET `path`: the body of a 2xx answer.
-    pub async fn get(&self, path: &str) -> io::Result<Vec<u8>> {
-        self.request("GET", path).await
+    /// The queues whose address starts with `prefix` (filtered by the router).
+    pub async fn queues(&self, prefix: &str) -> io::Result<Vec<Queue>> {
+        let d = match &self.via {
+            Via::Direct(d) => d,
+            Via::Http { .. } => {
+                let body = self
+                    .request("GET", &format!("/api/v1/queues?prefix={}", percent(prefix)))
+                    .await?;
+                return parse_queues(&body);
+            }
+        };
+        limit(d.queues(prefix.to_owned())).await
     }
 
-    /// A request without a body: the body of a 2xx answer, at most 64 MiB.
-    pub async fn request(&self, method: &str, path: &str) -> io::Result<Vec<u8>> {
+    /// Removes the ready messages of queue `address`.
+    pub async fn purge(&self, address: &str) -> io::Result<()> {
+        let d = match &self.via {
+            Via::Direct(d) => d,
+            Via::Http { .. } => {
+                self.request("POST", &format!("/api/v1/purge/{}", percent_path(address)))
+                    .await?;
+                return Ok(());
+            }
+        };
+        limit(d.purge(address.to_owned())).await
+    }
+
+    /// An HTTP request without a body: the body of a 2xx answer, at most 64 MiB.
+    async fn request(&self, method: &str, path: &str) -> io::Result<Vec<u8>> {
+        let Via::Http { to, idle } = &self.via else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no HTTP to a router in this process",
+            ));
+        };
+        let host = match to {
+            Dialer::Tcp(a) => a.as_str(),
+            Dialer::Local(_) => "localhost",
+        };
         let run = async {
-            if let Some(s) = self.take() {
-                match exchange(s, self.host_header(), method, path).await {
-                    Ok((body, s)) => return self.done(body, s),
+            let kept = idle.lock().ok().and_then(|mut g| g.pop());
+            if let Some(s) = kept {
+                match exchange(s, host, method, path).await {
+                    Ok((body, s)) => return keep(idle, body, s),
                     // Closed by the router while idle: once more on a new connection (the
                     // requests are reads and purges, which may be repeated).
                     Err(Failed::Stale(_)) => {}
                     Err(Failed::Other(e)) => return Err(e),
                 }
             }
-            let s = self.to.dial().await?;
-            match exchange(s, self.host_header(), method, path).await {
-                Ok((body, s)) => self.done(body, s),
+            let s = to.dial().await?;
+            match exchange(s, host, method, path).await {
+                Ok((body, s)) => keep(idle, body, s),
                 Err(Failed::Stale(e) | Failed::Other(e)) => Err(e),
             }
         };
-        tokio::time::timeout(TIMEOUT, run)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP request timed out"))?
+        limit(run).await
     }
+}
 
-    fn take(&self) -> Option<Stream> {
-        self.idle.lock().ok()?.pop()
-    }
+/// `f` within the time limit of a request.
+async fn limit<T>(f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(TIMEOUT, f)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "router request timed out"))?
+}
 
-    /// Keeps a reusable connection and passes the answer on.
-    fn done(&self, body: io::Result<Vec<u8>>, s: Option<Stream>) -> io::Result<Vec<u8>> {
-        if let (Some(s), Ok(mut idle)) = (s, self.idle.lock())
-            && idle.len() < KEEP_IDLE
-        {
-            idle.push(s);
-        }
-        body
+/// Keeps a reusable connection and passes the answer on.
+fn keep(
+    idle: &Mutex<Vec<Stream>>,
+    body: io::Result<Vec<u8>>,
+    s: Option<Stream>,
+) -> io::Result<Vec<u8>> {
+    if let (Some(s), Ok(mut idle)) = (s, idle.lock())
+        && idle.len() < KEEP_IDLE
+    {
+        idle.push(s);
     }
+    body
+}
+
+/// The router's JSON list of queues.
+fn parse_queues(body: &[u8]) -> io::Result<Vec<Queue>> {
+    let list: Vec<serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(list
+        .iter()
+        .filter_map(|q| {
+            Some(Queue {
+                address: q["address"].as_str()?.to_owned(),
+                depth: q["depth"].as_u64()?,
+            })
+        })
+        .collect())
 }
 
 /// One request and its answer on `s`: the answer (an error for a non-2xx status) and the
@@ -300,7 +389,7 @@ fn dechunk(mut b: &[u8]) -> io::Result<Option<Vec<u8>>> {
 }
 
 /// Percent-encodes everything but unreserved characters (for a query value).
-pub fn percent(s: &str) -> String {
+fn percent(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -313,7 +402,7 @@ pub fn percent(s: &str) -> String {
 }
 
 /// Percent-encodes a path's segments (keeps `/`).
-pub fn percent_path(s: &str) -> String {
+fn percent_path(s: &str) -> String {
     s.split('/').map(percent).collect::<Vec<_>>().join("/")
 }
 
@@ -382,7 +471,7 @@ mod tests {
         let (at, conns) = server(3).await;
         let api = RouterApi::new(at);
         for i in 0..3 {
-            let b = api.get("/x").await.unwrap();
+            let b = api.request("GET", "/x").await.unwrap();
             assert_eq!(String::from_utf8(b).unwrap(), format!("conn 0 answer {i}"));
         }
         assert_eq!(
@@ -392,7 +481,7 @@ mod tests {
         );
         // The server closed that connection after its third answer: the next request finds
         // it stale and goes again on a new one.
-        let b = api.get("/x").await.unwrap();
+        let b = api.request("GET", "/x").await.unwrap();
         assert_eq!(String::from_utf8(b).unwrap(), "conn 1 answer 0");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }

@@ -64,7 +64,7 @@ use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, QoS, SubAck,
     SubOptions, Version, Will, reason,
 };
-use crate::mgmt::{RouterApi, percent, percent_path};
+use crate::mgmt::RouterApi;
 use crate::mux::{self, Ev, Outcome, Pool, Port, Takeover, Woken};
 use crate::topic;
 
@@ -682,8 +682,7 @@ async fn replace_retained(
         return Ok(None);
     };
     let queue = format!("{prefix}{topic}");
-    api.request("POST", &format!("/api/v1/purge/{}", percent_path(&queue)))
-        .await?;
+    api.purge(&queue).await?;
     if p.payload.is_empty() {
         return Ok(None);
     }
@@ -696,6 +695,16 @@ async fn replace_retained(
     let mut to = BytesMut::new();
     bridge::retarget(&msg, &queue, &mut to);
     Ok(Some(to.freeze()))
+}
+
+/// The retained queues that may hold messages for filter `f` (none without a retained store).
+async fn retained_queues(cfg: &Config, f: &str) -> io::Result<Vec<crate::mgmt::Queue>> {
+    let Some((api, prefix)) = retained_store(cfg) else {
+        return Ok(Vec::new());
+    };
+    // Only queues under the filter's literal head can match.
+    let head = f.split(['+', '#']).next().unwrap_or("");
+    api.queues(&format!("{prefix}{head}")).await
 }
 
 /// Where retained messages live, if the gateway keeps them: (router API, queue prefix).
@@ -784,14 +793,9 @@ fn receiver_request(name: String, source: amqp::Terminus, settled: bool) -> Atta
 /// from the router's queue list.
 async fn session_subscriptions(api: &RouterApi, client_id: &str) -> io::Result<Vec<(QoS, String)>> {
     let prefix = format!("$sub:{}:{}:", mux::CONTAINER, escaped(client_id));
-    let body = api
-        .get(&format!("/api/v1/queues?prefix={}", percent(&prefix)))
-        .await?;
-    let list: Vec<serde_json::Value> =
-        serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut out = Vec::new();
-    for q in list {
-        let Some(rest) = q["address"].as_str().and_then(|a| a.strip_prefix(&prefix)) else {
+    for q in api.queues(&prefix).await? {
+        let Some(rest) = q.address.strip_prefix(&prefix) else {
             continue;
         };
         let Some((qos, filter)) = rest.split_once(':') else {
@@ -914,6 +918,10 @@ struct Session<'a> {
     busy: Option<Box<Busy>>,
     next_id: u16,
     wbuf: BytesMut,
+    /// Short acknowledgements to write while `wbuf` is empty (then `wbuf` stays empty until
+    /// they are written or moved into it): a publisher is sent one per message, and the output
+    /// buffer, released when small, would be allocated again for each.
+    acks: ([u8; 12], u8),
     /// Delivery tags of our publishes.
     tags: u64,
     /// Whether and how long new subscriptions are kept in the brokers (a persistent session).
@@ -977,6 +985,7 @@ impl<'a> Session<'a> {
             busy: None,
             next_id: 1,
             wbuf: BytesMut::new(),
+            acks: ([0; 12], 0),
             tags: 0,
             keep: Keep::No,
             budget: (cfg.max_publish_rate > 0).then(|| Box::new(Budget::new(cfg.max_publish_rate))),
@@ -986,10 +995,31 @@ impl<'a> Session<'a> {
     }
 
     fn emit(&mut self, p: &Packet) {
+        let (held, n) = &mut self.acks;
+        let at = usize::from(*n);
+        if self.wbuf.is_empty()
+            && at + 4 <= held.len()
+            && let Some(b) = codec::short_ack(p, self.v)
+        {
+            held[at..at + 4].copy_from_slice(&b);
+            *n += 4;
+            return;
+        }
+        if at > 0 {
+            // In order: what was held goes first.
+            self.wbuf.extend_from_slice(&held[..at]);
+            *n = 0;
+        }
         codec::encode(p, self.v, &mut self.wbuf);
     }
 
     async fn flush(&mut self) -> Result<(), ConnError> {
+        if self.acks.1 > 0 {
+            let (held, n) = self.acks;
+            self.sock.write_all(&held[..usize::from(n)]).await?;
+            self.sock.flush().await?;
+            self.acks.1 = 0;
+        }
         if !self.wbuf.is_empty() {
             // Written from the buffer itself: splitting it off would make it shared (a small
             // allocation every idle device would keep).
@@ -1228,8 +1258,11 @@ impl<'a> Session<'a> {
                 // the retained store's answer to learn that it is subscribed.
                 if !retained.is_empty() {
                     self.flush().await?;
+                    // Asked once the subscription is attached: a retained message stored
+                    // before its live copy went out is then found here if it was missed live.
                     for (f, opts) in retained {
-                        self.send_retained(&f, opts, id).await?;
+                        let found = retained_queues(self.cfg, &f).await?;
+                        self.send_retained(&f, opts, id, found).await?;
                     }
                 }
                 Ok(None)
@@ -1553,39 +1586,27 @@ impl<'a> Session<'a> {
         Ok(self.wait_outcome(tag).await? == Outcome::Accepted)
     }
 
-    /// Sends the retained messages whose topics match `f` (each its topic's last one).
+    /// Sends the retained messages whose topics match `f` (each its topic's last one), from
+    /// `queues`, what [`retained_queues`] found for `f`.
     async fn send_retained(
         &mut self,
         f: &str,
         opts: SubOptions,
         id: Option<u32>,
+        queues: Vec<crate::mgmt::Queue>,
     ) -> Result<(), ConnError> {
-        let Some((api, prefix)) = retained_store(self.cfg) else {
+        let Some((_, prefix)) = retained_store(self.cfg) else {
             return Ok(());
         };
-        // Only queues under the filter's literal head can match.
-        let head = f.split(['+', '#']).next().unwrap_or("");
-        let body = api
-            .get(&format!(
-                "/api/v1/queues?prefix={}",
-                percent(&format!("{prefix}{head}"))
-            ))
-            .await?;
-        let list: Vec<serde_json::Value> = serde_json::from_slice(&body)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        for q in list {
-            let (Some(queue), Some(depth)) = (q["address"].as_str(), q["depth"].as_u64()) else {
+        for q in queues {
+            let Some(topic) = q.address.strip_prefix(prefix) else {
                 continue;
             };
-            let Some(topic) = queue.strip_prefix(prefix) else {
-                continue;
-            };
-            if depth == 0 || !topic::matches(f, topic) {
+            if q.depth == 0 || !topic::matches(f, topic) {
                 continue;
             }
             let topic = topic.to_owned();
-            let queue = queue.to_owned();
-            if let Some(m) = self.browse_last(&queue, depth).await? {
+            if let Some(m) = self.browse_last(&q.address, q.depth).await? {
                 let qos = m.qos.unwrap_or(QoS::AtLeastOnce).min(opts.qos);
                 let packet_id = (qos != QoS::AtMostOnce).then(|| {
                     let id = self.free_id();
@@ -1777,7 +1798,7 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         };
-        if opts.no_local && m.publisher.as_deref() == Some(self.client_id.as_str()) {
+        if opts.no_local && m.publisher.as_deref() == Some(self.client_id.as_bytes()) {
             // Its own message on a no-local subscription: taken, not sent.
             self.consumed(link, &d)?;
             return Ok(());

@@ -888,17 +888,11 @@ impl Core {
         p.deliveries += 1;
         // The link's own target, or the message's `to` on the anonymous relay (used as it
         // came: no copy per message).
-        let held: Arc<str>;
-        let to_address: String;
-        let address: &str = match (&p.address, to) {
-            (Some(a), _) => {
-                held = a.clone();
-                &held
-            }
-            (None, Some(to)) => {
-                to_address = to;
-                &to_address
-            }
+        let held: Option<Arc<str>> = p.address.clone();
+        let to_address = if held.is_none() { to } else { None };
+        let address: &str = match (&held, &to_address) {
+            (Some(a), _) => a,
+            (None, Some(to)) => to,
             (None, None) => {
                 self.release_in(link.conn, len);
                 self.settle_producer(
@@ -933,7 +927,13 @@ impl Core {
                 self.grant(link);
                 return;
             }
-            self.store(link, delivery_id, settled, address, kind, payload);
+            // A relayed `to` is moved on to the store, not copied.
+            let owned = match (to_address, held) {
+                (Some(to), _) => to,
+                (None, Some(a)) => a.to_string(),
+                (None, None) => return,
+            };
+            self.store(link, delivery_id, settled, owned, kind, payload);
             return;
         }
         let has_consumers = self
@@ -1340,7 +1340,7 @@ impl Core {
         link: LinkRef,
         delivery_id: u32,
         settled: bool,
-        address: &str,
+        address: String,
         kind: AddressType,
         payload: Bytes,
     ) {
@@ -1349,11 +1349,11 @@ impl Core {
             p.held += 1;
         }
         if kind == AddressType::Queue {
-            self.declare_store_policy(address);
+            self.declare_store_policy(&address);
         }
         // Not `address_mut`: the record exists (its producer is attached), and that would
         // copy the name for every message.
-        if let Some(a) = self.addresses.get_mut(address) {
+        if let Some(a) = self.addresses.get_mut(address.as_str()) {
             a.counters().deliveries_in += 1;
         }
         let expiry = amqp::message::expiry(&payload).unwrap_or_default();
@@ -1382,7 +1382,7 @@ impl Core {
             });
         let r = if kind == AddressType::Topic {
             StoreRequest::Publish {
-                topic: address.to_owned(),
+                topic: address,
                 ttl_ms: expiry.ttl_ms,
                 absolute_expiry: expiry.absolute_expiry_ms,
                 body,
@@ -1391,7 +1391,7 @@ impl Core {
             }
         } else {
             StoreRequest::Enqueue {
-                address: address.to_owned(),
+                address,
                 ttl_ms: expiry.ttl_ms,
                 absolute_expiry: expiry.absolute_expiry_ms,
                 body,

@@ -26,7 +26,10 @@ pub struct Api {
 
 impl Api {
     /// Sends a management request to the core and waits for its answer.
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Mgmt) -> Result<T, StatusCode> {
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Mgmt,
+    ) -> Result<T, StatusCode> {
         let (tx, rx) = oneshot::channel();
         self.core
             .send(vec![ToCore::Mgmt(make(tx))])
@@ -37,8 +40,16 @@ impl Api {
 
     /// The queues under `prefix` (filtered in the shards: a device's CONNECT asks for its own
     /// few among tens of thousands).
-    async fn queues(&self, prefix: String) -> Result<Vec<broker::shard::QueueInfo>, StatusCode> {
+    pub async fn queues(
+        &self,
+        prefix: String,
+    ) -> Result<Vec<broker::shard::QueueInfo>, StatusCode> {
         self.ask(|tx| Mgmt::Queues(prefix, tx)).await
+    }
+
+    /// Removes the ready messages of queue `name`; false when no broker shard is served.
+    pub async fn purge(&self, name: String) -> Result<bool, StatusCode> {
+        self.ask(|tx| Mgmt::Purge(name, tx)).await
     }
 
     async fn snapshot(&self) -> Result<Snapshot, StatusCode> {
@@ -127,7 +138,7 @@ async fn queues(
 
 /// Removes the ready messages of a queue.
 async fn purge(State(api): State<Api>, Path(name): Path<String>) -> Result<StatusCode, StatusCode> {
-    Ok(if api.ask(|tx| Mgmt::Purge(name, tx)).await? {
+    Ok(if api.purge(name).await? {
         StatusCode::NO_CONTENT
     } else {
         StatusCode::NOT_FOUND

@@ -62,32 +62,13 @@ async fn start_store(
     Ok(req_tx)
 }
 
-/// In-process listeners served beside the TCP ones: standalone's MQTT gateway dials them
-/// ([`amqp::pipe`]), and they serve exactly what the TCP listeners serve.
+/// What standalone's MQTT gateway uses of the router in its process: an in-process AMQP
+/// listener ([`amqp::pipe`]) served like the TCP one, and the management API without HTTP.
 #[derive(Default)]
 pub struct Local {
     pub amqp: Option<amqp::pipe::Accepted>,
-    pub http: Option<amqp::pipe::Accepted>,
-}
-
-/// The in-process HTTP listener, as axum takes listeners.
-struct PipeListener(amqp::pipe::Accepted);
-
-impl axum::serve::Listener for PipeListener {
-    type Io = tokio::io::DuplexStream;
-    type Addr = &'static str;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.0.recv().await {
-            Some(s) => (s, "in-process"),
-            // Nobody can dial any more: nothing more to accept.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok("in-process")
-    }
+    /// Given the management API once the router runs.
+    pub api: Option<watch::Sender<Option<http::Api>>>,
 }
 
 /// The next pipe from an in-process listener (never, without one).
@@ -101,8 +82,8 @@ async fn accept_local(l: &mut Option<amqp::pipe::Accepted>) -> tokio::io::Duplex
     }
 }
 
-/// Serves AMQP on `listener` and HTTP on `http` (and both on `local`'s in-process listeners)
-/// until `shutdown` turns true; then closes every connection with `amqp:connection:forced`
+/// Serves AMQP on `listener` (and `local`'s in-process listener) and HTTP on `http` until
+/// `shutdown` turns true; then closes every connection with `amqp:connection:forced`
 /// and returns.
 /// `ready` is called once the broker shard (if any) is open and connections are about to be
 /// accepted.
@@ -167,17 +148,11 @@ pub async fn run(
         core: core_tx.clone(),
     };
     let mut http_shutdown = shutdown.clone();
-    let local_http = local.http.map(|rx| {
-        let app = http::app(api.clone());
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(PipeListener(rx), app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|v| *v).await;
-                })
-                .await;
-        })
-    });
+    // Kept (not dropped) while the router runs.
+    let local_api = local.api;
+    if let Some(tx) = &local_api {
+        let _ = tx.send(Some(api.clone()));
+    }
     let http_task = tokio::spawn(async move {
         let _ = axum::serve(http, http::app(api))
             .with_graceful_shutdown(async move {
@@ -247,9 +222,7 @@ pub async fn run(
     drop(shared);
     drop(core_tx);
     let _ = http_task.await;
-    if let Some(t) = local_http {
-        let _ = t.await;
-    }
+    drop(local_api);
     core_task.abort();
     Ok(())
 }

@@ -505,6 +505,10 @@ fn put_props(out: &mut BytesMut, p: &Properties, v: Version) {
 }
 
 pub fn encode(p: &Packet, v: Version, out: &mut BytesMut) {
+    if let Some(b) = short_ack(p, v) {
+        out.extend_from_slice(&b);
+        return;
+    }
     match p {
         Packet::Connect(c) => encode_connect(c, out),
         Packet::ConnAck(a) => {
@@ -534,10 +538,10 @@ pub fn encode(p: &Packet, v: Version, out: &mut BytesMut) {
                 o.put_slice(&p.payload);
             });
         }
-        Packet::PubAck(a) => encode_ack(0x40, a, v, out),
-        Packet::PubRec(a) => encode_ack(0x50, a, v, out),
-        Packet::PubRel(a) => encode_ack(0x62, a, v, out),
-        Packet::PubComp(a) => encode_ack(0x70, a, v, out),
+        Packet::PubAck(a) => encode_ack(0x40, a, out),
+        Packet::PubRec(a) => encode_ack(0x50, a, out),
+        Packet::PubRel(a) => encode_ack(0x62, a, out),
+        Packet::PubComp(a) => encode_ack(0x70, a, out),
         Packet::Subscribe(s) => {
             let len = 2
                 + props_len(&s.properties, v)
@@ -600,12 +604,28 @@ fn encode_reasoned(first: u8, code: u8, p: &Properties, v: Version, out: &mut By
     });
 }
 
-fn encode_ack(first: u8, a: &Ack, v: Version, out: &mut BytesMut) {
+/// The four bytes of `p` when it is an acknowledgement in its short form (PUBACK, PUBREC,
+/// PUBREL or PUBCOMP with nothing but a packet id to say).
+pub fn short_ack(p: &Packet, v: Version) -> Option<[u8; 4]> {
+    let (first, a) = match p {
+        Packet::PubAck(a) => (0x40, a),
+        Packet::PubRec(a) => (0x50, a),
+        Packet::PubRel(a) => (0x62, a),
+        Packet::PubComp(a) => (0x70, a),
+        _ => return None,
+    };
     // The short form when it says everything (MQTT 5 §3.4.2.1).
     if v == Version::V311 || (a.reason == reason::SUCCESS && a.properties.is_empty()) {
-        frame(out, first, 2, |o| o.put_u16(a.packet_id));
-        return;
+        let [hi, lo] = a.packet_id.to_be_bytes();
+        Some([first, 2, hi, lo])
+    } else {
+        None
     }
+}
+
+/// An acknowledgement in its long form (MQTT 5, with a reason or properties; the short form
+/// is [`short_ack`]'s).
+fn encode_ack(first: u8, a: &Ack, out: &mut BytesMut) {
     let pl = if a.properties.is_empty() {
         0
     } else {

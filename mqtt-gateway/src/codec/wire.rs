@@ -99,6 +99,10 @@ impl Reader {
         if self.0.len() < n {
             return Err(M("field longer than the packet"));
         }
+        if n == self.0.len() {
+            // The rest (a payload): taken whole, which allocates nothing.
+            return Ok(std::mem::take(&mut self.0));
+        }
         Ok(self.0.split_to(n))
     }
     /// Binary data: a two-byte length, then the bytes.
@@ -108,12 +112,19 @@ impl Reader {
     }
     /// A UTF-8 string: well-formed, and without U+0000 (MQTT-1.5.4-1, -2).
     pub fn string(&mut self) -> Result<String, DecodeError> {
-        let b = self.binary()?;
-        let s = std::str::from_utf8(&b).map_err(|_| M("string is not UTF-8"))?;
+        let n = usize::from(self.u16()?);
+        if self.0.len() < n {
+            return Err(M("field longer than the packet"));
+        }
+        // Copied out of the packet, then skipped: splitting a string off the packet's bytes
+        // first would allocate their shared header for nothing.
+        let s = std::str::from_utf8(&self.0[..n]).map_err(|_| M("string is not UTF-8"))?;
         if s.contains('\u{0}') {
             return Err(M("string contains U+0000"));
         }
-        Ok(s.to_owned())
+        let s = s.to_owned();
+        self.0.advance(n);
+        Ok(s)
     }
 }
 
