@@ -63,6 +63,12 @@ XML
   echo "activemq did not listen on $PORT" >&2; cat "$base/out.log" >&2; exit 1
   ;;
 stop)
-  [ -f "$base/pid" ] && kill "$(cat "$base/pid")" 2>/dev/null || true
+  if [ -f "$base/pid" ]; then
+    pid=$(cat "$base/pid")
+    kill "$pid" 2>/dev/null || true
+    # Waited for: a JVM still shutting down would share the machine with the next run.
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
   ;;
 esac
