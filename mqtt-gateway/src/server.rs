@@ -317,6 +317,8 @@ struct Live<'a> {
 struct Ending {
     /// This connection keeps its session after it ends.
     persistent: bool,
+    /// The session expiry interval CONNECT asked for (MQTT 5; 0 otherwise).
+    connect_expiry: u32,
     /// A kept session was resumed.
     session_present: bool,
     will: Option<Box<Will>>,
@@ -417,6 +419,7 @@ async fn start<'a>(
         },
     };
     let persistent = keep != Keep::No;
+    let connect_expiry = c.properties.session_expiry_interval.unwrap_or(0);
     let clean_start = c.clean_start;
     let will = c.will.clone();
     // Will delay (MQTT 5), bounded by the session expiry interval (§3.1.3.2.2).
@@ -493,6 +496,7 @@ async fn start<'a>(
             buf,
             end: Ending {
                 persistent,
+                connect_expiry,
                 session_present,
                 will: will.map(Box::new),
                 will_delay,
@@ -520,13 +524,44 @@ async fn finish(
     let Live { mut s, end, .. } = *live;
     let Ending {
         persistent,
+        connect_expiry,
         session_present,
         will,
-        will_delay,
+        mut will_delay,
         generation,
         kicked,
     } = end;
+    let mut r = r;
     let v = s.v;
+    if let Ok(End::Disconnected {
+        expiry: Some(x), ..
+    }) = r
+    {
+        if connect_expiry == 0 && x != 0 {
+            // A session that was to end with its connection cannot be kept now (§3.14.2.2.2).
+            r = Err(ConnError::Reason(
+                reason::PROTOCOL_ERROR,
+                "session expiry set at DISCONNECT after none at CONNECT",
+            ));
+        } else if persistent {
+            // The new interval replaces CONNECT's: 0 ends the session now; otherwise the
+            // brokers are given the new timeout. A delayed will waits at most that long.
+            if x == 0 {
+                s.unsubscribe_all();
+            } else if let Err(e) = s
+                .rekeep(if x == u32::MAX {
+                    Keep::Always
+                } else {
+                    Keep::For(x)
+                })
+                .await
+            {
+                tracing::warn!("session expiry of {} not changed: {e}", s.client_id);
+            }
+            let asked = will.as_ref().and_then(|w| w.properties.will_delay_interval);
+            will_delay = Duration::from_secs(u64::from(asked.unwrap_or(0).min(x)));
+        }
+    }
     let client_id = std::mem::take(&mut s.client_id);
     if !persistent && session_present {
         // Resumed, but this connection asked for no session after it (MQTT 5 expiry 0).
@@ -534,8 +569,7 @@ async fn finish(
     }
     let mut reason_out = None;
     let send_will = match &r {
-        Ok(End::Normal) => false,
-        Ok(End::WithWill) => true,
+        Ok(End::Disconnected { will, .. }) => *will,
         Ok(End::TakenOver) => {
             reason_out = Some((reason::SESSION_TAKEN_OVER, None));
             // A delayed will is not sent when the client is back (§3.1.3.2.2).
@@ -810,10 +844,9 @@ async fn session_subscriptions(api: &RouterApi, client_id: &str) -> io::Result<V
 
 /// How a connection's session ended without an error.
 enum End {
-    /// DISCONNECT with reason 0: no will.
-    Normal,
-    /// DISCONNECT 0x04: with the will.
-    WithWill,
+    /// DISCONNECT: with the will (reason 0x04) or not, and the session expiry interval it
+    /// sets (MQTT 5), which replaces CONNECT's.
+    Disconnected { will: bool, expiry: Option<u32> },
     /// Another connection with the same client id.
     TakenOver,
 }
@@ -1325,10 +1358,9 @@ impl<'a> Session<'a> {
             }
             Packet::PingReq => self.emit(&Packet::PingResp),
             Packet::Disconnect(d) => {
-                return Ok(Some(if d.reason == reason::DISCONNECT_WITH_WILL {
-                    End::WithWill
-                } else {
-                    End::Normal
+                return Ok(Some(End::Disconnected {
+                    will: d.reason == reason::DISCONNECT_WITH_WILL,
+                    expiry: d.properties.session_expiry_interval,
                 }));
             }
             Packet::Auth(_) => {
@@ -1676,36 +1708,7 @@ impl<'a> Session<'a> {
 
     /// Ends a subscription kept from an earlier session: attach it and detach it closed.
     async fn unsubscribe_kept(&mut self, f: &str, qos: QoS) -> Result<(), ConnError> {
-        let prefix = &self.cfg.topic_prefix;
-        let mut ends = Vec::new();
-        match topic::shared(f) {
-            Some((group, inner)) => {
-                let Some(address) = topic::filter_address(prefix, inner) else {
-                    return Ok(());
-                };
-                // The record, then the group's subscription (which the router keeps while
-                // another member reads it).
-                let marker = format!("{prefix}{MARKER}");
-                ends.push((
-                    durable_name(&self.client_id, qos, f),
-                    source(marker, Keep::Always, false),
-                ));
-                ends.push((
-                    shared_name(group, inner),
-                    source(address, Keep::Always, true),
-                ));
-            }
-            None => {
-                let Some(address) = topic::filter_address(prefix, f) else {
-                    return Ok(());
-                };
-                ends.push((
-                    durable_name(&self.client_id, qos, f),
-                    source(address, Keep::Always, false),
-                ));
-            }
-        }
-        for (name, source) in ends {
+        for (name, source) in self.kept_links(f, qos, Keep::Always) {
             match self
                 .port
                 .attach(receiver_request(name, source, qos == QoS::AtMostOnce), 0)
@@ -1714,6 +1717,61 @@ impl<'a> Session<'a> {
                 Ok(link) => self.port.detach(link, true)?,
                 Err(amqp::client::ClientError::Refused(_)) => {}
                 Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The links (name and source, kept for `keep`) behind this client's subscription to
+    /// filter `f` at `qos` in a persistent session: its durable subscription, or for a shared
+    /// filter the record of its membership, then the group's subscription.
+    fn kept_links(&self, f: &str, qos: QoS, keep: Keep) -> Vec<(String, amqp::Terminus)> {
+        let prefix = &self.cfg.topic_prefix;
+        let mut links = Vec::new();
+        match topic::shared(f) {
+            Some((group, inner)) => {
+                let Some(address) = topic::filter_address(prefix, inner) else {
+                    return links;
+                };
+                // The record, then the group's subscription (which the router keeps while
+                // another member reads it).
+                let marker = format!("{prefix}{MARKER}");
+                links.push((
+                    durable_name(&self.client_id, qos, f),
+                    source(marker, keep, false),
+                ));
+                links.push((shared_name(group, inner), source(address, keep, true)));
+            }
+            None => {
+                if let Some(address) = topic::filter_address(prefix, f) {
+                    links.push((
+                        durable_name(&self.client_id, qos, f),
+                        source(address, keep, false),
+                    ));
+                }
+            }
+        }
+        links
+    }
+
+    /// Gives the session's subscriptions a new expiry (an MQTT 5 DISCONNECT's session expiry
+    /// interval): each is detached and attached once more with it, which the brokers take as
+    /// the subscription's new timeout, then detached as the connection ends.
+    async fn rekeep(&mut self, keep: Keep) -> Result<(), ConnError> {
+        self.keep = keep;
+        for (f, sub) in std::mem::take(&mut self.subs.0) {
+            let qos = sub.opts.qos;
+            self.end_sub(sub, false)?;
+            for (name, source) in self.kept_links(&f, qos, keep) {
+                match self
+                    .port
+                    .attach(receiver_request(name, source, qos == QoS::AtMostOnce), 0)
+                    .await
+                {
+                    Ok(link) => self.port.detach(link, false)?,
+                    Err(amqp::client::ClientError::Refused(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         Ok(())

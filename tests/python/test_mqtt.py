@@ -973,6 +973,68 @@ def test_session_expiry_ends_a_session_after_its_interval(router):
         d.close()
 
 
+def test_disconnect_sets_a_new_session_expiry(router):
+    """MQTT 5 DISCONNECT's session expiry interval replaces CONNECT's (§3.14.2.2.2): 0 ends
+    the session at once, a longer one keeps it past CONNECT's, and a non-zero one after
+    CONNECT's 0 is a protocol error."""
+    from urllib.parse import quote
+    helpers = __import__("helpers")
+
+    def kept(cid):
+        status, queues = helpers.http_json(
+            "GET", router.http_url + "/api/v1/queues?prefix=" + quote("$sub:mqtt:%s:" % cid))
+        assert status == 200
+        return queues
+
+    def disconnect(d, expiry):
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = expiry
+        d.c.disconnect(properties=props)
+        d.c.loop_stop()
+
+    # CONNECT asked for an hour, DISCONNECT for 0: the subscription goes now.
+    d = Persistent(router.mqtt_port, "dx-zero", V5, expiry=3600)
+    d.c.subscribe("dx/zero/#", qos=1)
+    time.sleep(0.5)
+    assert len(kept("dx-zero")) == 1
+    disconnect(d, 0)
+    deadline = time.time() + 5
+    while kept("dx-zero") and time.time() < deadline:
+        time.sleep(0.1)
+    assert kept("dx-zero") == []
+    d = Persistent(router.mqtt_port, "dx-zero", V5, expiry=3600)
+    try:
+        assert d.present is False
+    finally:
+        disconnect(d, 0)
+
+    # CONNECT asked for 1 s, DISCONNECT for an hour: still there well after 1 s, and resumed.
+    d = Persistent(router.mqtt_port, "dx-long", V5, expiry=1)
+    d.c.subscribe("dx/long/#", qos=1)
+    time.sleep(0.5)
+    disconnect(d, 3600)
+    time.sleep(3)
+    assert len(kept("dx-long")) == 1
+    _amqp_publish(router, "mqtt/dx/long/x", [b"kept"])
+    d = Persistent(router.mqtt_port, "dx-long", V5, expiry=3600)
+    try:
+        assert d.present is True
+        assert [m.payload for m in d.wait(1)] == [b"kept"]
+    finally:
+        disconnect(d, 0)
+
+    # CONNECT asked for none: DISCONNECT may not ask for one. DISCONNECT 0x82 back, closed.
+    s = raw(router)
+    s.sendall(connect_pkt("dx-none", level=5, clean=True))
+    first, body = read_packet(s)
+    assert (first, body[1]) == (0x20, 0x00)
+    s.sendall(pkt(0xE0, bytes([0x00, 5, 0x11]) + struct.pack(">I", 60)))
+    first, body = read_packet(s)
+    assert (first, body[0]) == (0xE0, 0x82)
+    assert read_packet(s) is None
+    s.close()
+
+
 def test_sessions_unreadable_refuse_the_connection_with_the_right_code(router):
     # The router's management API is not reachable (a port nobody listens on). A clean start
     # has had its CONNACK already (it is answered before the lookup): MQTT 5 then gets
