@@ -175,6 +175,12 @@ struct Session {
     handle_max: u32,
     remote_handles: HashMap<u32, LinkId>,
     local_handles: Vec<Option<LinkId>>,
+    /// Free slots of `local_handles`: a gateway's session holds thousands of links, and
+    /// searching for a free one on every attach would cost that much each time.
+    free_handles: Vec<u32>,
+    /// Links we attached whose peer has not answered yet (searched by name when an attach
+    /// arrives; a few at a time, not every link of the session).
+    awaiting: Vec<LinkId>,
     /// Transfer frames waiting for the peer's incoming window.
     blocked: VecDeque<Bytes>,
     pending_disposition: Option<Disposition>,
@@ -616,6 +622,8 @@ impl Connection {
             handle_max: u32::MAX,
             remote_handles: HashMap::new(),
             local_handles: Vec::new(),
+            free_handles: Vec::new(),
+            awaiting: Vec::new(),
             blocked: VecDeque::new(),
             pending_disposition: None,
             ending: false,
@@ -724,8 +732,14 @@ impl Connection {
             .get_mut(l.channel as usize)
             .and_then(Option::as_mut)
         {
-            if let Some(slot) = s.local_handles.get_mut(l.handle as usize) {
+            if let Some(slot) = s.local_handles.get_mut(l.handle as usize)
+                && *slot == Some(id)
+            {
                 *slot = None;
+                s.free_handles.push(l.handle);
+            }
+            if l.remote_handle.is_none() {
+                s.awaiting.retain(|a| *a != id);
             }
             if let Some(rh) = l.remote_handle {
                 s.remote_handles.remove(&rh);
@@ -735,9 +749,9 @@ impl Connection {
     }
 
     fn alloc_handle(s: &mut Session, id: LinkId) -> u32 {
-        if let Some(i) = s.local_handles.iter().position(Option::is_none) {
-            s.local_handles[i] = Some(id);
-            i as u32
+        if let Some(i) = s.free_handles.pop() {
+            s.local_handles[i as usize] = Some(id);
+            i
         } else {
             s.local_handles.push(Some(id));
             (s.local_handles.len() - 1) as u32
@@ -756,7 +770,7 @@ impl Connection {
         }
         // Is it the answer to a link we attached (same name, opposite role, no remote handle)?
         let ours = self.sessions[ch as usize].as_ref().and_then(|s| {
-            s.local_handles.iter().flatten().copied().find(|id| {
+            s.awaiting.iter().position(|id| {
                 self.links
                     .get(id.0 as usize)
                     .and_then(Option::as_ref)
@@ -765,8 +779,9 @@ impl Connection {
                     })
             })
         });
-        if let Some(id) = ours {
+        if let Some(at) = ours {
             let s = self.session_mut(ch)?;
+            let id = s.awaiting.swap_remove(at);
             s.remote_handles.insert(a.handle, id);
             if let Some(l) = self.links[id.0 as usize].as_mut() {
                 l.remote_handle = Some(a.handle);
@@ -916,6 +931,7 @@ impl Connection {
         let id = self.alloc_link(link);
         let s = self.sessions.get_mut(channel as usize)?.as_mut()?;
         let handle = Self::alloc_handle(s, id);
+        s.awaiting.push(id);
         if let Some(l) = self.link_mut(id) {
             l.handle = handle;
         }

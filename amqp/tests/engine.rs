@@ -166,3 +166,77 @@ fn transfer_beyond_credit_detaches_link() {
     }
     assert!(closed);
 }
+
+/// Attach answers are matched to our links by name whatever their order, and a link's handle
+/// is used again once the link is gone (a gateway's session holds thousands of links: neither
+/// step searches all of them).
+#[test]
+fn attach_answers_match_by_name_and_freed_handles_are_reused() {
+    let now = Instant::now();
+    let mut c = Connection::client(Config::default(), Some(SaslClient::anonymous()), now);
+    let mut s = server();
+    pump(&mut c, &mut s, now);
+    s.open();
+    let ch = c.begin().unwrap();
+    let req = |name: &str| AttachRequest {
+        name: name.into(),
+        role: Role::Receiver,
+        source: Some(Terminus::with_address("q")),
+        target: Some(Terminus::default()),
+        snd_settle_mode: 0,
+        rcv_settle_mode: 0,
+    };
+    let ours: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| c.attach(ch, req(n)).unwrap())
+        .collect();
+    let (_, ev) = pump(&mut c, &mut s, now);
+    let mut theirs: Vec<(String, amqp::LinkId, u32)> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Attach { link, attach } => Some((attach.name.clone(), *link, attach.handle)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(theirs.len(), 3);
+    // Answered in reverse order.
+    for (_, l, _) in theirs.iter().rev() {
+        s.accept_attach(*l, AttachReply::default());
+    }
+    let (ec, _) = pump(&mut c, &mut s, now);
+    let answered: Vec<(amqp::LinkId, String)> = ec
+        .iter()
+        .filter_map(|e| match e {
+            Event::Attach { link, attach } => Some((*link, attach.name.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered.len(), 3);
+    for (link, name) in &answered {
+        let i = ["a", "b", "c"].iter().position(|n| n == name).unwrap();
+        assert_eq!(*link, ours[i], "answer for {name}");
+    }
+    // "b" goes (both sides detach); the next link takes its handle.
+    let b_handle = theirs.remove(1).2;
+    c.detach(ours[1], None, true);
+    let (_, ev) = pump(&mut c, &mut s, now);
+    let sb = ev
+        .iter()
+        .find_map(|e| match e {
+            Event::LinkClosed { link, .. } => Some(*link),
+            _ => None,
+        })
+        .expect("detach reached the server");
+    s.detach(sb, None, true);
+    pump(&mut c, &mut s, now);
+    c.attach(ch, req("d")).unwrap();
+    let (_, ev) = pump(&mut c, &mut s, now);
+    let d_handle = ev
+        .iter()
+        .find_map(|e| match e {
+            Event::Attach { attach, .. } => Some(attach.handle),
+            _ => None,
+        })
+        .expect("attach of d");
+    assert_eq!(d_handle, b_handle);
+}
