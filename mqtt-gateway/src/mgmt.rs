@@ -76,14 +76,9 @@ enum Failed {
 impl RouterApi {
     /// The API over HTTP at TCP address `host` (host:port).
     pub fn new(host: impl Into<String>) -> RouterApi {
-        RouterApi::via(Dialer::Tcp(host.into()))
-    }
-
-    /// The API over HTTP at `to`.
-    pub fn via(to: Dialer) -> RouterApi {
         RouterApi {
             via: Via::Http {
-                to,
+                to: Dialer::Tcp(host.into()),
                 idle: Mutex::new(Vec::new()),
             },
         }
@@ -139,10 +134,7 @@ impl RouterApi {
                 "no HTTP to a router in this process",
             ));
         };
-        let host = match to {
-            Dialer::Tcp(a) => a.as_str(),
-            Dialer::Local(_) => "localhost",
-        };
+        let host = to.name();
         let run = async {
             let kept = idle.lock().ok().and_then(|mut g| g.pop());
             if let Some(s) = kept {

@@ -1708,13 +1708,26 @@ impl<'a> Session<'a> {
 
     /// Ends a subscription kept from an earlier session: attach it and detach it closed.
     async fn unsubscribe_kept(&mut self, f: &str, qos: QoS) -> Result<(), ConnError> {
-        for (name, source) in self.kept_links(f, qos, Keep::Always) {
+        self.touch_kept(f, qos, Keep::Always, true).await
+    }
+
+    /// Attaches the links behind kept subscription `f` (without credit) with expiry `keep`,
+    /// then detaches them: `closed` ends the subscription, otherwise it stays with that
+    /// expiry (a durable attach sets its subscription's timeout in the brokers).
+    async fn touch_kept(
+        &mut self,
+        f: &str,
+        qos: QoS,
+        keep: Keep,
+        closed: bool,
+    ) -> Result<(), ConnError> {
+        for (name, source) in self.kept_links(f, qos, keep) {
             match self
                 .port
                 .attach(receiver_request(name, source, qos == QoS::AtMostOnce), 0)
                 .await
             {
-                Ok(link) => self.port.detach(link, true)?,
+                Ok(link) => self.port.detach(link, closed)?,
                 Err(amqp::client::ClientError::Refused(_)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -1762,17 +1775,7 @@ impl<'a> Session<'a> {
         for (f, sub) in std::mem::take(&mut self.subs.0) {
             let qos = sub.opts.qos;
             self.end_sub(sub, false)?;
-            for (name, source) in self.kept_links(&f, qos, keep) {
-                match self
-                    .port
-                    .attach(receiver_request(name, source, qos == QoS::AtMostOnce), 0)
-                    .await
-                {
-                    Ok(link) => self.port.detach(link, false)?,
-                    Err(amqp::client::ClientError::Refused(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            self.touch_kept(&f, qos, keep, false).await?;
         }
         Ok(())
     }

@@ -973,6 +973,24 @@ def test_session_expiry_ends_a_session_after_its_interval(router):
         d.close()
 
 
+def test_standalone_gateway_reaches_its_router_in_process(router):
+    """Standalone's gateway connects to its router through in-process pipes (docs/mqtt.md):
+    the router lists those AMQP connections with the remote address `in-process`, and a device
+    works through them."""
+    helpers = __import__("helpers")
+    d = Device(router, "inproc", V5)
+    try:
+        d.c.subscribe("inproc/t", qos=1)
+        time.sleep(0.3)
+        _amqp_publish(router, "mqtt/inproc/t", [b"through the pipe"])
+        assert [m.payload for m in d.wait(1)] == [b"through the pipe"]
+        status, conns = helpers.http_json("GET", router.http_url + "/api/v1/connections")
+        assert status == 200
+        assert any(c.get("remote") == "in-process" for c in conns), conns
+    finally:
+        d.close()
+
+
 def test_disconnect_sets_a_new_session_expiry(router):
     """MQTT 5 DISCONNECT's session expiry interval replaces CONNECT's (§3.14.2.2.2): 0 ends
     the session at once, a longer one keeps it past CONNECT's, and a non-zero one after
