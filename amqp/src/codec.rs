@@ -458,14 +458,14 @@ pub struct ListReader<'a> {
 
 macro_rules! opt_field {
     ($name:ident, $t:ty, $pat:pat => $e:expr) => {
+        opt_field!(@ $name, stringify!($name), $t, $pat => $e);
+    };
+    (@ $name:ident, $label:expr, $t:ty, $pat:pat => $e:expr) => {
         pub fn $name(&mut self) -> Result<Option<$t>, DecodeError> {
             match self.next_field()? {
                 None | Some(Value::Null) => Ok(None),
                 Some($pat) => Ok(Some($e)),
-                Some(_) => Err(DecodeError::Invalid(concat!(
-                    "wrong type for ",
-                    stringify!($name)
-                ))),
+                Some(_) => Err(DecodeError::Invalid(concat!("wrong type for ", $label))),
             }
         }
     };
@@ -582,10 +582,53 @@ impl<'a> ListReader<'a> {
             Some(v) => Ok(Some(v)),
         }
     }
-    opt_field!(uint, u32, Value::Uint(v) => v);
+    /// A `uint` field, read in place (every transfer, flow and disposition has several):
+    /// no detour through [`Value`].
+    pub fn uint(&mut self) -> Result<Option<u32>, DecodeError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let d = &mut self.inner;
+        let (v, n) = match d.peek_u8()? {
+            code::NULL => (None, 1),
+            code::UINT0 => (Some(0), 1),
+            code::SMALLUINT => {
+                let b = d.buf.get(d.pos + 1).ok_or(DecodeError::Truncated)?;
+                (Some(u32::from(*b)), 2)
+            }
+            code::UINT => {
+                let b = d
+                    .buf
+                    .get(d.pos + 1..d.pos + 5)
+                    .ok_or(DecodeError::Truncated)?;
+                (Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]])), 5)
+            }
+            _ => return self.uint_value(),
+        };
+        d.pos += n;
+        self.left -= 1;
+        Ok(v)
+    }
+    /// A `boolean` field, read in place like [`ListReader::uint`].
+    pub fn boolean(&mut self) -> Result<Option<bool>, DecodeError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let d = &mut self.inner;
+        let v = match d.peek_u8()? {
+            code::NULL => None,
+            code::TRUE => Some(true),
+            code::FALSE => Some(false),
+            _ => return self.boolean_value(),
+        };
+        d.pos += 1;
+        self.left -= 1;
+        Ok(v)
+    }
+    opt_field!(@ uint_value, "uint", u32, Value::Uint(v) => v);
+    opt_field!(@ boolean_value, "boolean", bool, Value::Bool(v) => v);
     opt_field!(ushort, u16, Value::Ushort(v) => v);
     opt_field!(ubyte, u8, Value::Ubyte(v) => v);
-    opt_field!(boolean, bool, Value::Bool(v) => v);
     opt_field!(ulong, u64, Value::Ulong(v) => v);
     opt_field!(string, String, Value::String(v) => v);
     opt_field!(symbol, String, Value::Symbol(v) => v);

@@ -788,6 +788,47 @@ proptest! {
         prop_assert_eq!(encode_value(&back), buf);
     }
 
+    /// `ListReader::uint` and `::boolean` read their scalars in place; they must agree with
+    /// the generic path (decode a `Value`, then match) on every kind of field, and on every
+    /// truncation of it (an error either way, never a panic).
+    #[test]
+    fn list_reader_scalars_agree_with_generic_values(
+        v in (0..KINDS).prop_flat_map(scalar_of),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut buf = BytesMut::new();
+        Encoder::new(&mut buf).value(&Value::List(vec![v.clone(), Value::Uint(7)]));
+        let generic_uint = match v {
+            Value::Null => Ok(None),
+            Value::Uint(n) => Ok(Some(n)),
+            _ => Err(()),
+        };
+        let generic_bool = match v {
+            Value::Null => Ok(None),
+            Value::Bool(b) => Ok(Some(b)),
+            _ => Err(()),
+        };
+        let mut l = Decoder::new(&buf).list().unwrap();
+        let got = l.uint().map_err(|_| ());
+        prop_assert_eq!(got, generic_uint);
+        if got.is_ok() {
+            // The field was consumed whole: the next one reads right.
+            prop_assert_eq!(l.uint().ok(), Some(Some(7)));
+        }
+        let mut l = Decoder::new(&buf).list().unwrap();
+        let got = l.boolean().map_err(|_| ());
+        prop_assert_eq!(got, generic_bool);
+        if got.is_ok() {
+            prop_assert_eq!(l.uint().ok(), Some(Some(7)));
+        }
+        // A list whose last field is cut short: an error, not a panic.
+        let n = cut.index(buf.len());
+        if let Ok(mut l) = Decoder::new(&buf[..n]).list() {
+            let _ = l.uint();
+            let _ = l.boolean();
+        }
+    }
+
     #[test]
     fn performative_round_trip(p in performative()) {
         let body = encode_performative(&p);

@@ -638,7 +638,7 @@ impl ToRouter {
                         consumer: r.varint()?,
                         seq: r.varint()?,
                         delivery_count: get_u32v(&mut r)?,
-                        body: r.bytes()?,
+                        body: r.bytes()?.into(),
                     });
                 }
                 ToRouter::Deliveries(ds)
@@ -1267,7 +1267,7 @@ mod tests {
                 consumer: 3,
                 seq: 99,
                 delivery_count: 2,
-                body: b"x".to_vec(),
+                body: bytes::Bytes::from_static(b"x"),
             }]),
             ToRouter::Done(vec![
                 (1, Ok(())),

@@ -165,7 +165,8 @@ pub struct Delivery {
     pub consumer: ConsumerId,
     pub seq: Seq,
     pub delivery_count: u32,
-    pub body: Vec<u8>,
+    /// Shared with the store's copy (in memory) rather than copied for each delivery.
+    pub body: bytes::Bytes,
 }
 
 /// Milliseconds since the Unix epoch (the proposer's clock goes into each command).
@@ -464,7 +465,7 @@ pub async fn run_replica(
     let mut volatile = Volatile::new(VolatileLimits::default());
     let (fx_tx, mut fx_rx) = mpsc::unbounded_channel::<Applied>();
     let body_task = tokio::spawn(async move {
-        let mut fresh: BTreeMap<Seq, Vec<u8>> = BTreeMap::new();
+        let mut fresh: BTreeMap<Seq, bytes::Bytes> = BTreeMap::new();
         let mut fresh_bytes = 0usize;
         while let Some(applied) = fx_rx.recv().await {
             if !serving.load(std::sync::atomic::Ordering::Acquire) {
@@ -472,7 +473,7 @@ pub async fn run_replica(
             }
             if let Some((seq, body)) = applied.body {
                 fresh_bytes += body.len();
-                fresh.insert(seq, body);
+                fresh.insert(seq, bytes::Bytes::from(body));
                 // Bounded: the oldest go first (they are the ones a backlog reads from disk).
                 while fresh.len() > FRESH_BODIES || fresh_bytes > FRESH_BYTES {
                     match fresh.pop_first() {
@@ -491,7 +492,7 @@ pub async fn run_replica(
                     } => {
                         let body = match fresh.get(&seq) {
                             Some(b) => Ok(b.clone()),
-                            None => reader.body(seq).await,
+                            None => reader.body(seq).await.map(bytes::Bytes::from),
                         };
                         match body {
                             Ok(body) => out.push(Delivery {

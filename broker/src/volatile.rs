@@ -12,7 +12,9 @@
 //! nothing, and a message published only to such subscriptions never enters the log (a
 //! message is as durable as the subscriptions it lands in; see [`crate::service`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use bytes::Bytes;
 
 use crate::queue::{ConsumerId, Seq};
 use crate::service::{Dedup, Delivery, Request, StoreError, Tag};
@@ -47,7 +49,9 @@ pub struct Out {
 #[derive(Default)]
 pub struct Volatile {
     shard: Shard,
-    bodies: HashMap<Seq, Vec<u8>>,
+    /// By sequence number: a B-tree, since numbers are taken in order and mostly forgotten
+    /// in order, so both ends stay in cache even with a deep backlog.
+    bodies: BTreeMap<Seq, Bytes>,
     bytes: usize,
     next: Seq,
     queues: HashSet<String>,
@@ -107,7 +111,7 @@ impl Volatile {
         }
         let seq = self.next;
         self.next += 1;
-        self.bodies.insert(seq, body);
+        self.bodies.insert(seq, Bytes::from(body));
         self.bytes += len;
         let cmd = Cmd::Publish {
             topic: topic.to_string(),
@@ -172,7 +176,7 @@ impl Volatile {
                 }
                 let seq = self.next;
                 self.next += 1;
-                self.bodies.insert(seq, body);
+                self.bodies.insert(seq, Bytes::from(body));
                 self.bytes += len;
                 out.done = done.map(|t| (t, Ok(())));
                 self.apply(
@@ -381,7 +385,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out.deliveries.len(), 1);
-        assert_eq!(out.deliveries[0].body, b"hello");
+        assert_eq!(out.deliveries[0].body, &b"hello"[..]);
         let seq = out.deliveries[0].seq;
         // Another consumer id is not ours.
         assert!(v.handle(Request::Detach { consumer: 6 }, 0).is_err());

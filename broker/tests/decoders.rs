@@ -69,7 +69,7 @@ fn valid_samples() -> Vec<Vec<u8>> {
         consumer: 1,
         seq: 2,
         delivery_count: 0,
-        body: b"y".to_vec(),
+        body: bytes::Bytes::from_static(b"y"),
     }])
     .encode(&mut f);
     out.push(f);

@@ -92,7 +92,7 @@ async fn enqueue_commit_deliver_settle() {
         .unwrap()
         .unwrap();
     assert_eq!(batch[0].consumer, 2);
-    assert_eq!(batch[0].body, b"alice");
+    assert_eq!(batch[0].body, &b"alice"[..]);
     drop(req_tx);
     task.await.unwrap();
 }
@@ -162,7 +162,7 @@ async fn non_durable_subscriptions_are_served_without_the_log() {
     }
     for (i, dlv) in got.iter().enumerate() {
         assert_eq!(
-            (dlv.consumer, dlv.body.clone()),
+            (dlv.consumer, dlv.body.to_vec()),
             (1, format!("m{i}").into_bytes())
         );
     }
@@ -198,7 +198,7 @@ async fn non_durable_subscriptions_are_served_without_the_log() {
             .unwrap()
             .unwrap()
         {
-            assert_eq!(dlv.body, b"both");
+            assert_eq!(dlv.body, &b"both"[..]);
             to.insert(dlv.consumer);
         }
     }

@@ -1595,9 +1595,9 @@ impl Core {
             // delivery-count); first deliveries go out exactly as stored.
             let body = if d.delivery_count > 0 {
                 amqp::message::with_delivery_count(&d.body, d.delivery_count)
-                    .unwrap_or_else(|_| Bytes::from(d.body))
+                    .unwrap_or(d.body)
             } else {
-                Bytes::from(d.body)
+                d.body
             };
             let len = body.len();
             let dlv = if presettled {
