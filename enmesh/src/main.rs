@@ -341,17 +341,21 @@ async fn serve(a: ServerArgs, standalone: bool) -> anyhow::Result<()> {
     let rx = shutdown_on_signal()?;
     let mut local = router::Local::default();
     if let Some(m) = mqtt {
-        // The gateway reaches this process's router through an in-process pipe (the same AMQP,
-        // without a socket pair and three system calls per frame) and asks its management
-        // questions by direct calls (no HTTP request and JSON answer per device).
-        let (amqp_to, amqp_in) = amqp::pipe::local("the router's AMQP listener", 1 << 20);
+        // The gateway's connections go straight to this process's router core in its own
+        // typed messages (no AMQP encoding, decoding, socket pair or pipe), and it asks its
+        // management questions by direct calls (no HTTP request and JSON answer per device).
+        let (core_tx, core_rx) = tokio::sync::watch::channel(None);
         let (api_tx, api_rx) = tokio::sync::watch::channel(None);
-        local.amqp = Some(amqp_in);
+        local.core = Some(core_tx);
         local.api = Some(api_tx);
         println!("enmesh mqtt listening mqtt={}", m.local_addr()?);
         let ws = bind_ws(a.mqtt_ws.or(config.mqtt.ws_listen)).await?;
         let api = mqtt_gateway::mgmt::RouterApi::direct(InProcess(api_rx));
-        let cfg = gateway_config(&config.mqtt, amqp_to, api);
+        let cfg = gateway_config(
+            &config.mqtt,
+            mqtt_gateway::mux::Upstream::Core(core_rx),
+            api,
+        );
         tokio::spawn(mqtt_gateway::server::serve(
             m,
             ws,
@@ -485,7 +489,7 @@ impl mqtt_gateway::mgmt::Direct for InProcess {
 
 fn gateway_config(
     m: &router::config::MqttSection,
-    router: amqp::pipe::Dialer,
+    router: mqtt_gateway::mux::Upstream,
     api: mqtt_gateway::mgmt::RouterApi,
 ) -> mqtt_gateway::server::Config {
     mqtt_gateway::server::Config {
@@ -530,7 +534,7 @@ async fn serve_gateway(
     let http = router_http.unwrap_or_else(|| config.mqtt.router_http.clone());
     let cfg = gateway_config(
         &config.mqtt,
-        amqp::pipe::Dialer::Tcp(router),
+        amqp::pipe::Dialer::Tcp(router).into(),
         mqtt_gateway::mgmt::RouterApi::new(http),
     );
     mqtt_gateway::server::serve(l, ws, std::sync::Arc::new(cfg), rx).await?;

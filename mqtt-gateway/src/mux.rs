@@ -117,6 +117,23 @@ enum Cmd {
     },
 }
 
+/// Where the gateway's connections go: a router over AMQP (TCP, or an in-process pipe), or,
+/// in standalone, the router's core in this process, spoken to in its own typed messages
+/// ([`router::local`]; no AMQP encoding and decoding on either side).
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    Amqp(amqp::pipe::Dialer),
+    /// Given once the router runs.
+    #[cfg(feature = "in-process")]
+    Core(tokio::sync::watch::Receiver<Option<router::local::Core>>),
+}
+
+impl From<amqp::pipe::Dialer> for Upstream {
+    fn from(d: amqp::pipe::Dialer) -> Upstream {
+        Upstream::Amqp(d)
+    }
+}
+
 /// One pooled connection, as the pool sees it.
 struct Handle {
     tx: mpsc::UnboundedSender<Cmd>,
@@ -125,14 +142,15 @@ struct Handle {
 
 /// The gateway's AMQP connections to the router.
 pub struct Pool {
-    router: amqp::pipe::Dialer,
+    router: Upstream,
     per_connection: usize,
     conns: Mutex<Vec<Handle>>,
     next_dev: AtomicU64,
 }
 
 impl Pool {
-    pub fn new(router: amqp::pipe::Dialer, per_connection: usize) -> Arc<Pool> {
+    pub fn new(router: impl Into<Upstream>, per_connection: usize) -> Arc<Pool> {
+        let router = router.into();
         Arc::new(Pool {
             router,
             per_connection: per_connection.max(1),
@@ -148,10 +166,25 @@ impl Pool {
             return Ok(p);
         }
         // Connected outside the lock; a race may open one connection more than needed.
-        let client = Client::connect_via(&self.router, CONTAINER, 1 << 16).await?;
         let (tx, rx) = mpsc::unbounded_channel();
+        match &self.router {
+            Upstream::Amqp(d) => {
+                let client = Client::connect_via(d, CONTAINER, 1 << 16).await?;
+                tokio::spawn(run(client, rx));
+            }
+            #[cfg(feature = "in-process")]
+            Upstream::Core(core) => {
+                let core = core
+                    .clone()
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|c| c.clone())
+                    .ok_or(ClientError::Closed(None))?;
+                tokio::spawn(run_local(core, rx));
+            }
+        }
         let devices = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(client, rx));
         if let Ok(mut g) = self.conns.lock() {
             g.retain(|h| !h.tx.is_closed());
             g.push(Handle {
@@ -331,8 +364,63 @@ struct Pending {
     refused: bool,
 }
 
-struct Mux {
-    client: Client,
+/// The calls the multiplexer makes on its connection: the AMQP client engine's, or an
+/// in-process connection's ([`router::local::Conn`]), which answers with the same events.
+trait Engine {
+    fn attach(&mut self, req: AttachRequest) -> Option<LinkId>;
+    /// An unsettled send's outcome comes as a disposition for the returned delivery id.
+    fn send(&mut self, link: LinkId, tag: u64, msg: &Bytes, settled: bool) -> Option<u32>;
+    fn settle(&mut self, link: LinkId, delivery_id: u32, state: DeliveryState);
+    fn receiver_credit(&self, link: LinkId) -> u32;
+    fn set_credit(&mut self, link: LinkId, credit: u32);
+    fn detach(&mut self, link: LinkId, closed: bool);
+}
+
+impl Engine for Client {
+    fn attach(&mut self, req: AttachRequest) -> Option<LinkId> {
+        self.conn.attach(self.channel, req)
+    }
+    fn send(&mut self, link: LinkId, tag: u64, msg: &Bytes, settled: bool) -> Option<u32> {
+        self.conn.send(link, &tag.to_be_bytes(), msg, settled, 0)
+    }
+    fn settle(&mut self, link: LinkId, delivery_id: u32, state: DeliveryState) {
+        self.conn.disposition(link, delivery_id, true, Some(state));
+    }
+    fn receiver_credit(&self, link: LinkId) -> u32 {
+        self.conn.receiver_credit(link)
+    }
+    fn set_credit(&mut self, link: LinkId, credit: u32) {
+        self.conn.set_credit(link, credit, false);
+    }
+    fn detach(&mut self, link: LinkId, closed: bool) {
+        self.conn.detach(link, None, closed);
+    }
+}
+
+#[cfg(feature = "in-process")]
+impl Engine for router::local::Conn {
+    fn attach(&mut self, req: AttachRequest) -> Option<LinkId> {
+        router::local::Conn::attach(self, req)
+    }
+    fn send(&mut self, link: LinkId, _tag: u64, msg: &Bytes, settled: bool) -> Option<u32> {
+        router::local::Conn::send(self, link, msg, settled)
+    }
+    fn settle(&mut self, _link: LinkId, delivery_id: u32, state: DeliveryState) {
+        self.disposition(delivery_id, state);
+    }
+    fn receiver_credit(&self, link: LinkId) -> u32 {
+        router::local::Conn::receiver_credit(self, link)
+    }
+    fn set_credit(&mut self, link: LinkId, credit: u32) {
+        router::local::Conn::set_credit(self, link, credit);
+    }
+    fn detach(&mut self, link: LinkId, closed: bool) {
+        router::local::Conn::detach(self, link, closed);
+    }
+}
+
+struct Mux<E> {
+    engine: E,
     devices: HashMap<u64, Outbox>,
     links: HashMap<LinkId, LinkState>,
     pending: HashMap<LinkId, Pending>,
@@ -346,49 +434,112 @@ const BATCH: usize = 256;
 /// Drives one pooled connection until the router closes it or it fails; every device on it
 /// then hears [`Ev::Closed`].
 async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-    let mut m = Mux {
-        client,
-        devices: HashMap::new(),
-        links: HashMap::new(),
-        pending: HashMap::new(),
-        sent: HashMap::new(),
-    };
+    let mut m = Mux::new(client);
     let r = m.serve(&mut rx).await;
-    if let Err(e) = &r {
-        tracing::info!("gateway connection to the router ended: {e}");
-    }
-    rx.close();
-    while let Ok(c) = rx.try_recv() {
-        if let Cmd::Join { events, .. } = c {
-            events.send(Ev::Closed);
+    m.finish(r, rx);
+}
+
+/// [`run`] for a connection to the core in this process.
+#[cfg(feature = "in-process")]
+async fn run_local(core: router::local::Core, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    let (conn, mut from_core) = router::local::Conn::open(CONTAINER, &core);
+    let mut m = Mux::new(conn);
+    let r = m.serve_local(&core, &mut from_core, &mut rx).await;
+    let mut last = m.engine.take_output();
+    last.extend(m.engine.close());
+    let _ = core.core.send(last).await;
+    m.finish(r, rx);
+}
+
+impl<E: Engine> Mux<E> {
+    fn new(engine: E) -> Mux<E> {
+        Mux {
+            engine,
+            devices: HashMap::new(),
+            links: HashMap::new(),
+            pending: HashMap::new(),
+            sent: HashMap::new(),
         }
     }
-    for (_, d) in m.devices.drain() {
-        d.send(Ev::Closed);
-    }
-    for (_, p) in m.pending.drain() {
-        if let Some(r) = p.reply {
-            let _ = r.send(Err(None));
+
+    /// After the connection ended: every device hears it, every attach waiting is refused.
+    fn finish(mut self, r: Result<(), ClientError>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let m = &mut self;
+        if let Err(e) = &r {
+            tracing::info!("gateway connection to the router ended: {e}");
+        }
+        rx.close();
+        while let Ok(c) = rx.try_recv() {
+            if let Cmd::Join { events, .. } = c {
+                events.send(Ev::Closed);
+            }
+        }
+        for (_, d) in m.devices.drain() {
+            d.send(Ev::Closed);
+        }
+        for (_, p) in m.pending.drain() {
+            if let Some(r) = p.reply {
+                let _ = r.send(Err(None));
+            }
         }
     }
 }
 
-impl Mux {
+#[cfg(feature = "in-process")]
+impl Mux<router::local::Conn> {
+    async fn serve_local(
+        &mut self,
+        core: &router::local::Core,
+        from_core: &mut mpsc::UnboundedReceiver<Vec<router::core::ToConn>>,
+        rx: &mut mpsc::UnboundedReceiver<Cmd>,
+    ) -> Result<(), ClientError> {
+        loop {
+            let out = self.engine.take_output();
+            if !out.is_empty() && core.core.send(out).await.is_err() {
+                return Err(ClientError::Closed(None));
+            }
+            // Devices' sends wait while the core holds too much of this connection's (the
+            // TCP read pause of a network connection); the core's batches never do.
+            let paused = self.engine.paused();
+            tokio::select! {
+                batch = from_core.recv() => {
+                    let Some(batch) = batch else {
+                        return Err(ClientError::Closed(None));
+                    };
+                    self.engine.apply(batch);
+                    while let Ok(b) = from_core.try_recv() {
+                        self.engine.apply(b);
+                    }
+                    while let Some(e) = self.engine.poll_event() {
+                        self.on_event(e)?;
+                    }
+                }
+                cmd = rx.recv(), if !paused => {
+                    let Some(cmd) = cmd else { return Ok(()) };
+                    self.take_batch(cmd, rx).await;
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_millis(2)), if paused => {}
+            }
+        }
+    }
+}
+
+impl Mux<Client> {
     async fn serve(&mut self, rx: &mut mpsc::UnboundedReceiver<Cmd>) -> Result<(), ClientError> {
         loop {
-            let next = self.client.conn.tick(Instant::now())?;
-            self.client.flush().await?;
-            let c = &mut self.client;
+            let next = self.engine.conn.tick(Instant::now())?;
+            self.engine.flush().await?;
+            let c = &mut self.engine;
             tokio::select! {
                 r = c.stream.read_buf(&mut c.inbuf) => {
                     if r? == 0 {
                         return Err(ClientError::Closed(None));
                     }
                     let res = c.conn.handle_input(&mut c.inbuf, Instant::now());
-                    while let Some(e) = self.client.conn.poll_event() {
+                    while let Some(e) = self.engine.conn.poll_event() {
                         self.on_event(e)?;
                     }
-                    let c = &mut self.client;
+                    let c = &mut self.engine;
                     if c.inbuf.capacity() - c.inbuf.len() < 4096 {
                         c.inbuf.reserve(1 << 16);
                     }
@@ -396,17 +547,25 @@ impl Mux {
                 }
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { return Ok(()) };
-                    self.on_cmd(cmd);
-                    if self.take_cmds(rx, BATCH - 1) < BATCH - 1 {
-                        // A device that sends wakes this task at once (tokio runs the woken
-                        // task next): writing now would cost a write per message. The other
-                        // devices ready to run go first, and one write carries what they send.
-                        tokio::task::yield_now().await;
-                        self.take_cmds(rx, BATCH);
-                    }
+                    self.take_batch(cmd, rx).await;
                 }
                 _ = sleep_until(next) => {}
             }
+        }
+    }
+}
+
+impl<E: Engine> Mux<E> {
+    /// Handles `cmd` and a batch of the commands behind it.
+    async fn take_batch(&mut self, cmd: Cmd, rx: &mut mpsc::UnboundedReceiver<Cmd>) {
+        self.on_cmd(cmd);
+        if self.take_cmds(rx, BATCH - 1) < BATCH - 1 {
+            // A device that sends wakes this task at once (tokio runs the woken task next):
+            // passing its send on now would cost a write (or a batch to the core) per
+            // message. The other devices ready to run go first, and one batch carries what
+            // they send.
+            tokio::task::yield_now().await;
+            self.take_cmds(rx, BATCH);
         }
     }
 
@@ -428,7 +587,7 @@ impl Mux {
     }
 
     fn on_cmd(&mut self, c: Cmd) {
-        let conn = &mut self.client.conn;
+        let conn = &mut self.engine;
         match c {
             Cmd::Join { dev, events } => {
                 self.devices.insert(dev, events);
@@ -438,7 +597,7 @@ impl Mux {
                 req,
                 credit,
                 reply,
-            } => match conn.attach(self.client.channel, *req) {
+            } => match conn.attach(*req) {
                 Some(link) => {
                     self.pending.insert(
                         link,
@@ -465,7 +624,7 @@ impl Mux {
                 };
                 l.applied += 1;
                 let dev = l.dev;
-                match conn.send(link, &tag.to_be_bytes(), &msg, settled, 0) {
+                match conn.send(link, tag, &msg, settled) {
                     Some(id) if !settled => {
                         self.sent.insert(id, (dev, tag));
                     }
@@ -490,21 +649,21 @@ impl Mux {
                 state,
                 credit,
             } => {
-                conn.disposition(link, delivery_id, true, Some(state));
+                conn.settle(link, delivery_id, state);
                 if credit > 0 && self.links.contains_key(&link) {
                     let c = conn.receiver_credit(link);
-                    conn.set_credit(link, c.saturating_add(credit), false);
+                    conn.set_credit(link, c.saturating_add(credit));
                 }
             }
             Cmd::Credit { link, add } => {
                 if self.links.contains_key(&link) {
                     let c = conn.receiver_credit(link);
-                    conn.set_credit(link, c.saturating_add(add), false);
+                    conn.set_credit(link, c.saturating_add(add));
                 }
             }
             Cmd::Detach { link, closed } => {
                 if self.links.remove(&link).is_some() {
-                    conn.detach(link, None, closed);
+                    conn.detach(link, closed);
                 }
             }
             Cmd::Leave { dev } => {
@@ -517,7 +676,7 @@ impl Mux {
                     .collect();
                 for link in gone {
                     self.links.remove(&link);
-                    conn.detach(link, None, false);
+                    conn.detach(link, false);
                 }
                 // Attaches still waiting are detached when answered (their device is gone).
             }
@@ -541,19 +700,19 @@ impl Mux {
                 }
                 let (dev, credit, reply) = (p.dev, p.credit, p.reply.take());
                 self.pending.remove(&link);
-                let conn = &mut self.client.conn;
+                let conn = &mut self.engine;
                 if !self.devices.contains_key(&dev) {
-                    conn.detach(link, None, false);
+                    conn.detach(link, false);
                     return Ok(());
                 }
                 if credit > 0 {
-                    conn.set_credit(link, credit, false);
+                    conn.set_credit(link, credit);
                 }
                 self.links.insert(link, LinkState { dev, applied: 0 });
                 if reply.is_none_or(|r| r.send(Ok(link)).is_err()) {
                     // Its device stopped waiting.
                     self.links.remove(&link);
-                    self.client.conn.detach(link, None, false);
+                    self.engine.detach(link, false);
                 }
             }
             Event::Credit { link, credit, .. } => {
@@ -581,12 +740,8 @@ impl Mux {
                 None => {
                     // Its device left or detached it: give the message back.
                     if !d.settled {
-                        self.client.conn.disposition(
-                            d.link,
-                            d.delivery_id,
-                            true,
-                            Some(DeliveryState::Released),
-                        );
+                        self.engine
+                            .settle(d.link, d.delivery_id, DeliveryState::Released);
                     }
                 }
             },

@@ -83,8 +83,9 @@ const BATCH: usize = 256;
 /// What the gateway needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The router's AMQP listener: host:port, or in-process (standalone).
-    pub router: amqp::pipe::Dialer,
+    /// The router: its AMQP listener (host:port, or an in-process pipe), or in standalone its
+    /// core ([`crate::mux::Upstream`]).
+    pub router: crate::mux::Upstream,
     /// Enmesh address prefix of MQTT topics (a topic address in the router's configuration).
     pub topic_prefix: String,
     /// Largest MQTT packet accepted (and announced to MQTT 5 clients).
@@ -111,7 +112,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            router: amqp::pipe::Dialer::Tcp("127.0.0.1:5672".into()),
+            router: amqp::pipe::Dialer::Tcp("127.0.0.1:5672".into()).into(),
             topic_prefix: "mqtt/".into(),
             max_packet_size: 1024 * 1024,
             max_connections: 100_000,

@@ -429,23 +429,11 @@ impl Task<'_> {
         }
         let presettled = state.presettled;
         let name = attach.name.clone();
-        // A durable subscription (JMS and others): durable terminus, expiry-policy never; or
-        // another expiry policy with a timeout, kept that long without a consumer (MQTT 5
-        // session expiry).
-        let source = attach.source.as_ref().filter(|_| dir == Dir::Consumer);
-        let keep_ms = source.and_then(|s| {
-            let expiring = !matches!(s.expiry_policy.as_deref(), Some("never"));
-            (s.durable.unwrap_or(0) > 0 && expiring)
-                .then_some(s.timeout)
-                .flatten()
-                .filter(|t| *t > 0)
-                .map(|t| u64::from(t) * 1000)
-        });
-        let durable = keep_ms.is_some()
-            || source.is_some_and(|s| {
-                s.durable.unwrap_or(0) > 0 && s.expiry_policy.as_deref() == Some("never")
-            });
-        let shared = source.is_some_and(|s| s.has_capability("shared"));
+        let Subscription {
+            durable,
+            shared,
+            keep_ms,
+        } = Subscription::of(dir, attach.source.as_ref());
         state.attach = Some(attach);
         self.links.insert(link, state);
         let r = self.r(link);
@@ -555,3 +543,37 @@ impl Task<'_> {
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(1);
+
+/// What a consumer's source says of the subscription behind it (see [`ToCore::Attach`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Subscription {
+    pub durable: bool,
+    pub shared: bool,
+    pub keep_ms: Option<u64>,
+}
+
+impl Subscription {
+    /// A durable subscription (JMS and others): durable terminus, expiry-policy never; or
+    /// another expiry policy with a timeout, kept that long without a consumer (MQTT 5
+    /// session expiry). A producer's link has none.
+    pub fn of(dir: Dir, source: Option<&Terminus>) -> Subscription {
+        let source = source.filter(|_| dir == Dir::Consumer);
+        let keep_ms = source.and_then(|s| {
+            let expiring = !matches!(s.expiry_policy.as_deref(), Some("never"));
+            (s.durable.unwrap_or(0) > 0 && expiring)
+                .then_some(s.timeout)
+                .flatten()
+                .filter(|t| *t > 0)
+                .map(|t| u64::from(t) * 1000)
+        });
+        let durable = keep_ms.is_some()
+            || source.is_some_and(|s| {
+                s.durable.unwrap_or(0) > 0 && s.expiry_policy.as_deref() == Some("never")
+            });
+        Subscription {
+            durable,
+            shared: source.is_some_and(|s| s.has_capability("shared")),
+            keep_ms,
+        }
+    }
+}

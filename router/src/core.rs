@@ -1594,8 +1594,7 @@ impl Core {
             // A redelivery tells the consumer how many attempts came before (header
             // delivery-count); first deliveries go out exactly as stored.
             let body = if d.delivery_count > 0 {
-                amqp::message::with_delivery_count(&d.body, d.delivery_count)
-                    .unwrap_or(d.body)
+                amqp::message::with_delivery_count(&d.body, d.delivery_count).unwrap_or(d.body)
             } else {
                 d.body
             };

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod core;
 pub mod http;
+pub mod local;
 pub mod placement;
 pub mod remote_store;
 
@@ -63,12 +64,15 @@ async fn start_store(
 }
 
 /// What standalone's MQTT gateway uses of the router in its process: an in-process AMQP
-/// listener ([`amqp::pipe`]) served like the TCP one, and the management API without HTTP.
+/// listener ([`amqp::pipe`]) served like the TCP one, the management API without HTTP, and
+/// the core itself for connections in typed messages ([`local`]).
 #[derive(Default)]
 pub struct Local {
     pub amqp: Option<amqp::pipe::Accepted>,
     /// Given the management API once the router runs.
     pub api: Option<watch::Sender<Option<http::Api>>>,
+    /// Given the core's channel once the router runs.
+    pub core: Option<watch::Sender<Option<local::Core>>>,
 }
 
 /// The next pipe from an in-process listener (never, without one).
@@ -153,6 +157,13 @@ pub async fn run(
     if let Some(tx) = &local_api {
         let _ = tx.send(Some(api.clone()));
     }
+    let local_core = local.core;
+    if let Some(tx) = &local_core {
+        let _ = tx.send(Some(local::Core {
+            core: core_tx.clone(),
+            budget: config.router.limits.connection_buffer_bytes,
+        }));
+    }
     let http_task = tokio::spawn(async move {
         let _ = axum::serve(http, http::app(api))
             .with_graceful_shutdown(async move {
@@ -223,6 +234,7 @@ pub async fn run(
     drop(core_tx);
     let _ = http_task.await;
     drop(local_api);
+    drop(local_core);
     core_task.abort();
     Ok(())
 }
