@@ -309,18 +309,8 @@ impl Conn {
                         attach: Box::new(attach),
                     });
                 }
-                ToConn::AttachRefused { link, error } => {
-                    if self.links.remove(&link).is_some() {
-                        self.forget(link);
-                        self.events.push_back(Event::LinkClosed {
-                            link,
-                            error: Some(error),
-                            remote: true,
-                            closed: true,
-                        });
-                    }
-                }
-                ToConn::Detach { link, error } => {
+                // Refused, or detached by the router: the link is gone either way.
+                ToConn::AttachRefused { link, error } | ToConn::Detach { link, error } => {
                     if self.links.remove(&link).is_some() {
                         self.forget(link);
                         self.events.push_back(Event::LinkClosed {
