@@ -70,7 +70,8 @@ pub enum Request {
         address: String,
         ttl_ms: Option<u64>,
         absolute_expiry: Option<u64>,
-        body: Vec<u8>,
+        /// Shared, not copied, on its way from a producer into the in-memory store.
+        body: bytes::Bytes,
         done: Option<Tag>,
         dedup: Option<Box<Dedup>>,
     },
@@ -78,7 +79,7 @@ pub enum Request {
         topic: String,
         ttl_ms: Option<u64>,
         absolute_expiry: Option<u64>,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         done: Option<Tag>,
         dedup: Option<Box<Dedup>>,
     },
@@ -207,7 +208,8 @@ pub(crate) fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
                     now,
                     ttl_ms,
                     absolute_expiry,
-                    body,
+                    // No copy when the body is not shared.
+                    body: Vec::from(body),
                 },
                 dedup,
             ),
@@ -227,7 +229,7 @@ pub(crate) fn to_cmd(r: Request, now: u64) -> (Cmd, Option<Tag>) {
                     now,
                     ttl_ms,
                     absolute_expiry,
-                    body,
+                    body: Vec::from(body),
                 },
                 dedup,
             ),
@@ -376,8 +378,8 @@ fn publish(
         ttl_ms,
         absolute_expiry,
         body,
-        done: tag,
         dedup,
+        ..
     }) = as_publish(&r)
     else {
         return Some(r);
@@ -387,7 +389,7 @@ fn publish(
         if volatile.publishes_to(topic) {
             // A full store: these subscriptions miss it (the durable ones have it).
             let _ = volatile.publish(
-                topic,
+                topic.clone(),
                 *ttl_ms,
                 *absolute_expiry,
                 body.clone(),
@@ -398,19 +400,19 @@ fn publish(
         }
         return Some(r);
     }
-    let (topic, ttl_ms, absolute_expiry, tag, dedup) = (
-        topic.clone(),
-        *ttl_ms,
-        *absolute_expiry,
-        *tag,
-        dedup.clone(),
-    );
-    let body = match into_publish(r) {
-        Request::Publish { body, .. } => body,
-        _ => Vec::new(),
+    let Request::Publish {
+        topic,
+        ttl_ms,
+        absolute_expiry,
+        body,
+        done: tag,
+        dedup,
+    } = into_publish(r)
+    else {
+        return None;
     };
     let res = volatile.publish(
-        &topic,
+        topic,
         ttl_ms,
         absolute_expiry,
         body,

@@ -93,28 +93,28 @@ impl Volatile {
     #[allow(clippy::too_many_arguments)]
     pub fn publish(
         &mut self,
-        topic: &str,
+        topic: String,
         ttl_ms: Option<u64>,
         absolute_expiry: Option<u64>,
-        body: Vec<u8>,
+        body: Bytes,
         dedup: Option<&Dedup>,
         now: u64,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        if !self.publishes_to(topic) {
+        if !self.publishes_to(&topic) {
             return Ok(());
         }
         let len = body.len();
         if self.bodies.len() >= self.limits.max_messages || self.bytes + len > self.limits.max_bytes
         {
-            return Err(StoreError::Full(topic.to_string()));
+            return Err(StoreError::Full(topic));
         }
         let seq = self.next;
         self.next += 1;
-        self.bodies.insert(seq, Bytes::from(body));
+        self.bodies.insert(seq, body);
         self.bytes += len;
         let cmd = Cmd::Publish {
-            topic: topic.to_string(),
+            topic,
             now,
             ttl_ms,
             absolute_expiry,
@@ -176,7 +176,7 @@ impl Volatile {
                 }
                 let seq = self.next;
                 self.next += 1;
-                self.bodies.insert(seq, Bytes::from(body));
+                self.bodies.insert(seq, body);
                 self.bytes += len;
                 out.done = done.map(|t| (t, Ok(())));
                 self.apply(
@@ -353,7 +353,7 @@ mod tests {
             address: address.into(),
             ttl_ms: None,
             absolute_expiry: None,
-            body: body.to_vec(),
+            body: Bytes::copy_from_slice(body),
             done: Some(tag),
             dedup: None,
         }

@@ -57,7 +57,7 @@ fn valid_samples() -> Vec<Vec<u8>> {
         address: "q".into(),
         ttl_ms: None,
         absolute_expiry: None,
-        body: b"x".to_vec(),
+        body: bytes::Bytes::from_static(b"x"),
         done: Some(4),
         dedup: None,
     })

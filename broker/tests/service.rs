@@ -25,7 +25,7 @@ async fn enqueue_commit_deliver_settle() {
                 address: "work".into(),
                 ttl_ms: None,
                 absolute_expiry: None,
-                body: format!("job-{i}").into_bytes(),
+                body: format!("job-{i}").into_bytes().into(),
                 done: Some(i as u64),
                 dedup: None,
             })
@@ -80,7 +80,7 @@ async fn enqueue_commit_deliver_settle() {
             topic: "events/login".into(),
             ttl_ms: None,
             absolute_expiry: None,
-            body: b"alice".to_vec(),
+            body: bytes::Bytes::from_static(b"alice"),
             done: Some(7777),
             dedup: None,
         })
@@ -102,7 +102,7 @@ fn publish(topic: &str, body: &str, tag: u64) -> Request {
         topic: topic.into(),
         ttl_ms: None,
         absolute_expiry: None,
-        body: body.as_bytes().to_vec(),
+        body: bytes::Bytes::copy_from_slice(body.as_bytes()),
         done: Some(tag),
         dedup: None,
     }

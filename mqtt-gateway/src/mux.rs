@@ -96,6 +96,9 @@ enum Cmd {
         link: LinkId,
         tag: u64,
         msg: Bytes,
+        /// The message's `to`, when its link is anonymous (the in-process path routes by it
+        /// without reading the message again).
+        to: Option<String>,
         settled: bool,
     },
     Settle {
@@ -301,6 +304,7 @@ impl Port {
         link: LinkId,
         tag: u64,
         msg: Bytes,
+        to: Option<String>,
         settled: bool,
     ) -> Result<(), ClientError> {
         if let Some(c) = self.sending_mut(link) {
@@ -310,6 +314,7 @@ impl Port {
             link,
             tag,
             msg,
+            to,
             settled,
         })
     }
@@ -369,7 +374,14 @@ struct Pending {
 trait Engine {
     fn attach(&mut self, req: AttachRequest) -> Option<LinkId>;
     /// An unsettled send's outcome comes as a disposition for the returned delivery id.
-    fn send(&mut self, link: LinkId, tag: u64, msg: &Bytes, settled: bool) -> Option<u32>;
+    fn send(
+        &mut self,
+        link: LinkId,
+        tag: u64,
+        msg: Bytes,
+        to: Option<String>,
+        settled: bool,
+    ) -> Option<u32>;
     fn settle(&mut self, link: LinkId, delivery_id: u32, state: DeliveryState);
     fn receiver_credit(&self, link: LinkId) -> u32;
     fn set_credit(&mut self, link: LinkId, credit: u32);
@@ -380,8 +392,15 @@ impl Engine for Client {
     fn attach(&mut self, req: AttachRequest) -> Option<LinkId> {
         self.conn.attach(self.channel, req)
     }
-    fn send(&mut self, link: LinkId, tag: u64, msg: &Bytes, settled: bool) -> Option<u32> {
-        self.conn.send(link, &tag.to_be_bytes(), msg, settled, 0)
+    fn send(
+        &mut self,
+        link: LinkId,
+        tag: u64,
+        msg: Bytes,
+        _to: Option<String>,
+        settled: bool,
+    ) -> Option<u32> {
+        self.conn.send(link, &tag.to_be_bytes(), &msg, settled, 0)
     }
     fn settle(&mut self, link: LinkId, delivery_id: u32, state: DeliveryState) {
         self.conn.disposition(link, delivery_id, true, Some(state));
@@ -402,8 +421,15 @@ impl Engine for router::local::Conn {
     fn attach(&mut self, req: AttachRequest) -> Option<LinkId> {
         router::local::Conn::attach(self, req)
     }
-    fn send(&mut self, link: LinkId, _tag: u64, msg: &Bytes, settled: bool) -> Option<u32> {
-        router::local::Conn::send(self, link, msg, settled)
+    fn send(
+        &mut self,
+        link: LinkId,
+        _tag: u64,
+        msg: Bytes,
+        to: Option<String>,
+        settled: bool,
+    ) -> Option<u32> {
+        router::local::Conn::send(self, link, msg, to, settled)
     }
     fn settle(&mut self, _link: LinkId, delivery_id: u32, state: DeliveryState) {
         self.disposition(delivery_id, state);
@@ -617,6 +643,7 @@ impl<E: Engine> Mux<E> {
                 link,
                 tag,
                 msg,
+                to,
                 settled,
             } => {
                 let Some(l) = self.links.get_mut(&link) else {
@@ -624,7 +651,7 @@ impl<E: Engine> Mux<E> {
                 };
                 l.applied += 1;
                 let dev = l.dev;
-                match conn.send(link, tag, &msg, settled) {
+                match conn.send(link, tag, msg, to, settled) {
                     Some(id) if !settled => {
                         self.sent.insert(id, (dev, tag));
                     }

@@ -691,7 +691,7 @@ async fn will_send(
             Some(_) => {}
         }
     }
-    port.send(link, tag, msg, settled)?;
+    port.send(link, tag, msg, None, settled)?;
     if settled {
         return Ok(None);
     }
@@ -1471,7 +1471,14 @@ impl<'a> Session<'a> {
         bridge::to_amqp(&p, &self.client_id, &self.cfg.topic_prefix, &mut msg);
         let settled = p.qos == QoS::AtMostOnce;
         let tag = self.next_tag();
-        self.port.send(link, tag, msg.freeze(), settled)?;
+        // The address the message's `to` holds, handed along so that the router need not
+        // read it back; the topic's own string when there is no prefix (no copy).
+        let to = if self.cfg.topic_prefix.is_empty() {
+            std::mem::take(&mut p.topic)
+        } else {
+            topic::name_address(&self.cfg.topic_prefix, &p.topic)
+        };
+        self.port.send(link, tag, msg.freeze(), Some(to), settled)?;
         if let (false, Some(id)) = (settled, p.packet_id) {
             self.busy().publishing.insert(tag, (id, p.qos));
         }
@@ -1615,7 +1622,7 @@ impl<'a> Session<'a> {
         let link = self.pub_link(QoS::AtLeastOnce).await?;
         self.wait_credit(link).await?;
         let tag = self.next_tag();
-        self.port.send(link, tag, msg, false)?;
+        self.port.send(link, tag, msg, None, false)?;
         Ok(self.wait_outcome(tag).await? == Outcome::Accepted)
     }
 

@@ -1368,7 +1368,8 @@ impl Core {
                 len,
             },
         );
-        let body = payload.to_vec();
+        // Shared with the store, not copied.
+        let body = payload;
         // Ids too long to keep are ignored (the message is stored without one).
         let dedup = expiry
             .dedup_id

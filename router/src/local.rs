@@ -187,16 +187,24 @@ impl Conn {
 
     /// Sends on a producer link within its credit; the outcome of an unsettled send comes as
     /// [`Event::Disposition`] for the returned id. `None`: no credit, or no such link.
-    pub fn send(&mut self, link: LinkId, msg: &Bytes, settled: bool) -> Option<u32> {
+    /// `to`: the message's `to` as the caller wrote it, if it knows it (an anonymous link's
+    /// message is routed by it; otherwise it is read back out of the message).
+    pub fn send(
+        &mut self,
+        link: LinkId,
+        msg: Bytes,
+        to: Option<String>,
+        settled: bool,
+    ) -> Option<u32> {
         let l = self
             .links
             .get_mut(&link)
             .filter(|l| l.open && l.dir == Dir::Producer && l.credit > 0)?;
-        let to = if l.anonymous {
+        let to = match (l.anonymous, to) {
+            (false, _) => None,
+            (true, Some(to)) => Some(to),
             // The gateway builds its messages; one it cannot read back is not sent.
-            amqp::message::find_to(msg).ok()?
-        } else {
-            None
+            (true, None) => amqp::message::find_to(&msg).ok()?,
         };
         l.credit -= 1;
         let id = self.next_out;
@@ -208,7 +216,7 @@ impl Conn {
             delivery_id: id,
             settled,
             to,
-            payload: msg.clone(),
+            payload: msg,
             format: 0,
         });
         Some(id)
@@ -537,6 +545,43 @@ mod tests {
     }
 
     #[test]
+    fn an_anonymous_producer_routes_by_the_given_to_or_by_the_message() {
+        let (mut c, _) = open();
+        let link = c.attach(request(Role::Sender, None)).unwrap();
+        c.take_output();
+        c.apply(vec![
+            ToConn::AttachOk { link },
+            ToConn::AddCredit { link, n: 3 },
+        ]);
+        let mut b = bytes::BytesMut::new();
+        amqp::message::build(
+            &amqp::message::Simple {
+                to: Some("in/message"),
+                body: b"x",
+                ..Default::default()
+            },
+            &mut b,
+        );
+        let msg = b.freeze();
+        // Given by the caller: taken as it is, the message not read again.
+        c.send(link, msg.clone(), Some("given".into()), true)
+            .unwrap();
+        // Not given: read out of the message.
+        c.send(link, msg, None, true).unwrap();
+        // Not given, and not a message: not sent.
+        assert_eq!(c.send(link, Bytes::from_static(b"\xff"), None, true), None);
+        let out = c.take_output();
+        let tos: Vec<_> = out
+            .iter()
+            .filter_map(|m| match m {
+                ToCore::Deliver { to, .. } => Some(to.as_deref()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tos, [Some("given"), Some("in/message")]);
+    }
+
+    #[test]
     fn a_producer_sends_within_its_credit_and_hears_outcomes() {
         let (mut c, _) = open();
         let link = c.attach(request(Role::Sender, Some("q"))).unwrap();
@@ -544,14 +589,22 @@ mod tests {
         c.apply(vec![ToConn::AttachOk { link }]);
         assert!(matches!(c.poll_event(), Some(Event::Attach { .. })));
         let msg = Bytes::from_static(b"hello");
-        assert_eq!(c.send(link, &msg, false), None, "no credit yet");
+        assert_eq!(
+            c.send(link, msg.clone(), None, false),
+            None,
+            "no credit yet"
+        );
         c.apply(vec![ToConn::AddCredit { link, n: 1 }]);
         assert!(matches!(
             c.poll_event(),
             Some(Event::Credit { credit: 1, .. })
         ));
-        let id = c.send(link, &msg, false).unwrap();
-        assert_eq!(c.send(link, &msg, false), None, "credit used up");
+        let id = c.send(link, msg.clone(), None, false).unwrap();
+        assert_eq!(
+            c.send(link, msg.clone(), None, false),
+            None,
+            "credit used up"
+        );
         assert!(matches!(
             c.take_output().as_slice(),
             [ToCore::Deliver {

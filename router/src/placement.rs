@@ -197,7 +197,7 @@ mod tests {
             topic: "t/x".into(),
             ttl_ms: None,
             absolute_expiry: None,
-            body: vec![],
+            body: bytes::Bytes::new(),
             done: None,
             dedup: None,
         });
