@@ -1153,6 +1153,12 @@ impl<'a> Session<'a> {
             let refill = (!self.can_publish())
                 .then(|| self.budget.as_ref()?.next())
                 .flatten();
+            // While the device waits on the router for a publication's outcome, that outcome
+            // wakes this loop, which checks the keep-alive then: a busy device does not set
+            // and cancel a timer for every packet. (A router that holds an outcome back
+            // holds the keep-alive check back as long.)
+            let awaiting = self.busy.as_ref().is_some_and(|b| !b.publishing.is_empty());
+            let keep_alive = keep_alive.filter(|_| !awaiting);
             let wake = [keep_alive, refill].into_iter().flatten().min();
             let read_mqtt = self.can_publish();
             if buf.capacity() - buf.len() < 256 {
@@ -1167,7 +1173,7 @@ impl<'a> Session<'a> {
                 tokio::select! {
                     r = sock.read_buf(buf), if read_mqtt => Woke::Mqtt(r),
                     w = std::future::poll_fn(|cx| port.events.poll_woken(cx, true)) => Woke::Amqp(w),
-                    _ = sleep_until(wake) => Woke::Timer,
+                    _ = sleep_until(wake), if wake.is_some() => Woke::Timer,
                 }
             };
             match woke {
@@ -2025,8 +2031,8 @@ enum Woke {
     Timer,
 }
 
-/// A timer for `at`, or for a day from now when there is nothing to wait for (the loop then
-/// just goes round once): a bare `Sleep`, the smallest timer future.
+/// A timer for `at` (`None`: a timer that is never polled, so never registered): a bare
+/// `Sleep`, the smallest timer future.
 fn sleep_until(at: Option<Instant>) -> tokio::time::Sleep {
     let at = at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
     tokio::time::sleep_until(at.into())

@@ -280,6 +280,24 @@ def test_keep_alive_expiry_disconnects_with_0x8d(router):
         s.close()
 
 
+
+def test_keep_alive_expiry_after_a_publish(router):
+    """A device that publishes (QoS 1, v5 with no properties) and then falls silent is
+    still disconnected once its keep-alive runs out."""
+    s = raw(router)
+    try:
+        s.sendall(connect_pkt("busy-then-sleepy", keep_alive=1))
+        assert read_packet(s)[0] == 0x20
+        s.sendall(pkt(0x32, s16(b"ka/x") + struct.pack(">H", 1) + b"\x00" + b"m"))
+        first, body = read_packet(s)
+        assert first == 0x40 and body[:2] == b"\x00\x01", (first, body)
+        t = time.time()
+        first, body = read_packet(s)
+        assert first == 0xE0 and body[0] == 0x8D, (first, body)
+        assert time.time() - t < 4
+    finally:
+        s.close()
+
 def test_ping_and_clean_disconnect(router):
     s = raw(router)
     try:
