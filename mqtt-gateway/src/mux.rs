@@ -779,13 +779,19 @@ impl<E: Engine> Mux<E> {
                 state,
                 ..
             } => {
+                let outcome = match state {
+                    Some(DeliveryState::Accepted) => Outcome::Accepted,
+                    Some(DeliveryState::Released) | Some(DeliveryState::Modified { .. }) => {
+                        Outcome::Released
+                    }
+                    _ => Outcome::Refused,
+                };
                 let span = last.wrapping_sub(first) as usize;
-                let mut done = Vec::new();
                 if span < self.sent.len() {
                     let mut id = first;
                     loop {
-                        if let Some(x) = self.sent.remove(&id) {
-                            done.push(x);
+                        if let Some((dev, tag)) = self.sent.remove(&id) {
+                            self.tell(dev, Ev::Outcome { tag, outcome });
                         }
                         if id == last {
                             break;
@@ -794,6 +800,7 @@ impl<E: Engine> Mux<E> {
                     }
                 } else {
                     // A wide range: walk what is outstanding instead.
+                    let mut done = Vec::new();
                     self.sent.retain(|&id, x| {
                         let inside = id.wrapping_sub(first) <= last.wrapping_sub(first);
                         if inside {
@@ -801,16 +808,9 @@ impl<E: Engine> Mux<E> {
                         }
                         !inside
                     });
-                }
-                let outcome = match state {
-                    Some(DeliveryState::Accepted) => Outcome::Accepted,
-                    Some(DeliveryState::Released) | Some(DeliveryState::Modified { .. }) => {
-                        Outcome::Released
+                    for (dev, tag) in done {
+                        self.tell(dev, Ev::Outcome { tag, outcome });
                     }
-                    _ => Outcome::Refused,
-                };
-                for (dev, tag) in done {
-                    self.tell(dev, Ev::Outcome { tag, outcome });
                 }
             }
             Event::LinkClosed { link, error, .. } => {

@@ -973,13 +973,47 @@ struct Busy {
     /// Events read while waiting for another (handled first by the main loop).
     backlog: VecDeque<Ev>,
     /// Our unsettled publishes by tag → the device's (packet id, QoS).
-    publishing: SmallMap<u64, (u16, QoS)>,
+    publishing: Publishing,
     /// Our unacknowledged PUBLISHes to the device by packet id.
     out: SmallMap<u16, Outbound>,
     /// Decoded PUBLISHes waiting for publishing credit.
     waiting: VecDeque<Publish>,
     /// Deliveries waiting for a slot under `receive_max` (bounded by the links' credit).
     held: VecDeque<mux::Delivery>,
+}
+
+/// Unsettled publishes by tag. Most devices have one at a time: it is kept inline, so that
+/// its outcome does not reach into a table of its own (a cache miss per message when
+/// thousands of devices take turns).
+#[derive(Default)]
+struct Publishing {
+    first: Option<(u64, (u16, QoS))>,
+    more: SmallMap<u64, (u16, QoS)>,
+}
+
+impl Publishing {
+    fn insert(&mut self, tag: u64, v: (u16, QoS)) {
+        match self.first {
+            None => self.first = Some((tag, v)),
+            Some(_) => {
+                self.more.insert(tag, v);
+            }
+        }
+    }
+
+    fn remove(&mut self, tag: &u64) -> Option<(u16, QoS)> {
+        match self.first {
+            Some((t, v)) if t == *tag => {
+                self.first = None;
+                Some(v)
+            }
+            _ => self.more.remove(tag),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.more.is_empty()
+    }
 }
 
 impl<'a> Session<'a> {
