@@ -445,13 +445,16 @@ impl Engine for router::local::Conn {
     }
 }
 
+/// Maps keyed by ids the gateway or its engine hands out: a fast hash (no peer picks them).
+type IdMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 struct Mux<E> {
     engine: E,
-    devices: HashMap<u64, Outbox>,
-    links: HashMap<LinkId, LinkState>,
-    pending: HashMap<LinkId, Pending>,
+    devices: IdMap<u64, Outbox>,
+    links: IdMap<LinkId, LinkState>,
+    pending: IdMap<LinkId, Pending>,
     /// Unsettled sends by delivery id: (device, its tag).
-    sent: HashMap<u32, (u64, u64)>,
+    sent: IdMap<u32, (u64, u64)>,
 }
 
 /// Most commands handled before the connection's output is written (and its input read).
@@ -481,10 +484,10 @@ impl<E: Engine> Mux<E> {
     fn new(engine: E) -> Mux<E> {
         Mux {
             engine,
-            devices: HashMap::new(),
-            links: HashMap::new(),
-            pending: HashMap::new(),
-            sent: HashMap::new(),
+            devices: IdMap::default(),
+            links: IdMap::default(),
+            pending: IdMap::default(),
+            sent: IdMap::default(),
         }
     }
 

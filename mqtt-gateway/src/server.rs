@@ -248,11 +248,11 @@ pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 type Io = Box<dyn Stream>;
 
-/// A device's small maps (its in-flight packets, bounded by the windows): fixed-key SipHash,
-/// whose zero-sized hasher state saves 16 bytes per map on every device over `RandomState`.
-/// The keys are our own tags and the device's own packet ids, so there is no one else's
-/// collision to fear.
-type SmallMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
+/// A device's small maps (its in-flight packets, bounded by the windows): Fx hashing, whose
+/// zero-sized hasher state saves 16 bytes per map on every device over `RandomState` and
+/// which is several times cheaper than SipHash. The keys are our own tags and packet ids, so
+/// there is no one else's collision to fear.
+type SmallMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 async fn write(sock: &mut Io, p: &Packet, v: Version) -> io::Result<()> {
     let mut b = BytesMut::new();

@@ -362,27 +362,30 @@ struct Storing {
     len: usize,
 }
 
+/// Maps keyed by ids the router hands out itself: a fast hash (no peer picks these keys).
+type IdMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 pub struct Core {
     limits: Limits,
     rules: Rules,
-    conns: HashMap<ConnId, Conn>,
-    producers: HashMap<LinkRef, Producer>,
+    conns: IdMap<ConnId, Conn>,
+    producers: IdMap<LinkRef, Producer>,
     /// Boxed (as `addresses`): a table grown for 15k entries keeps up to twice as many slots.
-    consumers: HashMap<LinkRef, Box<Consumer>>,
+    consumers: IdMap<LinkRef, Box<Consumer>>,
     addresses: HashMap<Arc<str>, Box<Address>>,
-    inflight: HashMap<u64, InFlight>,
+    inflight: IdMap<u64, InFlight>,
     next_dlv: u64,
-    outbox: HashMap<ConnId, Vec<ToConn>>,
+    outbox: IdMap<ConnId, Vec<ToConn>>,
     /// Addresses declared by config or API keep their statistics while idle.
     declared: std::collections::HashSet<String>,
     /// The broker shard serving queue and topic addresses, when there is one.
     store: Option<Placement>,
-    storing: HashMap<Tag, Storing>,
+    storing: IdMap<Tag, Storing>,
     next_tag: Tag,
-    store_consumers: HashMap<u64, LinkRef>,
+    store_consumers: IdMap<u64, LinkRef>,
     next_store_consumer: u64,
     /// Acknowledgements on their way to durability, for consumers that settle second.
-    confirming: HashMap<Tag, (LinkRef, u64)>,
+    confirming: IdMap<Tag, (LinkRef, u64)>,
 }
 
 /// The broker's name for the subscription behind a declared `subscription` address (its own
@@ -413,20 +416,20 @@ impl Core {
         Core {
             limits,
             rules,
-            conns: HashMap::new(),
-            producers: HashMap::new(),
-            consumers: HashMap::new(),
+            conns: IdMap::default(),
+            producers: IdMap::default(),
+            consumers: IdMap::default(),
             addresses: HashMap::new(),
-            inflight: HashMap::new(),
+            inflight: IdMap::default(),
             next_dlv: 1,
-            outbox: HashMap::new(),
+            outbox: IdMap::default(),
             declared,
             store,
-            storing: HashMap::new(),
+            storing: IdMap::default(),
             next_tag: 1,
-            store_consumers: HashMap::new(),
+            store_consumers: IdMap::default(),
             next_store_consumer: 1,
-            confirming: HashMap::new(),
+            confirming: IdMap::default(),
         }
     }
 

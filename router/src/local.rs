@@ -56,14 +56,14 @@ struct LinkState {
 /// One in-process connection to the core.
 pub struct Conn {
     id: ConnId,
-    links: HashMap<LinkId, LinkState>,
+    links: HashMap<LinkId, LinkState, rustc_hash::FxBuildHasher>,
     next_link: u32,
     /// Next id for a producer's delivery (echoed in its outcome) and for a delivery to a
     /// consumer (the id the owner settles).
     next_out: u32,
     next_in: u32,
     /// Deliveries to consumers not settled yet: id → (core id, link).
-    unsettled: HashMap<u32, (u64, LinkId)>,
+    unsettled: HashMap<u32, (u64, LinkId), rustc_hash::FxBuildHasher>,
     out: Vec<ToCore>,
     events: std::collections::VecDeque<Event>,
     out_bytes: Arc<AtomicUsize>,
@@ -82,11 +82,11 @@ impl Conn {
         let in_bytes = Arc::new(AtomicUsize::new(0));
         let c = Conn {
             id,
-            links: HashMap::new(),
+            links: HashMap::default(),
             next_link: 0,
             next_out: 0,
             next_in: 0,
-            unsettled: HashMap::new(),
+            unsettled: HashMap::default(),
             out: vec![ToCore::ConnOpened {
                 conn: id,
                 tx,
