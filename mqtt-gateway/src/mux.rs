@@ -22,7 +22,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -862,6 +862,12 @@ struct InboxShared {
     closed: AtomicBool,
     kicked: AtomicBool,
     gone: AtomicBool,
+    /// The device's keep-alive ran out ([`Takeover::sweep`]).
+    expired: AtomicBool,
+    /// How long the device may stay silent, in ms (0: as long as it likes).
+    keep_alive_ms: AtomicU32,
+    /// When it was last heard, on [`clock_ms`].
+    heard_ms: AtomicU64,
 }
 
 #[derive(Default)]
@@ -879,6 +885,9 @@ fn inbox() -> (Outbox, Inbox) {
         closed: AtomicBool::new(false),
         kicked: AtomicBool::new(false),
         gone: AtomicBool::new(false),
+        expired: AtomicBool::new(false),
+        keep_alive_ms: AtomicU32::new(0),
+        heard_ms: AtomicU64::new(0),
     });
     (
         Outbox {
@@ -945,6 +954,8 @@ pub enum Woken {
     Closed,
     /// Another connection took its client id over.
     Kicked,
+    /// Its keep-alive ran out.
+    Expired,
 }
 
 impl Inbox {
@@ -953,7 +964,7 @@ impl Inbox {
         std::future::poll_fn(|cx| {
             self.poll_woken(cx, false).map(|w| match w {
                 Woken::Event(e) => Some(e),
-                Woken::Closed | Woken::Kicked => None,
+                Woken::Closed | Woken::Kicked | Woken::Expired => None,
             })
         })
         .await
@@ -973,8 +984,29 @@ impl Inbox {
         if kick && self.shared.kicked.load(Ordering::Acquire) {
             return Poll::Ready(Woken::Kicked);
         }
+        if kick && self.shared.expired.load(Ordering::Acquire) {
+            return Poll::Ready(Woken::Expired);
+        }
         set_waker(&mut g.waker, cx);
         Poll::Pending
+    }
+
+    /// Has the gateway's sweeper watch the device's keep-alive from `now` on: it must be
+    /// heard within `ms` (0: never checked), or it wakes [`Woken::Expired`]. One sweep of
+    /// every device a second replaces a timer per device set and cancelled around every
+    /// packet it sends.
+    pub fn keep_alive(&self, ms: u32, now: Instant) {
+        self.heard(now);
+        self.shared.keep_alive_ms.store(ms, Ordering::Release);
+    }
+
+    /// The device was heard at `now` (late or not: a keep-alive that ran out while its
+    /// packets waited unread is forgiven).
+    pub fn heard(&self, now: Instant) {
+        self.shared.heard_ms.store(clock_ms(now), Ordering::Release);
+        if self.shared.expired.load(Ordering::Relaxed) {
+            self.shared.expired.store(false, Ordering::Release);
+        }
     }
 
     /// The next event if one is queued.
@@ -1000,6 +1032,19 @@ fn pop(q: &mut VecDeque<Ev>) -> Option<Ev> {
 }
 
 impl Takeover {
+    /// Flags the device and wakes it once its keep-alive ran out at `now_ms` ([`clock_ms`]).
+    pub fn sweep(&self, now_ms: u64) {
+        let s = &self.shared;
+        let limit = u64::from(s.keep_alive_ms.load(Ordering::Acquire));
+        if limit > 0
+            && !s.expired.load(Ordering::Acquire)
+            && now_ms.saturating_sub(s.heard_ms.load(Ordering::Acquire)) > limit
+        {
+            s.expired.store(true, Ordering::Release);
+            s.wake_after(|st| st.waker.take());
+        }
+    }
+
     /// A later connection takes the client id over.
     pub fn kick(&self) {
         self.shared.kicked.store(true, Ordering::Release);
@@ -1032,9 +1077,52 @@ impl Takeover {
     }
 }
 
+/// Milliseconds since the gateway's clock started (the first call), for keep-alive checks.
+pub fn clock_ms(at: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX)
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn poll(i: &mut Inbox) -> Poll<Woken> {
+        let mut cx = Context::from_waker(Waker::noop());
+        i.poll_woken(&mut cx, true)
+    }
+
+    #[test]
+    fn the_sweeper_expires_a_silent_device_only() {
+        let (_out, mut inbox) = inbox();
+        let t = inbox.takeover();
+        let start = Instant::now();
+        // No keep-alive set: never expires.
+        t.sweep(clock_ms(start + Duration::from_secs(3600)));
+        assert!(poll(&mut inbox).is_pending());
+        inbox.keep_alive(1500, start);
+        t.sweep(clock_ms(start + Duration::from_millis(1400)));
+        assert!(poll(&mut inbox).is_pending(), "within its keep-alive");
+        t.sweep(clock_ms(start + Duration::from_millis(1600)));
+        assert!(matches!(poll(&mut inbox), Poll::Ready(Woken::Expired)));
+        // Heard before it acted on it (its packets were waiting unread): forgiven.
+        inbox.heard(start + Duration::from_millis(1600));
+        assert!(poll(&mut inbox).is_pending());
+        t.sweep(clock_ms(start + Duration::from_millis(3000)));
+        assert!(poll(&mut inbox).is_pending(), "heard 1.4 s before");
+        // Plain receiving (no kick) never ends on an expiry.
+        t.sweep(clock_ms(start + Duration::from_millis(3200)));
+        assert!(matches!(poll(&mut inbox), Poll::Ready(Woken::Expired)));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(inbox.poll_woken(&mut cx, false).is_pending());
     }
 }

@@ -134,6 +134,10 @@ pub struct Clients {
     next: AtomicU64,
 }
 
+/// How often every device's keep-alive is checked: a device is disconnected between 1.5 and
+/// 1.5 times its keep-alive plus this long after it was last heard.
+const KEEP_ALIVE_SWEEP: Duration = Duration::from_secs(1);
+
 /// How long a new connection waits for the one it took over from to let its links go.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
@@ -150,6 +154,16 @@ impl Clients {
             earlier = Some(old);
         }
         (generation, earlier)
+    }
+
+    /// Disconnects the devices whose keep-alive ran out (each closes itself when woken).
+    fn sweep(&self, now: Instant) {
+        let now_ms = mux::clock_ms(now);
+        if let Ok(g) = self.map.lock() {
+            for (_, t) in g.values() {
+                t.sweep(now_ms);
+            }
+        }
     }
 
     fn unregister(&self, id: &str, generation: u64) {
@@ -172,9 +186,15 @@ pub async fn serve(
     let live = Arc::new(AtomicUsize::new(0));
     let clients = Arc::new(Clients::default());
     let pool = Pool::new(cfg.router.clone(), cfg.devices_per_connection);
+    let mut sweep = tokio::time::interval(KEEP_ALIVE_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (accepted, websocket) = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
+            _ = sweep.tick() => {
+                clients.sweep(Instant::now());
+                continue;
+            }
             a = listener.accept() => (a, false),
             a = accept_on(&ws) => (a, true),
         };
@@ -1010,10 +1030,6 @@ impl Publishing {
             _ => self.more.remove(tag),
         }
     }
-
-    fn is_empty(&self) -> bool {
-        self.first.is_none() && self.more.is_empty()
-    }
 }
 
 impl<'a> Session<'a> {
@@ -1163,14 +1179,16 @@ impl<'a> Session<'a> {
 
     /// The session's loop; `buf` holds what the device sent after CONNECT.
     async fn run(&mut self, buf: &mut BytesMut) -> Result<End, ConnError> {
-        let mut last_heard = Instant::now();
+        self.port
+            .events
+            .keep_alive(self.keep_alive_ms, Instant::now());
         loop {
             while let Some(e) = self.busy.as_mut().and_then(|b| b.backlog.pop_front()) {
                 self.on_amqp(e)?;
             }
             // Everything already buffered first (CONNECT may have arrived with more).
             loop {
-                let end = match self.read_packets(buf, &mut last_heard)? {
+                let end = match self.read_packets(buf)? {
                     Step::Idle => break,
                     Step::End(end) => Some(end),
                     // Boxed: the future every idle device keeps stays small.
@@ -1182,19 +1200,16 @@ impl<'a> Session<'a> {
                 }
             }
             self.flush().await?;
-            let keep_alive = (self.keep_alive_ms > 0)
-                .then(|| last_heard + Duration::from_millis(u64::from(self.keep_alive_ms)));
-            let refill = (!self.can_publish())
+            // The keep-alive is the gateway's sweeper's ([`Woken::Expired`]); the only
+            // timer here is a rate-limited device's refill.
+            let wake = (!self.can_publish())
                 .then(|| self.budget.as_ref()?.next())
                 .flatten();
-            // While the device waits on the router for a publication's outcome, that outcome
-            // wakes this loop, which checks the keep-alive then: a busy device does not set
-            // and cancel a timer for every packet. (A router that holds an outcome back
-            // holds the keep-alive check back as long.)
-            let awaiting = self.busy.as_ref().is_some_and(|b| !b.publishing.is_empty());
-            let keep_alive = keep_alive.filter(|_| !awaiting);
-            let wake = [keep_alive, refill].into_iter().flatten().min();
             let read_mqtt = self.can_publish();
+            if !read_mqtt {
+                // Not read while it waits for credit: its silence is ours, not its own.
+                self.port.events.heard(Instant::now());
+            }
             if buf.capacity() - buf.len() < 256 {
                 // Empty: take the first bytes back (pings of an idle device wear its buffer
                 // down); otherwise a busy device gets room for bursts.
@@ -1212,6 +1227,16 @@ impl<'a> Session<'a> {
             };
             match woke {
                 Woke::Amqp(Woken::Kicked) => return Ok(End::TakenOver),
+                Woke::Amqp(Woken::Expired) => {
+                    if self.v == Version::V5 {
+                        self.emit(&Packet::Disconnect(Disconnect {
+                            reason: reason::KEEP_ALIVE_TIMEOUT,
+                            properties: Properties::default(),
+                        }));
+                        self.flush().await?;
+                    }
+                    return Err(ConnError::Closed("keep alive expired"));
+                }
                 Woke::Mqtt(r) => {
                     if r? == 0 {
                         return Err(ConnError::Closed("device closed the connection"));
@@ -1230,37 +1255,26 @@ impl<'a> Session<'a> {
                     }
                     self.drain_waiting()?;
                 }
-                Woke::Timer => {
-                    self.drain_waiting()?;
-                    if keep_alive.is_some_and(|k| Instant::now() >= k) {
-                        if self.v == Version::V5 {
-                            self.emit(&Packet::Disconnect(Disconnect {
-                                reason: reason::KEEP_ALIVE_TIMEOUT,
-                                properties: Properties::default(),
-                            }));
-                            self.flush().await?;
-                        }
-                        return Err(ConnError::Closed("keep alive expired"));
-                    }
-                }
+                Woke::Timer => self.drain_waiting()?,
             }
         }
     }
 
     /// Handles the packets `buf` holds while the device may publish, up to one that waits on
     /// the router or ends the session.
-    fn read_packets(
-        &mut self,
-        buf: &mut BytesMut,
-        last_heard: &mut Instant,
-    ) -> Result<Step, ConnError> {
+    fn read_packets(&mut self, buf: &mut BytesMut) -> Result<Step, ConnError> {
+        let mut heard = false;
         while self.can_publish() {
             let Some((p, used)) = codec::decode(buf, Some(self.v), self.cfg.max_packet_size)?
             else {
                 break;
             };
             let _ = buf.split_to(used);
-            *last_heard = Instant::now();
+            if !heard {
+                // Once per read: the sweeper's granularity is a second anyway.
+                self.port.events.heard(Instant::now());
+                heard = true;
+            }
             if self.is_slow(&p) {
                 return Ok(Step::Slow(Box::new(p)));
             }
