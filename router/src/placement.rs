@@ -114,6 +114,12 @@ impl Placement {
     /// Asks every shard for its queues under `prefix` and answers with all of them, tagged by
     /// shard.
     fn info(&self, prefix: String, reply: oneshot::Sender<Vec<QueueInfo>>) {
+        if let [tx] = self.shards.as_slice() {
+            // One shard (standalone): its answer is the answer (shard 0), without a task to
+            // gather answers (a device's CONNECT and SUBSCRIBE each ask).
+            let _ = tx.send(Request::Info { prefix, reply });
+            return;
+        }
         let mut asks = Vec::new();
         for (i, tx) in self.shards.iter().enumerate() {
             let (one, answer) = oneshot::channel();
