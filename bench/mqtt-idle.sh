@@ -23,7 +23,7 @@ M_PORT=${M_PORT:-18862}
 
 echo "== enmesh standalone (MQTT gateway)" >&2
 start_enmesh_mqtt "$E_PORT"
-trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true' EXIT
+trap 'kill $epid 2>/dev/null || true; [ -n "${mpid:-}" ] && kill "$mpid" 2>/dev/null || true' EXIT
 E=$(taskset -c 1 "$bench" mqtt-idle --label enmesh --url "127.0.0.1:$E_PORT" \
   --connections "$N" --server-pid "$epid" 2>&1 | tail -1)
 echo "  $E" >&2

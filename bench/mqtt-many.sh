@@ -41,7 +41,7 @@ run_all() {  # LABEL PORT PID
 
 echo "== enmesh standalone (MQTT gateway)" >&2
 start_enmesh_mqtt "$E_PORT" fair
-trap 'kill $epid 2>/dev/null || true; kill ${mpid:-0} 2>/dev/null || true; bash bench/peers/activemq.sh stop "$A_PORT"' EXIT
+trap 'kill $epid 2>/dev/null || true; [ -n "${mpid:-}" ] && kill "$mpid" 2>/dev/null || true; bash bench/peers/activemq.sh stop "$A_PORT"' EXIT
 E=$(run_all enmesh "$E_PORT" "$epid")
 echo "$E" >&2
 stop_pid "$epid"
