@@ -465,7 +465,7 @@ impl Conn {
 /// `enmesh-bench mqtt-many`: many publishers and subscribers at once (design.md §9: QoS 1
 /// 1k ↔ 1k; fan-in from 10k publishers to one subscriber), all-out with a per-publisher
 /// window, from one thread over epoll. Reports messages in (acknowledged to publishers) and
-/// out (received by subscribers) per second after the warm-up, and end-to-end latency.
+/// out (received by subscribers) per second, and end-to-end latency.
 pub fn many(a: ManyArgs) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     if a.size < 16 {
@@ -546,12 +546,6 @@ pub fn many(a: ManyArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.timeout);
     let (mut last_rx, mut last_ack) = (start, start);
-    // Rates count from the end of the warm-up (design.md §8): the first messages pay for
-    // what a server sets up on a client's first PUBLISH, once.
-    let (mut rx_from, mut ack_from) = (
-        (a.warmup == 0).then_some(start),
-        (a.warmup == 0).then_some(start),
-    );
     let mut cursor = 0usize;
     let mut acks: Vec<u16> = Vec::new();
     while received < total || (qos == QoS::AtLeastOnce && acked < total) {
@@ -620,9 +614,6 @@ pub fn many(a: ManyArgs) -> anyhow::Result<()> {
                     }
                 })?;
                 last_rx = Instant::now();
-                if rx_from.is_none() && received >= a.warmup {
-                    rx_from = Some(last_rx);
-                }
                 for id in acks.drain(..) {
                     c.send(&Packet::PubAck(Ack::new(id)));
                 }
@@ -638,25 +629,15 @@ pub fn many(a: ManyArgs) -> anyhow::Result<()> {
                 acked += u64::from(n);
                 if n > 0 {
                     last_ack = Instant::now();
-                    if ack_from.is_none() && acked >= a.warmup {
-                        ack_from = Some(last_ack);
-                    }
                 }
             }
         }
     }
     let wall_out = last_rx.duration_since(start).as_secs_f64();
-    let measured = (total - a.warmup.min(total)) as f64;
-    let since = |from: Option<Instant>, last: Instant| {
-        last.duration_since(from.unwrap_or(start))
-            .as_secs_f64()
-            .max(1e-9)
-    };
-    let rout = measured / since(rx_from, last_rx);
-    let rin = if qos == QoS::AtLeastOnce {
-        measured / since(ack_from, last_ack)
+    let wall_in = if qos == QoS::AtLeastOnce {
+        last_ack.duration_since(start).as_secs_f64()
     } else {
-        rout
+        wall_out
     };
     let (cpu, rss) = server_usage(before, a.server_pid, wall_out);
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
@@ -669,6 +650,8 @@ pub fn many(a: ManyArgs) -> anyhow::Result<()> {
         ns = a.subscribers,
         w = a.window,
         size = a.size,
+        rin = sent as f64 / wall_in,
+        rout = received as f64 / wall_out,
         p50 = us(0.5),
         p99 = us(0.99),
         max = hist.max() as f64 / 1000.0,
