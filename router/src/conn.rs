@@ -528,11 +528,7 @@ impl Task<'_> {
             // The link went away (or the peer took its credit back) after the core chose it:
             // give the delivery back so the producer hears about it.
             if let Some(d) = dlv {
-                self.to_core.push(ToCore::Outcome {
-                    dlv: d,
-                    state: DeliveryState::Released,
-                    confirm: None,
-                });
+                self.to_core.push(ToCore::give_back(d));
             }
             return;
         };

@@ -121,6 +121,18 @@ pub enum ToCore {
     Mgmt(Mgmt),
 }
 
+impl ToCore {
+    /// Gives delivery `dlv` back to the core (released): its link went away, or its credit,
+    /// after the core chose it, and its producer must still hear about it.
+    pub fn give_back(dlv: u64) -> ToCore {
+        ToCore::Outcome {
+            dlv,
+            state: DeliveryState::Released,
+            confirm: None,
+        }
+    }
+}
+
 /// Sent to connection tasks.
 #[derive(Debug)]
 pub enum ToConn {

@@ -391,11 +391,7 @@ impl Conn {
             // The link went away (or its credit was used up) after the core chose it: give
             // the delivery back so the producer hears about it.
             if let Some(d) = dlv {
-                self.out.push(ToCore::Outcome {
-                    dlv: d,
-                    state: DeliveryState::Released,
-                    confirm: None,
-                });
+                self.out.push(ToCore::give_back(d));
             }
             return;
         };
