@@ -262,6 +262,11 @@ impl Queue {
         self.consumers.len()
     }
 
+    /// The consumers attached.
+    pub fn consumer_ids(&self) -> impl Iterator<Item = ConsumerId> + '_ {
+        self.consumers.iter().map(|(id, _)| *id)
+    }
+
     /// Adds message `seq` (sequence numbers increase with each enqueue). `ttl_ms` from the
     /// message header, `absolute_expiry` (ms since the epoch) from its properties; the
     /// queue's maximum TTL caps both.

@@ -989,9 +989,18 @@ impl Shard {
                 for q in self.bindings.expired(now) {
                     out.extend(self.unsubscribe(&q));
                 }
-                let addresses: Vec<Name> = self.queues.keys().cloned().collect();
-                for a in addresses {
-                    let fx = self.queue_named(&a).queue.tick(now);
+                // Walked in place (a shard may hold a subscription queue for each of tens of
+                // thousands of idle devices, ticked twice a second): only the queues whose
+                // expiries fell due are looked up again to resolve their effects.
+                let due: Vec<(Name, Vec<Effect>)> = self
+                    .queues
+                    .iter_mut()
+                    .filter_map(|(a, q)| {
+                        let fx = q.queue.tick(now);
+                        (!fx.is_empty()).then(|| (a.clone(), fx))
+                    })
+                    .collect();
+                for (a, fx) in due {
                     out.extend(self.resolve(&a, fx, now));
                 }
                 return out;
@@ -1208,9 +1217,17 @@ impl Shard {
     /// Drops a subscription queue, its binding, its consumers and its hold on messages.
     fn unsubscribe(&mut self, queue: &str) -> Vec<ShardEffect> {
         self.bindings.remove(queue);
-        self.consumers.retain(|_, q| &**q != queue);
         let mut out = Vec::new();
         if let Some(entry) = self.queues.remove(queue) {
+            // The queue lists its own consumers (each is in `consumers` under this queue's
+            // name): a scan of every consumer of the shard would make a mass disconnect of
+            // clean-session devices quadratic.
+            for id in entry.queue.consumer_ids() {
+                if self.consumers.get(&id).is_some_and(|q| &**q == queue) {
+                    self.consumers.remove(&id);
+                    self.delivered.remove(&id);
+                }
+            }
             for seq in entry.queue.seqs() {
                 self.release(seq, &mut out);
             }
@@ -2206,5 +2223,28 @@ mod tests {
             s.apply(6, settle(2, 4)),
             vec![ShardEffect::Forget { seq: 4 }]
         );
+    }
+    #[test]
+    fn unsubscribe_takes_the_subscriptions_consumers_and_no_others() {
+        let mut s = Shard::new();
+        // Two consumers share "x" (a resumed client and its replacement, say); "y" has one.
+        s.apply(1, subscribe(1, "x", "t", true));
+        s.apply(2, subscribe(2, "x", "t", true));
+        s.apply(3, subscribe(3, "y", "t", true));
+        s.apply(4, Cmd::Unsubscribe { name: "x".into() });
+        assert!(!s.has_consumer(1) && !s.has_consumer(2));
+        assert!(s.has_consumer(3));
+        assert_eq!(s.consumer_ids(), vec![3]);
+        // Their credit no longer brings "x" back.
+        s.apply(
+            5,
+            Cmd::Credit {
+                consumer: 1,
+                credit: 5,
+                now: 0,
+            },
+        );
+        assert!(!s.has_subscription("x"));
+        assert_eq!(s.apply(6, publish("t")), vec![deliver(3, 6)]);
     }
 }
