@@ -361,10 +361,16 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
     // in TIME-WAIT do not slow the port search of the next server measured.
     let loopback = a.url.starts_with("127.");
     let block = 1 + (std::process::id() % 250) as u8;
+    // Where each cycle's time goes (client-side means): connect() through CONNACK, and
+    // SUBSCRIBE through SUBACK.
+    let (mut to_connack, mut to_suback) = (Duration::ZERO, Duration::ZERO);
     for i in 0..a.connections {
+        let t0 = Instant::now();
         let from = loopback
             .then(|| std::net::IpAddr::from([127, block, 0, 2 + (i / 8000).min(250) as u8]));
         let mut c = Conn::connect_from(&a.url, &format!("idle-{i}"), from)?;
+        let t1 = Instant::now();
+        to_connack += t1 - t0;
         c.s.set_nonblocking(false)?;
         c.send(&Packet::Subscribe(Subscribe {
             packet_id: 1,
@@ -376,6 +382,7 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
             Packet::SubAck(_) => {}
             p => bail!("no SUBACK: {p:?}"),
         }
+        to_suback += t1.elapsed();
         conns.push(c);
         if (i + 1) % 5000 == 0 {
             eprintln!(
@@ -391,13 +398,16 @@ pub fn idle(a: IdleArgs) -> anyhow::Result<()> {
     let per = after.rss_kb.saturating_sub(before.rss_kb) as f64 * 1024.0 / a.connections as f64;
     println!(
         "{}: mqtt idle connections={} (1 subscription each) connect+subscribe rate={:.0}/s \
-         rss_before={} KiB rss_after={} KiB per_connection={:.0} B",
+         rss_before={} KiB rss_after={} KiB per_connection={:.0} B \
+         connack_us={:.1} suback_us={:.1}",
         a.label,
         a.connections,
         a.connections as f64 / connect_secs,
         before.rss_kb,
         after.rss_kb,
-        per
+        per,
+        to_connack.as_secs_f64() * 1e6 / a.connections as f64,
+        to_suback.as_secs_f64() * 1e6 / a.connections as f64,
     );
     std::thread::sleep(Duration::from_secs(a.hold));
     drop(conns);
