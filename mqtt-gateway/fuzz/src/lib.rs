@@ -52,3 +52,38 @@ pub fn amqp_to_mqtt(data: &[u8]) {
         assert!(m.payload.len() <= p.body.len());
     }
 }
+
+/// What a WebSocket client sends (`[selector][bytes]`): even selector, the bytes are an opening
+/// handshake's head; odd, they are frames, fed in pieces of the selector's size. Never a panic,
+/// and what the parser holds stays within its bounds.
+pub fn ws(data: &[u8]) {
+    use mqtt_gateway::ws::{Frames, answer};
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    if which % 2 == 0 {
+        if let Ok(a) = answer(rest) {
+            assert!(a.starts_with("HTTP/1.1 101 ") && a.ends_with("\r\n\r\n"));
+        }
+        return;
+    }
+    let max_packet = 64;
+    let mut f = Frames::new(max_packet);
+    let mut fed = 0;
+    for piece in rest.chunks(usize::from(which / 2).max(1)) {
+        f.received(piece);
+        fed += piece.len();
+        loop {
+            match f.parse() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => return,
+            }
+        }
+        assert!(f.data().len() <= 4 * (max_packet + 16));
+        assert!(f.out().len() <= fed);
+        // The reader takes what was parsed, as the MQTT session would.
+        let n = f.data().len() / 2;
+        let _ = f.data().split_to(n);
+    }
+}
