@@ -389,6 +389,17 @@ async fn start<'a>(
         .await?;
         return Err(ConnError::Closed("too many connections"));
     }
+    if c.properties.authentication_method.is_some() {
+        // Enhanced authentication: no method is supported, and the connection must then be
+        // closed (§4.12, MQTT-4.12.0-1).
+        write(
+            &mut sock,
+            &connack(reason::BAD_AUTHENTICATION_METHOD, Properties::default()),
+            v,
+        )
+        .await?;
+        return Err(ConnError::Closed("unsupported authentication method"));
+    }
     let mut props = Properties::default();
     let client_id = if c.client_id.is_empty() {
         if v == Version::V311 && !c.clean_start {

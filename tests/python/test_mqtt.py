@@ -281,6 +281,29 @@ def test_keep_alive_expiry_disconnects_with_0x8d(router):
 
 
 
+def test_enhanced_authentication_is_refused_with_0x8c_and_closed(router):
+    """No authentication method is supported: CONNACK 0x8C, then the connection closes
+    (MQTT-4.12.0-1); the next device is served."""
+    s = raw(router)
+    try:
+        method = b"\x15" + s16(b"SCRAM-SHA-1")  # property 0x15, authentication method
+        body = (s16(b"MQTT") + bytes([5, 0x02]) + struct.pack(">H", 30)
+                + varint(len(method)) + method + s16(b"scram"))
+        s.sendall(pkt(0x10, body))
+        first, ack = read_packet(s)
+        assert first == 0x20 and ack[1] == 0x8C, (first, ack)
+        assert read_packet(s) is None, "connection left open"
+    finally:
+        s.close()
+    s = raw(router)
+    try:
+        s.sendall(connect_pkt("after-scram"))
+        first, ack = read_packet(s)
+        assert first == 0x20 and ack[1] == 0x00, (first, ack)
+    finally:
+        s.close()
+
+
 def test_keep_alive_expiry_after_a_publish(router):
     """A device that publishes (QoS 1, v5 with no properties) and then falls silent is
     still disconnected once its keep-alive runs out."""
