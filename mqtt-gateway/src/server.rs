@@ -996,6 +996,9 @@ struct Session<'a> {
     client_id: String,
     /// QoS 1/2 messages the device accepts unacknowledged (its receive maximum).
     receive_max: u16,
+    /// The device's Maximum Packet Size (MQTT 5; none: the protocol's own limit). A PUBLISH
+    /// larger than this is not sent (MQTT-3.1.2-24/25).
+    max_out: u32,
 }
 
 /// A session's in-flight state (see [`Session::busy`]).
@@ -1086,7 +1089,14 @@ impl<'a> Session<'a> {
             budget: (cfg.max_publish_rate > 0).then(|| Box::new(Budget::new(cfg.max_publish_rate))),
             client_id,
             receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX),
+            max_out: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
         }
+    }
+
+    /// Whether PUBLISH `p` is within the device's Maximum Packet Size.
+    fn fits(&self, p: &Publish) -> bool {
+        self.max_out == u32::MAX
+            || codec::publish_len(p, self.v) <= usize::try_from(self.max_out).unwrap_or(usize::MAX)
     }
 
     fn emit(&mut self, p: &Packet) {
@@ -1713,26 +1723,31 @@ impl<'a> Session<'a> {
             let topic = topic.to_owned();
             if let Some(m) = self.browse_last(&q.address, q.depth).await? {
                 let qos = m.qos.unwrap_or(QoS::AtLeastOnce).min(opts.qos);
-                let packet_id = (qos != QoS::AtMostOnce).then(|| {
-                    let id = self.free_id();
-                    self.busy().out.insert(id, Outbound { from: None });
-                    id
-                });
                 let mut properties = if self.v == Version::V5 {
                     m.properties
                 } else {
                     Properties::default()
                 };
                 properties.subscription_identifiers = id.into_iter().collect();
-                self.emit(&Packet::Publish(Publish {
+                let mut p = Publish {
                     dup: false,
                     qos,
                     retain: true,
                     topic,
-                    packet_id,
+                    packet_id: (qos != QoS::AtMostOnce).then_some(0),
                     properties,
                     payload: m.payload,
-                }));
+                };
+                if !self.fits(&p) {
+                    // Too large for the device: not sent (MQTT-3.1.2-25).
+                    continue;
+                }
+                if qos != QoS::AtMostOnce {
+                    let id = self.free_id();
+                    self.busy().out.insert(id, Outbound { from: None });
+                    p.packet_id = Some(id);
+                }
+                self.emit(&Packet::Publish(p));
             }
         }
         Ok(())
@@ -1958,9 +1973,21 @@ impl<'a> Session<'a> {
         let retain = opts.retain_as_published && m.retain;
         let payload = m.payload;
         let qos = if d.settled { QoS::AtMostOnce } else { qos };
-        let packet_id = if qos == QoS::AtMostOnce {
-            None
-        } else {
+        let mut p = Publish {
+            dup: false,
+            qos,
+            retain,
+            topic,
+            packet_id: (qos != QoS::AtMostOnce).then_some(0),
+            properties,
+            payload,
+        };
+        if !self.fits(&p) {
+            // Too large for the device: dropped as if it had been sent and acknowledged
+            // (MQTT-3.1.2-25), so it is neither redelivered nor held back.
+            return self.consumed(link, &d);
+        }
+        if qos != QoS::AtMostOnce {
             let id = self.free_id();
             self.busy().out.insert(
                 id,
@@ -1968,19 +1995,11 @@ impl<'a> Session<'a> {
                     from: Some((link, d.delivery_id)),
                 },
             );
-            Some(id)
-        };
-        let p = Packet::Publish(Publish {
-            dup: false,
-            qos,
-            retain,
-            topic,
-            packet_id,
-            properties,
-            payload,
-        });
-        self.emit(&p);
-        if packet_id.is_none() {
+            p.packet_id = Some(id);
+        }
+        let sent_once = p.packet_id.is_none();
+        self.emit(&Packet::Publish(p));
+        if sent_once {
             self.consumed(link, &d)?;
         }
         Ok(())

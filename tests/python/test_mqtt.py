@@ -642,6 +642,38 @@ def test_subscription_identifiers_no_local_and_retain_as_published(router):
         other.close()
 
 
+def test_maximum_packet_size_of_a_device_is_respected(router):
+    """A PUBLISH larger than the device's Maximum Packet Size is not sent to it (MQTT-3.1.2-24)
+    and is dropped as if delivered (MQTT-3.1.2-25): the next small one still arrives, and the
+    big one does not come back later."""
+    pub = Device(router, "mps-pub", V311)
+    s = raw(router)
+    try:
+        body = s16(b"MQTT") + bytes([5, 0x02]) + struct.pack(">H", 30)
+        props = b"\x27" + struct.pack(">I", 128)  # maximum packet size 128
+        body += varint(len(props)) + props + s16(b"mps-dev")
+        s.sendall(pkt(0x10, body))
+        assert read_packet(s)[0] == 0x20
+        s.sendall(pkt(0x82, struct.pack(">H", 1) + b"\x00" + s16(b"mps/#") + b"\x01"))
+        assert read_packet(s)[0] == 0x90
+        pub.c.publish("mps/x", b"B" * 500, qos=1).wait_for_publish(5)
+        pub.c.publish("mps/x", b"small", qos=1).wait_for_publish(5)
+        s.settimeout(2.0)
+        first, p = read_packet(s)
+        assert first & 0xF0 == 0x30, first
+        assert len(p) + 2 <= 128 and p.endswith(b"small"), p
+        s.sendall(pkt(0x40, p[2 + p[1]:2 + p[1] + 2]))  # PUBACK with its packet id
+        s.settimeout(1.0)
+        try:
+            again = read_packet(s)
+        except socket.timeout:
+            again = None
+        assert again is None, again
+    finally:
+        s.close()
+        pub.close()
+
+
 def test_receive_maximum_bounds_unacknowledged_deliveries(router):
     pub = Device(router, "rm-pub", V311)
     s = raw(router)

@@ -504,6 +504,18 @@ fn put_props(out: &mut BytesMut, p: &Properties, v: Version) {
     }
 }
 
+fn publish_body_len(p: &Publish, v: Version) -> usize {
+    let id_len = if p.packet_id.is_some() { 2 } else { 0 };
+    binary_len(p.topic.as_bytes()) + id_len + props_len(&p.properties, v) + p.payload.len()
+}
+
+/// The bytes [`encode`] writes for `p`, fixed header included: what a peer's Maximum Packet
+/// Size is compared with.
+pub fn publish_len(p: &Publish, v: Version) -> usize {
+    let n = publish_body_len(p, v);
+    1 + super::wire::varint_len(n) + n
+}
+
 pub fn encode(p: &Packet, v: Version, out: &mut BytesMut) {
     if let Some(b) = short_ack(p, v) {
         out.extend_from_slice(&b);
@@ -524,12 +536,7 @@ pub fn encode(p: &Packet, v: Version, out: &mut BytesMut) {
         }
         Packet::Publish(p) => {
             let first = 0x30 | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain);
-            let id_len = if p.packet_id.is_some() { 2 } else { 0 };
-            let len = binary_len(p.topic.as_bytes())
-                + id_len
-                + props_len(&p.properties, v)
-                + p.payload.len();
-            frame(out, first, len, |o| {
+            frame(out, first, publish_body_len(p, v), |o| {
                 put_string(o, &p.topic);
                 if let Some(id) = p.packet_id {
                     o.put_u16(id);

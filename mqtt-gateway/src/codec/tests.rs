@@ -404,6 +404,16 @@ proptest! {
         prop_assert_eq!(dec(&b, Some(Version::V311)), Ok(Some((p, b.len()))));
     }
 
+    /// `publish_len` is what `encode` writes, in both versions.
+    #[test]
+    fn publish_len_is_the_encoded_length(p in v5_packet()) {
+        if let Packet::Publish(publish) = &p {
+            for v in [Version::V5, Version::V311] {
+                prop_assert_eq!(publish_len(publish, v), enc(&p, v).len());
+            }
+        }
+    }
+
     #[test]
     fn connects_round_trip(c in prop_oneof![connect(Version::V5), connect(Version::V311)]) {
         let p = Packet::Connect(Box::new(c.clone()));
