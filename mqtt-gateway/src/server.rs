@@ -618,6 +618,10 @@ async fn finish(
         Err(_) => true,
     };
     if let (Some((code, why)), Version::V5) = (reason_out, v) {
+        // The reason string only if the packet stays within the device's Maximum Packet Size
+        // (header, reason code, property length, then 3 + its bytes).
+        let max = usize::try_from(s.max_out).unwrap_or(usize::MAX);
+        let why = why.filter(|w| w.len().saturating_add(8) <= max);
         let d = Packet::Disconnect(Disconnect {
             reason: code,
             properties: Properties {

@@ -674,6 +674,24 @@ def test_maximum_packet_size_of_a_device_is_respected(router):
         pub.close()
 
 
+def test_a_disconnect_within_a_small_maximum_packet_size_leaves_out_its_reason_string(router):
+    s = raw(router)
+    try:
+        body = s16(b"MQTT") + bytes([5, 0x02]) + struct.pack(">H", 30)
+        props = b"\x27" + struct.pack(">I", 16)  # maximum packet size 16
+        body += varint(len(props)) + props + s16(b"mps-small")
+        s.sendall(pkt(0x10, body))
+        assert read_packet(s)[0] == 0x20
+        # No local on a shared subscription: a protocol error, with a reason string that
+        # would not fit.
+        s.sendall(pkt(0x82, struct.pack(">H", 1) + b"\x00" + s16(b"$share/g/t") + b"\x05"))
+        first, d = read_packet(s)
+        assert first == 0xE0 and d[0] == 0x82, (first, d)
+        assert 2 + len(d) <= 16, d
+    finally:
+        s.close()
+
+
 def test_receive_maximum_bounds_unacknowledged_deliveries(router):
     pub = Device(router, "rm-pub", V311)
     s = raw(router)
