@@ -153,10 +153,11 @@ def s16(b):
     return struct.pack(">H", len(b)) + b
 
 
-def connect_pkt(client_id, level=5, keep_alive=30, clean=True):
+def connect_pkt(client_id, level=5, keep_alive=30, clean=True, props=b""):
+    """CONNECT; `props`: MQTT 5 properties, already encoded (identifier, then value)."""
     body = s16(b"MQTT") + bytes([level, 0x02 if clean else 0]) + struct.pack(">H", keep_alive)
     if level == 5:
-        body += b"\x00"
+        body += varint(len(props)) + props
     return pkt(0x10, body + s16(client_id.encode()))
 
 
@@ -286,10 +287,8 @@ def test_enhanced_authentication_is_refused_with_0x8c_and_closed(router):
     (MQTT-4.12.0-1); the next device is served."""
     s = raw(router)
     try:
-        method = b"\x15" + s16(b"SCRAM-SHA-1")  # property 0x15, authentication method
-        body = (s16(b"MQTT") + bytes([5, 0x02]) + struct.pack(">H", 30)
-                + varint(len(method)) + method + s16(b"scram"))
-        s.sendall(pkt(0x10, body))
+        # Property 0x15, authentication method.
+        s.sendall(connect_pkt("scram", props=b"\x15" + s16(b"SCRAM-SHA-1")))
         first, ack = read_packet(s)
         assert first == 0x20 and ack[1] == 0x8C, (first, ack)
         assert read_packet(s) is None, "connection left open"
@@ -649,10 +648,8 @@ def test_maximum_packet_size_of_a_device_is_respected(router):
     pub = Device(router, "mps-pub", V311)
     s = raw(router)
     try:
-        body = s16(b"MQTT") + bytes([5, 0x02]) + struct.pack(">H", 30)
-        props = b"\x27" + struct.pack(">I", 128)  # maximum packet size 128
-        body += varint(len(props)) + props + s16(b"mps-dev")
-        s.sendall(pkt(0x10, body))
+        # Maximum packet size 128.
+        s.sendall(connect_pkt("mps-dev", props=b"\x27" + struct.pack(">I", 128)))
         assert read_packet(s)[0] == 0x20
         s.sendall(pkt(0x82, struct.pack(">H", 1) + b"\x00" + s16(b"mps/#") + b"\x01"))
         assert read_packet(s)[0] == 0x90
@@ -677,10 +674,8 @@ def test_maximum_packet_size_of_a_device_is_respected(router):
 def test_a_disconnect_within_a_small_maximum_packet_size_leaves_out_its_reason_string(router):
     s = raw(router)
     try:
-        body = s16(b"MQTT") + bytes([5, 0x02]) + struct.pack(">H", 30)
-        props = b"\x27" + struct.pack(">I", 16)  # maximum packet size 16
-        body += varint(len(props)) + props + s16(b"mps-small")
-        s.sendall(pkt(0x10, body))
+        # Maximum packet size 16.
+        s.sendall(connect_pkt("mps-small", props=b"\x27" + struct.pack(">I", 16)))
         assert read_packet(s)[0] == 0x20
         # No local on a shared subscription: a protocol error, with a reason string that
         # would not fit.
@@ -696,10 +691,7 @@ def test_receive_maximum_bounds_unacknowledged_deliveries(router):
     pub = Device(router, "rm-pub", V311)
     s = raw(router)
     try:
-        body = s16(b"MQTT") + bytes([5, 0x02]) + struct.pack(">H", 30)
-        props = b"\x21\x00\x02"  # receive maximum 2
-        body += varint(len(props)) + props + s16(b"rm-dev")
-        s.sendall(pkt(0x10, body))
+        s.sendall(connect_pkt("rm-dev", props=b"\x21\x00\x02"))  # receive maximum 2
         assert read_packet(s)[0] == 0x20
         s.sendall(pkt(0x82, struct.pack(">H", 1) + b"\x00" + s16(b"rm/#") + b"\x01"))
         assert read_packet(s)[0] == 0x90
